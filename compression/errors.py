@@ -1,0 +1,39 @@
+"""Errors of :mod:`fogline.compression`: one root, split into bad input and failed work."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CompressionError",
+    "EnvelopeError",
+    "ModelError",
+    "QuantizationError",
+    "SplitError",
+]
+
+
+class CompressionError(Exception):
+    """Root of every error raised by :mod:`fogline.compression`."""
+
+
+class EnvelopeError(CompressionError, ValueError):
+    """A wire envelope is malformed, truncated, corrupt or of an unknown version.
+
+    ``reason`` is a short machine-friendly label, used to count rejections by cause.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ModelError(CompressionError, ValueError):
+    """A model file or its inputs are unusable (not ONNX, missing tensor, wrong shape)."""
+
+
+class SplitError(CompressionError):
+    """A split could not be made or did not reproduce the original model."""
+
+
+class QuantizationError(CompressionError):
+    """No quantization strategy met the agreement target, or quantization failed."""

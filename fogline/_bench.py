@@ -1,0 +1,7 @@
+"""``fogline bench …``: measured figures, printed, never asserted."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)

@@ -1,0 +1,283 @@
+"""Shared paho-mqtt plumbing for the edge agent and the cloud worker.
+
+Both sides need the same things from a connection: a per-site client id, TLS and
+username/password options, MQTT 3.1.1 or 5, automatic reconnects with backoff, and
+``TCP_NODELAY`` on the socket (paho leaves Nagle's algorithm on, which adds tens of
+milliseconds to every request/reply round trip). Topic names live here too so both
+sides agree on them.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+__all__ = [
+    "MqttError",
+    "MqttSettings",
+    "MqttConnection",
+    "Topics",
+    "parse_broker_url",
+]
+
+DEFAULT_TOPIC_PREFIX = "fogline/v1"
+
+
+class MqttError(Exception):
+    """A connection to the broker could not be made or used."""
+
+
+def _check_segment(value: str, what: str) -> None:
+    if not value or any(ch in value for ch in "/+#\x00"):
+        raise ValueError(f"{what} {value!r} must be non-empty and contain no '/', '+', '#' or NUL")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic scheme: ``<prefix>/<site>/features`` and ``<prefix>/<site>/results``."""
+
+    prefix: str = DEFAULT_TOPIC_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or self.prefix.endswith("/") or any(c in self.prefix for c in "+#"):
+            raise ValueError(f"topic prefix {self.prefix!r} must be non-empty, no wildcards")
+
+    def features(self, site: str) -> str:
+        _check_segment(site, "site")
+        return f"{self.prefix}/{site}/features"
+
+    def results(self, site: str) -> str:
+        _check_segment(site, "site")
+        return f"{self.prefix}/{site}/results"
+
+    def all_features(self, share_group: str | None = None) -> str:
+        """Subscription filter for every site's features, shared when a group is given."""
+        topic = f"{self.prefix}/+/features"
+        if share_group:
+            _check_segment(share_group, "share group")
+            return f"$share/{share_group}/{topic}"
+        return topic
+
+    def site_of(self, topic: str) -> str:
+        """The site segment of a features or results topic."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            raise ValueError(f"topic {topic!r} is not under prefix {self.prefix!r}")
+        rest = topic[len(head) :].split("/")
+        if len(rest) != 2 or not rest[0]:
+            raise ValueError(f"topic {topic!r} does not name a site")
+        return rest[0]
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """How to reach the broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_s: int = 30
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    clean_start: bool = True
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"MQTT port {self.port} is out of range 1..65535")
+        if self.protocol not in ("3.1.1", "5"):
+            raise ValueError(f"MQTT protocol {self.protocol!r} must be '3.1.1' or '5'")
+        if self.reconnect_min_s <= 0 or self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect backoff must satisfy 0 < reconnect_min_s <= reconnect_max_s")
+        if self.keepalive_s < 1:
+            raise ValueError("keepalive_s must be at least 1")
+        Topics(self.topic_prefix)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    def with_client_id(self, client_id: str) -> MqttSettings:
+        return _replace(self, client_id=client_id)
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> MqttSettings:
+        return cls(**{**parse_broker_url(url), **overrides})
+
+
+def _replace(settings: MqttSettings, **changes: Any) -> MqttSettings:
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
+
+
+def parse_broker_url(url: str) -> dict[str, Any]:
+    """``mqtt://user:pass@host:port`` or ``mqtts://…`` into :class:`MqttSettings` fields."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+    if not parsed.hostname:
+        raise ValueError(f"broker URL {url!r} names no host")
+    tls = parsed.scheme in ("mqtts", "ssl")
+    out: dict[str, Any] = {
+        "host": parsed.hostname,
+        "port": parsed.port or (8883 if tls else 1883),
+        "tls": tls,
+    }
+    if parsed.username:
+        out["username"] = urllib.parse.unquote(parsed.username)
+    if parsed.password:
+        out["password"] = urllib.parse.unquote(parsed.password)
+    return out
+
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class MqttConnection:
+    """One paho client with reconnects, ``TCP_NODELAY`` and re-subscription after reconnect.
+
+    ``on_message(topic, payload)`` runs on paho's network thread; keep it short.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        on_message: MessageHandler | None = None,
+        subscriptions: tuple[tuple[str, int], ...] = (),
+    ) -> None:
+        self.settings = settings
+        self._on_message = on_message
+        self._subscriptions = list(subscriptions)
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self.connects = 0
+        self.disconnects = 0
+        proto = mqtt.MQTTv5 if settings.protocol == "5" else mqtt.MQTTv311
+        kwargs: dict[str, Any] = {
+            "callback_api_version": CallbackAPIVersion.VERSION2,
+            "client_id": settings.client_id,
+            "protocol": proto,
+        }
+        if proto == mqtt.MQTTv311:
+            kwargs["clean_session"] = settings.clean_start
+        client = mqtt.Client(**kwargs)
+        client.max_inflight_messages_set(1000)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(
+            min_delay=max(1, int(settings.reconnect_min_s)), max_delay=max(1, int(settings.reconnect_max_s))
+        )
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.password)
+        if settings.tls:
+            client.tls_set(
+                ca_certs=settings.ca_file,
+                certfile=settings.cert_file,
+                keyfile=settings.key_file,
+                cert_reqs=ssl.CERT_NONE if settings.tls_insecure else ssl.CERT_REQUIRED,
+            )
+            if settings.tls_insecure:
+                client.tls_insecure_set(True)
+        client.on_socket_open = self._on_socket_open
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        self._client = client
+
+    @property
+    def client(self) -> mqtt.Client:
+        return self._client
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self, wait: bool = True) -> None:
+        """Connect and start the network thread; with ``wait``, block until connected."""
+        s = self.settings
+        try:
+            if s.protocol == "5":
+                self._client.connect_async(
+                    s.host, s.port, keepalive=s.keepalive_s, clean_start=s.clean_start
+                )
+            else:
+                self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
+        except (OSError, ValueError) as exc:
+            raise MqttError(f"cannot connect to broker {s.host}:{s.port}: {exc}") from exc
+        self._client.loop_start()
+        if wait and not self._connected.wait(s.connect_timeout_s):
+            self.stop()
+            raise MqttError(
+                f"no connection to broker {s.host}:{s.port} within {s.connect_timeout_s:g} s"
+            )
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def stop(self) -> None:
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self._connected.clear()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subscriptions.append((topic, qos))
+        if self._connected.is_set():
+            self._client.subscribe(topic, qos)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> mqtt.MQTTMessageInfo:
+        """Queue a message; paho keeps QoS>0 messages across reconnects."""
+        return self._client.publish(topic, payload, qos=qos)
+
+    # paho callbacks (network thread)
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        raw = sock
+        # An SSL socket wraps the TCP socket; the option belongs on the TCP one.
+        if isinstance(sock, ssl.SSLSocket) or hasattr(sock, "setsockopt"):
+            try:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def _handle_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+    ) -> None:
+        if reason.is_failure:
+            return
+        self.connects += 1
+        with self._lock:
+            subs = list(self._subscriptions)
+        for topic, qos in subs:
+            client.subscribe(topic, qos)
+        self._connected.set()
+
+    def _handle_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+    ) -> None:
+        self.disconnects += 1
+        self._connected.clear()
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._on_message is not None:
+            self._on_message(msg.topic, bytes(msg.payload))
