@@ -134,3 +134,98 @@ def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 def topic_prefix() -> str:
     """A topic prefix no other test uses."""
     return f"fogline-test/{uuid.uuid4().hex[:12]}"
+
+
+def make_tiny_bundle(
+    root: Path,
+    *,
+    name: str = "tiny",
+    version: str = "1",
+    side: int = 8,
+    features: int = 16,
+    classes: int = 4,
+    seed: int = 0,
+    relevance: float = 0.5,
+    exit_confidence: float = 0.9,
+) -> Path:
+    """Write a small but real bundle: an edge ONNX model (uint8 frame → relevance, features,
+    exit probabilities) and a cloud ONNX model (features → probs), with a verified manifest."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fogline.sync import write_manifest
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    pixels = side * side
+    w1 = (rng.standard_normal((pixels, features)) / (pixels * 64)).astype(np.float32)
+    wr = rng.standard_normal((features, 1)).astype(np.float32)
+    we = rng.standard_normal((features, classes)).astype(np.float32)
+    wc = rng.standard_normal((features, classes)).astype(np.float32)
+
+    def init(arr: np.ndarray, n: str) -> onnx.TensorProto:
+        return numpy_helper.from_array(arr, n)
+
+    edge_graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["frame"], ["frame_f"], to=TensorProto.FLOAT),
+            helper.make_node("Flatten", ["frame_f"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w1"], ["pre"]),
+            helper.make_node("Tanh", ["pre"], ["features"]),
+            helper.make_node("MatMul", ["features", "wr"], ["rel_logit"]),
+            helper.make_node("Sigmoid", ["rel_logit"], ["relevance"]),
+            helper.make_node("MatMul", ["features", "we"], ["exit_logits"]),
+            helper.make_node("Softmax", ["exit_logits"], ["exit_probs"], axis=1),
+        ],
+        "edge",
+        [helper.make_tensor_value_info("frame", TensorProto.UINT8, ["N", 1, side, side])],
+        [
+            helper.make_tensor_value_info("relevance", TensorProto.FLOAT, ["N", 1]),
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", features]),
+            helper.make_tensor_value_info("exit_probs", TensorProto.FLOAT, ["N", classes]),
+        ],
+        [init(w1, "w1"), init(wr, "wr"), init(we, "we")],
+    )
+    cloud_graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "wc"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        ],
+        "cloud",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes])],
+        [init(wc, "wc")],
+    )
+    opset = [helper.make_opsetid("", 17)]
+    for graph, fname in ((edge_graph, "edge.onnx"), (cloud_graph, "cloud.onnx")):
+        model = helper.make_model(graph, opset_imports=opset)
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        onnx.save(model, str(root / fname))
+    write_manifest(
+        root,
+        {
+            "name": name,
+            "version": version,
+            "files": {"edge.onnx": {}, "cloud.onnx": {}},
+            "edge": {
+                "model": "edge.onnx",
+                "input": "frame",
+                "filter_output": "relevance",
+                "exit_output": "exit_probs",
+                "feature_outputs": ["features"],
+            },
+            "cloud": {"model": "cloud.onnx", "output": "probs"},
+            "thresholds": {"relevance": relevance, "exit_confidence": exit_confidence},
+            "codec": {"kind": "int8", "zstd_level": 3},
+            "labels": [str(i) for i in range(classes)],
+        },
+    )
+    return root
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path: Path) -> Path:
+    """Directory of a small real bundle (8×8 uint8 frames, 16 features, 4 classes)."""
+    return make_tiny_bundle(tmp_path / "bundle")
