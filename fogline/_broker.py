@@ -31,7 +31,9 @@ class EmbeddedBroker:
         self.host = host
         self.port = port or free_port(host)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="mqtt-broker", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="mqtt-broker", daemon=True
+        )
         self._broker: Any = None
 
     @property
@@ -50,7 +52,9 @@ class EmbeddedBroker:
             logging.getLogger(name).setLevel(logging.WARNING)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
 
         async def _start() -> None:

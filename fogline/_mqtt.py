@@ -9,6 +9,7 @@ sides agree on them.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -22,9 +23,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
+    "MqttConnection",
     "MqttError",
     "MqttSettings",
-    "MqttConnection",
     "Topics",
     "parse_broker_url",
 ]
@@ -94,8 +95,8 @@ class MqttSettings:
     tls_insecure: bool = False
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     keepalive_s: int = 30
-    reconnect_min_s: float = 0.2
-    reconnect_max_s: float = 30.0
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 30
     connect_timeout_s: float = 10.0
     clean_start: bool = True
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
@@ -106,7 +107,9 @@ class MqttSettings:
         if self.protocol not in ("3.1.1", "5"):
             raise ValueError(f"MQTT protocol {self.protocol!r} must be '3.1.1' or '5'")
         if self.reconnect_min_s <= 0 or self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect backoff must satisfy 0 < reconnect_min_s <= reconnect_max_s")
+            raise ValueError(
+                "reconnect backoff must satisfy 0 < reconnect_min_s <= reconnect_max_s"
+            )
         if self.keepalive_s < 1:
             raise ValueError("keepalive_s must be at least 1")
         Topics(self.topic_prefix)
@@ -168,6 +171,8 @@ class MqttConnection:
         self._on_message = on_message
         self._subscriptions = list(subscriptions)
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._pending_subs: set[int] = set()
         self._lock = threading.Lock()
         self.connects = 0
         self.disconnects = 0
@@ -183,7 +188,8 @@ class MqttConnection:
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(
-            min_delay=max(1, int(settings.reconnect_min_s)), max_delay=max(1, int(settings.reconnect_max_s))
+            min_delay=max(1, int(settings.reconnect_min_s)),
+            max_delay=max(1, int(settings.reconnect_max_s)),
         )
         if settings.username is not None:
             client.username_pw_set(settings.username, settings.password)
@@ -200,6 +206,7 @@ class MqttConnection:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
         self._client = client
 
     @property
@@ -211,7 +218,11 @@ class MqttConnection:
         return self._connected.is_set()
 
     def start(self, wait: bool = True) -> None:
-        """Connect and start the network thread; with ``wait``, block until connected."""
+        """Connect and start the network thread.
+
+        With ``wait``, block until connected and every initial subscription is acknowledged,
+        so nothing published after ``start`` returns can miss a subscriber.
+        """
         s = self.settings
         try:
             if s.protocol == "5":
@@ -223,7 +234,9 @@ class MqttConnection:
         except (OSError, ValueError) as exc:
             raise MqttError(f"cannot connect to broker {s.host}:{s.port}: {exc}") from exc
         self._client.loop_start()
-        if wait and not self._connected.wait(s.connect_timeout_s):
+        if wait and not (
+            self._connected.wait(s.connect_timeout_s) and self._subscribed.wait(s.connect_timeout_s)
+        ):
             self.stop()
             raise MqttError(
                 f"no connection to broker {s.host}:{s.port} within {s.connect_timeout_s:g} s"
@@ -252,13 +265,10 @@ class MqttConnection:
     # paho callbacks (network thread)
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        raw = sock
-        # An SSL socket wraps the TCP socket; the option belongs on the TCP one.
-        if isinstance(sock, ssl.SSLSocket) or hasattr(sock, "setsockopt"):
-            try:
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        # Called once the TCP connection exists, before CONNECT is sent. An SSLSocket is a
+        # socket subclass, so the option reaches the TCP layer either way.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _handle_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
@@ -268,15 +278,29 @@ class MqttConnection:
         self.connects += 1
         with self._lock:
             subs = list(self._subscriptions)
-        for topic, qos in subs:
-            client.subscribe(topic, qos)
+            self._pending_subs.clear()
+            if not subs:
+                self._subscribed.set()
+            for topic, qos in subs:
+                _rc, mid = client.subscribe(topic, qos)
+                if mid is not None:
+                    self._pending_subs.add(mid)
         self._connected.set()
+
+    def _handle_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any
+    ) -> None:
+        with self._lock:
+            self._pending_subs.discard(mid)
+            if not self._pending_subs:
+                self._subscribed.set()
 
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
         self.disconnects += 1
         self._connected.clear()
+        self._subscribed.clear()
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self._on_message is not None:

@@ -63,7 +63,9 @@ class Broker:
             self._embedded = EmbeddedBroker(self.host, self.port).start()
             return
         conf_text = MOSQUITTO_CONF.read_text()
-        conf_text = re.sub(r"(?m)^listener 1883 127.0.0.1$", f"listener {self.port} {self.host}", conf_text)
+        conf_text = re.sub(
+            r"(?m)^listener 1883 127.0.0.1$", f"listener {self.port} {self.host}", conf_text
+        )
         conf_text = re.sub(
             r"(?m)^persistence_location .*$", f"persistence_location {self.workdir}/", conf_text
         )
