@@ -14,7 +14,7 @@ import socket
 import threading
 from typing import Any
 
-__all__ = ["EmbeddedBroker", "free_port"]
+__all__ = ["EmbeddedBroker", "MosquittoProcess", "free_port", "mosquitto_binary"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,6 +77,91 @@ class EmbeddedBroker:
             self._thread.join(timeout_s)
 
     def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+MOSQUITTO_CONF = """\
+listener {port} {host}
+allow_anonymous true
+set_tcp_nodelay true
+max_queued_messages 100000
+max_inflight_messages 1000
+persistence false
+log_type error
+connection_messages false
+"""
+
+
+def mosquitto_binary() -> str | None:
+    """Path of the Mosquitto broker binary, if installed."""
+    import shutil
+
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    import os
+
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+class MosquittoProcess:
+    """A private Mosquitto on a free loopback port, for benchmarks (not for production)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            raise RuntimeError("mosquitto is not installed")
+        self.binary = binary
+        self.host = host
+        self.port = port or free_port(host)
+        self._proc: Any = None
+        self._tmp: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> MosquittoProcess:
+        import subprocess
+        import tempfile
+        import time
+        from pathlib import Path
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="fogline-mosquitto-")
+        conf = Path(self._tmp.name) / "mosquitto.conf"
+        conf.write_text(MOSQUITTO_CONF.format(host=self.host, port=self.port))
+        self._proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                if self._proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not start on {self.host}:{self.port}")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except Exception:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> MosquittoProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -15,17 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from fogline._broker import EmbeddedBroker, free_port
+from fogline._broker import EmbeddedBroker, free_port, mosquitto_binary
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
-
-
-def mosquitto_binary() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
 
 
 def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
