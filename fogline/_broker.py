@@ -149,11 +149,13 @@ class MosquittoProcess:
         raise RuntimeError(f"mosquitto did not start on {self.host}:{self.port}")
 
     def stop(self) -> None:
+        import subprocess
+
         if self._proc is not None:
             self._proc.terminate()
             try:
                 self._proc.wait(10)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
