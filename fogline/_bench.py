@@ -1,7 +1,342 @@
-"""``fogline bench …``: measured figures, printed, never asserted."""
+"""``fogline bench …``: measured figures, printed, never asserted.
+
+Each benchmark prints a rich table, or one JSON object with ``--json``. Targets (for a
+2-core x86 machine with VNNI) are listed in ``docs/benchmarks.md`` next to what was measured.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import typer
 
+__all__ = ["app"]
+
 app = typer.Typer(no_args_is_help=True)
+
+
+def _emit(result: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{prefix}.{k}", v)
+        elif isinstance(value, float):
+            table.add_row(prefix, f"{value:,.3f}")
+        else:
+            table.add_row(prefix, f"{value:,}" if isinstance(value, int) else str(value))
+
+    for key, value in result.items():
+        add(key, value)
+    Console().print(table)
+
+
+def _session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _raw_sps(session: Any, frames: np.ndarray, batch: int, min_seconds: float) -> float:
+    """Samples/s of a bare session over ``frames`` in batches, repeated for ``min_seconds``."""
+    name = session.get_inputs()[0].name
+    for start in range(0, min(len(frames), 4 * batch), batch):
+        session.run(None, {name: frames[start : start + batch]})
+    done = 0
+    t0 = time.perf_counter()
+    while True:
+        for start in range(0, len(frames), batch):
+            chunk = frames[start : start + batch]
+            session.run(None, {name: chunk})
+            done += len(chunk)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+def _hybrid_accuracy(bundle: Any, edge: Any, cloud: Any, frames: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of the edge decisions (drop / exit / cloud tail on the edge's features)."""
+    th = bundle.thresholds
+    correct = 0
+    for start in range(0, len(frames), 64):
+        chunk = frames[start : start + 64]
+        outs = dict(
+            zip(
+                [o.name for o in edge.get_outputs()],
+                edge.run(None, {bundle.edge.input: chunk}),
+                strict=True,
+            )
+        )
+        rel = outs[bundle.edge.filter_output].reshape(-1)
+        probs = outs[bundle.edge.exit_output]
+        feats = {n: outs[n] for n in bundle.edge.feature_outputs}
+        (cloud_probs,) = cloud.run([bundle.cloud.output], feats)
+        pred = np.where(probs.max(axis=1) >= th.exit_confidence, probs.argmax(1), cloud_probs.argmax(1))
+        pred = np.where(rel < th.relevance, -1, pred)
+        correct += int(np.sum(pred == labels[start : start + 64]))
+    return correct / len(frames)
+
+
+@contextlib.contextmanager
+def _bench_broker(url: str | None) -> Iterator[tuple[str, bool]]:
+    """An external broker, else a private Mosquitto, else the embedded broker."""
+    if url:
+        yield url, True
+        return
+    from fogline._broker import EmbeddedBroker, MosquittoProcess, mosquitto_binary
+
+    if mosquitto_binary():
+        with MosquittoProcess() as mosq:
+            yield mosq.url, True
+    else:
+        with EmbeddedBroker() as emb:
+            yield emb.url, False
+
+
+@app.command("edge")
+def bench_edge(
+    batch: int = typer.Option(32, min=1, help="Frames per onnxruntime run."),
+    samples: int = typer.Option(4096, min=64, help="Frames in the measured stream."),
+    threads: int = typer.Option(1, min=1, help="onnxruntime intra-op threads."),
+    seconds: float = typer.Option(3.0, min=0.5, help="Minimum time per measurement."),
+    broker: str | None = typer.Option(None, help="Broker URL; default: a private Mosquitto."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Edge model speed: bare onnxruntime vs the full agent pipeline, INT8 vs FP32."""
+    from fogline._frames import make_frames
+    from fogline._mqtt import MqttSettings
+    from fogline.edge_agent import Agent, AgentConfig, RuntimeConfig
+    from fogline.reference import BUNDLE_DIR
+    from fogline.sync import Bundle
+
+    bundle = Bundle.load(BUNDLE_DIR)
+    frames, labels = make_frames(samples, seed=11, split="holdout")
+    int8 = _session(bundle.edge_model_path, threads)
+    fp32 = _session(bundle.path(bundle.manifest["extra_models"]["edge_fp32"]), threads)
+    cloud = _session(bundle.cloud_model_path, threads)
+
+    raw_sps = _raw_sps(int8, frames, batch, seconds)
+    fp32_sps = _raw_sps(fp32, frames, batch, seconds)
+    acc_int8 = _hybrid_accuracy(bundle, int8, cloud, frames, labels)
+    acc_fp32 = _hybrid_accuracy(bundle, fp32, cloud, frames, labels)
+    del int8, fp32
+
+    with _bench_broker(broker) as (url, _shared):
+        config = AgentConfig(
+            site="bench-edge",
+            bundle_dir=bundle.root,
+            broker=MqttSettings.from_url(url, topic_prefix=f"fogline-bench/{os.getpid()}"),
+            cloud_timeout_ms=600_000,
+            runtime=RuntimeConfig(threads=threads, max_batch=batch),
+        )
+        agent = Agent(config)
+        agent.start()
+        try:
+            done = 0
+            # one warm pass, then measure over whole passes for at least `seconds`
+            for start in range(0, min(len(frames), 4 * batch), batch):
+                agent.submit_batch(frames[start : start + batch])
+            t0 = time.perf_counter()
+            while True:
+                for start in range(0, len(frames), batch):
+                    chunk = frames[start : start + batch]
+                    agent.submit_batch(chunk)
+                    done += len(chunk)
+                elapsed = time.perf_counter() - t0
+                if elapsed >= seconds:
+                    break
+            agent_sps = done / elapsed
+            stats = agent.stats()
+        finally:
+            agent.stop()
+    result = {
+        "ort_raw_sps": round(raw_sps, 1),
+        "agent_sps": round(agent_sps, 1),
+        "agent_vs_raw": round(agent_sps / raw_sps, 3),
+        "fp32_raw_sps": round(fp32_sps, 1),
+        "int8_vs_fp32_speedup": round(raw_sps / fp32_sps, 3),
+        "accuracy_int8": round(acc_int8, 4),
+        "accuracy_fp32": round(acc_fp32, 4),
+        "int8_accuracy_delta": round(abs(acc_fp32 - acc_int8) * 100, 3),
+        "batch": batch,
+        "threads": threads,
+        "forwarded_share": round(int(stats["forwarded"]) / max(1, int(stats["inputs"])), 4),
+    }
+    _emit(result, as_json, "fogline bench edge")
+
+
+def _start_workers(
+    n: int, url: str, shared: bool, prefix: str, tmp: Path, batch: int, delay_ms: float
+) -> list[tuple[subprocess.Popen[bytes], int]]:
+    from fogline._broker import free_port
+
+    procs = []
+    for i in range(n):
+        port = free_port()
+        conf = tmp / f"cloud-{i}.toml"
+        conf.write_text(
+            "\n".join(
+                [
+                    f'share_group = "{"bench" if shared else ""}"',
+                    f'worker_id = "bench-worker-{i}"',
+                    "[broker]",
+                    f'url = "{url}"',
+                    f'topic_prefix = "{prefix}"',
+                    f'client_id = "bench-worker-{i}"',
+                    "[batching]",
+                    f"max_batch_size = {batch}",
+                    f"max_queue_delay_ms = {delay_ms}",
+                    "[store]",
+                    f'url = "sqlite:///{tmp}/results-{i}.db"',
+                    "[http]",
+                    f"port = {port}",
+                ]
+            )
+            + "\n"
+        )
+        log = (tmp / f"cloud-{i}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fogline.cli", "cloud", "serve", "--config", str(conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        procs.append((proc, port))
+    for proc, port in procs:
+        _wait_ready(proc, port)
+    return procs
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cloud worker exited with {proc.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError("cloud worker did not become ready in time")
+
+
+@app.command("e2e")
+def bench_e2e(
+    rate: float = typer.Option(1000.0, min=1.0, help="Offered samples per second."),
+    seconds: float = typer.Option(5.0, min=1.0, help="How long to offer load."),
+    workers: int = typer.Option(1, min=1, max=8, help="Cloud worker processes."),
+    max_batch: int = typer.Option(32, min=1, help="Cloud batcher max_batch_size."),
+    max_delay_ms: float = typer.Option(1.0, min=0.0, help="Cloud batcher max_queue_delay_ms."),
+    broker: str | None = typer.Option(None, help="Broker URL; default: a private Mosquitto."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Edge → broker → cloud → edge round trips at a fixed offered rate.
+
+    Every sample is a digit frame and the agent's thresholds send every one of them to the
+    cloud, so each measured latency is a full round trip through the broker and a worker.
+    """
+    from fogline._frames import make_frames
+    from fogline._mqtt import MqttSettings
+    from fogline.edge_agent import Agent, AgentConfig, Answer
+    from fogline.reference import BUNDLE_DIR
+    from fogline.sync import Bundle, Thresholds
+
+    bundle = Bundle.load(BUNDLE_DIR)
+    total = int(rate * seconds)
+    frames, _labels = make_frames(min(total, 4096), seed=13, p_digit=1.0, split="holdout")
+    prefix = f"fogline-bench/{os.getpid()}"
+    with tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir, _bench_broker(
+        broker
+    ) as (url, shared):
+        tmp = Path(tmpdir)
+        procs = _start_workers(workers, url, shared, prefix, tmp, max_batch, max_delay_ms)
+        agent = Agent(
+            AgentConfig(
+                site="bench-e2e",
+                bundle_dir=bundle.root,
+                broker=MqttSettings.from_url(url, topic_prefix=prefix),
+                thresholds=Thresholds(relevance=0.0, exit_confidence=1.0),
+                cloud_timeout_ms=30_000,
+            )
+        )
+        agent.start()
+        futures: list[Future[Answer]] = []
+        try:
+            for i in range(20):  # warm the path end to end
+                agent.submit_batch(frames[i : i + 1])[0].result(timeout=30)
+            t0 = time.perf_counter()
+            period = 1.0 / rate
+            for i in range(total):
+                wait = t0 + i * period - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                j = i % len(frames)
+                futures.extend(agent.submit_batch(frames[j : j + 1]))
+            answers: list[Answer] = []
+            failed = 0
+            for fut in futures:
+                try:
+                    answers.append(fut.result(timeout=60))
+                except Exception:  # noqa: BLE001 - counted, reported
+                    failed += 1
+            elapsed = time.perf_counter() - t0
+            stats = agent.stats()
+        finally:
+            agent.stop()
+            for proc, _port in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc, _port in procs:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    cloud = [a.latency_ms for a in answers if a.source == "cloud"]
+    lat = np.asarray(cloud or [0.0])
+    forwarded = int(stats["forwarded"])
+    bytes_sent = int(stats["bytes_sent"])
+    per_forwarded = bytes_sent / forwarded if forwarded else 0.0
+    raw_per_frame = int(frames[0].nbytes)
+    result = {
+        "offered_sps": rate,
+        "samples": total,
+        "answered_by_cloud": len(cloud),
+        "answered_at_edge": sum(1 for a in answers if a.source == "edge"),
+        "failed": failed,
+        "throughput_sps": round(len(answers) / elapsed, 1),
+        "latency_ms": {
+            "p50": round(float(np.percentile(lat, 50)), 3),
+            "p99": round(float(np.percentile(lat, 99)), 3),
+            "max": round(float(lat.max()), 3),
+        },
+        "bytes_per_forwarded": round(per_forwarded, 1),
+        "reduction_vs_raw": round(raw_per_frame / per_forwarded, 1) if per_forwarded else 0.0,
+        "workers": workers,
+        "broker": "external" if broker else ("mosquitto" if shared else "embedded"),
+    }
+    _emit(result, as_json, "fogline bench e2e")
