@@ -1,1 +1,86 @@
-"""The edge agent."""
+"""The edge agent: run a bundle's edge model, decide per input, forward features over MQTT.
+
+Per input: the filter head may **drop** it (nothing leaves the site), the early-exit head
+may answer it at the **edge**, otherwise its features go to the **cloud** and the agent
+waits for the answer. :class:`Agent` is the Python API (``await agent.infer(x)``,
+``agent.submit(x)``, ``agent.submit_batch(xs)``); :func:`create_app` is the local HTTP API
+over it; ``fogline agent run --config agent.toml`` runs both as a service.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fogline.edge_agent.errors import (
+    AgentDataError,
+    AgentError,
+    AgentPeerError,
+    BrokerError,
+    CloudBusyError,
+    CloudFailedError,
+    CloudTimeoutError,
+    ConfigError,
+    InputError,
+    ModelError,
+    NotRunningError,
+    OverloadedError,
+)
+
+if TYPE_CHECKING:
+    from fogline.edge_agent._agent import Agent, Answer, Source
+    from fogline.edge_agent._api import create_app
+    from fogline.edge_agent._config import AgentConfig, HttpConfig, RuntimeConfig, load_config
+    from fogline.edge_agent._runtime import InputSpec
+
+# The package is imported by ``fogline --help`` (through ``cli``); onnxruntime and FastAPI
+# load only when one of these names is first used.
+_LAZY = {
+    "Agent": "_agent",
+    "Answer": "_agent",
+    "Source": "_agent",
+    "create_app": "_api",
+    "AgentConfig": "_config",
+    "HttpConfig": "_config",
+    "RuntimeConfig": "_config",
+    "load_config": "_config",
+    "InputSpec": "_runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "AgentDataError",
+    "AgentError",
+    "AgentPeerError",
+    "Answer",
+    "BrokerError",
+    "CloudBusyError",
+    "CloudFailedError",
+    "CloudTimeoutError",
+    "ConfigError",
+    "HttpConfig",
+    "InputError",
+    "InputSpec",
+    "ModelError",
+    "NotRunningError",
+    "OverloadedError",
+    "RuntimeConfig",
+    "Source",
+    "create_app",
+    "load_config",
+]

@@ -1,7 +1,119 @@
-"""Subcommands of this package (filled in by the package)."""
+"""``fogline agent …``: run the edge agent as a service.
+
+Heavy imports (onnxruntime, FastAPI, uvicorn) happen inside the command so that
+``fogline --help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
 import typer
 
+from fogline._cli import fail
+
+__all__ = ["app"]
+
 app = typer.Typer(no_args_is_help=True)
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+log = logging.getLogger("fogline.edge_agent")
+
+
+@app.callback()
+def _agent() -> None:
+    """Run the edge agent."""
+
+
+@app.command("run")
+def run(
+    *,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="agent.toml (see docs/agent.md)", dir_okay=False),
+    ] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="broker URL, e.g. mqtt://host:1883 (overrides the file)")
+    ] = None,
+    site: Annotated[str | None, typer.Option(help="site name (overrides the file)")] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="bundle directory (overrides the file)", file_okay=False)
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP API port (overrides the file)")] = None,
+    log_level: Annotated[
+        str, typer.Option(help="debug, info, warning or error", case_sensitive=False)
+    ] = "info",
+) -> None:
+    """Run the agent and its local HTTP API until SIGTERM or Ctrl+C, then shut down cleanly."""
+    level = log_level.lower()
+    if level not in _LOG_LEVELS:
+        fail(f"--log-level {log_level!r} must be one of {', '.join(_LOG_LEVELS)}")
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from fogline.edge_agent._config import load_config
+    from fogline.edge_agent.errors import AgentDataError, AgentError
+
+    if config is None and site is None:
+        fail("give --config agent.toml or at least --site")
+    overrides = {"site": site, "broker.url": broker, "bundle_dir": bundle, "http.port": port}
+    try:
+        cfg = load_config(config, overrides)
+    except AgentDataError as exc:
+        fail(str(exc))
+
+    # Until uvicorn takes over the signals (and after it hands them back: it re-raises
+    # the one it caught once it has shut down), a signal only asks for a clean stop.
+    stop_requested: list[int] = []
+
+    def _request_stop(signum: int, frame: FrameType | None) -> None:
+        stop_requested.append(signum)
+
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        import uvicorn
+
+        from fogline.edge_agent._agent import Agent
+        from fogline.edge_agent._api import create_app
+
+        try:
+            agent = Agent(cfg)
+            agent.start(wait_connected=False)
+        except AgentDataError as exc:
+            fail(str(exc))
+        except AgentError as exc:
+            fail(str(exc), code=1)
+        try:
+            if stop_requested:
+                return
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    create_app(agent),
+                    host=cfg.http.host,
+                    port=cfg.http.port,
+                    log_level=level,
+                    log_config=None,
+                    access_log=level == "debug",
+                )
+            )
+            log.info(
+                "site %s: HTTP API on http://%s:%d, broker %s:%d",
+                cfg.site,
+                cfg.http.host,
+                cfg.http.port,
+                cfg.broker.host,
+                cfg.broker.port,
+            )
+            try:
+                server.run()
+            except SystemExit:
+                fail(f"the HTTP API could not listen on {cfg.http.host}:{cfg.http.port}", code=1)
+        finally:
+            agent.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

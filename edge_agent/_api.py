@@ -1,0 +1,203 @@
+"""The agent's local HTTP API (FastAPI): a thin adapter over :class:`Agent`.
+
+* ``POST /v1/infer`` — one input as JSON, either ``{"data": [[…]]}`` (nested lists) or
+  ``{"b64": "…", "shape": [1, 64, 64], "dtype": "uint8"}`` (raw little-endian bytes);
+  ``dtype`` defaults to the model's. Answers with the :class:`Answer` as JSON.
+* ``GET /v1/info`` — site, bundle, codec, thresholds and the model input.
+* ``GET /healthz`` — the process is alive.
+* ``GET /readyz`` — 200 once the model is warm and MQTT is connected, 503 before.
+* ``GET /metrics`` — this agent's Prometheus registry, text format.
+
+Errors are JSON ``{"error": message, "type": name}``: 422 for an input that does not fit
+the model (the message names the field and the problem), 503 when the agent is not
+running or overloaded (with ``Retry-After``), 504 when the cloud did not answer in time,
+502 when it answered with an error. HTTP status codes live here, not in the errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from fogline import __version__
+from fogline.edge_agent._agent import Agent
+from fogline.edge_agent._runtime import InputSpec
+from fogline.edge_agent.errors import (
+    AgentError,
+    BrokerError,
+    CloudBusyError,
+    CloudFailedError,
+    CloudTimeoutError,
+    InputError,
+    NotRunningError,
+    OverloadedError,
+)
+
+__all__ = ["create_app"]
+
+_DTYPES = (
+    "bool",
+    "uint8",
+    "int8",
+    "uint16",
+    "int16",
+    "int32",
+    "int64",
+    "float16",
+    "float32",
+    "float64",
+)
+
+
+class InferRequest(BaseModel):
+    """One input: ``data`` as nested lists, or ``b64`` raw bytes with ``shape``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Any = Field(default=None, description="the input as nested lists of numbers")
+    b64: str | None = Field(default=None, description="base64 of the raw little-endian bytes")
+    shape: list[int] | None = Field(default=None, description="shape of the input")
+    dtype: str | None = Field(default=None, description="element type; default: the model's")
+
+
+def _error(
+    status: int, exc: BaseException | str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    message = exc if isinstance(exc, str) else str(exc)
+    kind = "BadRequest" if isinstance(exc, str) else type(exc).__name__
+    return JSONResponse({"error": message, "type": kind}, status_code=status, headers=headers)
+
+
+def _dtype(name: str | None, spec: InputSpec) -> np.dtype[Any]:
+    if name is None:
+        return spec.dtype
+    if name not in _DTYPES:
+        raise InputError(f"dtype {name!r} is not one of {', '.join(_DTYPES)}")
+    dtype = np.dtype(name)
+    if dtype != spec.dtype and not np.can_cast(dtype, spec.dtype, "safe"):
+        raise InputError(f"dtype {name} does not fit the model input, which takes {spec.dtype}")
+    return dtype
+
+
+def _decode(req: InferRequest, spec: InputSpec) -> np.ndarray:
+    """The request's input as an array in the model's dtype and item shape."""
+    has_data, has_b64 = req.data is not None, req.b64 is not None
+    if has_data == has_b64:
+        raise InputError("give exactly one of 'data' (nested lists) or 'b64' (raw bytes)")
+    dtype = _dtype(req.dtype, spec)
+    if req.shape is not None and any(d < 0 for d in req.shape):
+        raise InputError(f"shape {req.shape} has a negative dimension")
+    if has_b64:
+        if req.shape is None:
+            raise InputError("'shape' is required with 'b64'")
+        try:
+            raw = base64.b64decode(req.b64 or "", validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError("'b64' is not valid base64") from None
+        need = math.prod(req.shape) * dtype.itemsize
+        if len(raw) != need:
+            raise InputError(
+                f"'b64' holds {len(raw)} bytes; shape {req.shape} of {dtype} needs {need}"
+            )
+        arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(req.shape)
+    else:
+        try:
+            arr = np.asarray(req.data)
+        except (ValueError, TypeError):
+            raise InputError("'data' is not a rectangular array (rows of unequal length)") from None
+        if arr.dtype.kind not in "biuf":
+            raise InputError("'data' must hold only numbers")
+        if req.shape is not None and list(arr.shape) != req.shape:
+            raise InputError(f"'data' has shape {list(arr.shape)} but 'shape' says {req.shape}")
+        arr = InputSpec("data", dtype, tuple(arr.shape)).cast(arr, "'data'")
+    return spec.item(arr)
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _validation_message(errors: list[Any]) -> str:
+    parts = []
+    for err in errors[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            parts.append("the request body is not valid JSON")
+            continue
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(agent: Agent) -> FastAPI:
+    """The HTTP API over ``agent``. The caller starts and stops the agent."""
+    app = FastAPI(
+        title=f"fogline edge agent ({agent.site})",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        return JSONResponse(
+            {
+                "error": _validation_message(errors),
+                "type": "RequestValidationError",
+                "detail": jsonable_encoder(errors),
+            },
+            status_code=422,
+        )
+
+    @app.post("/v1/infer")
+    async def infer(req: InferRequest) -> Response:
+        try:
+            spec = agent.input_spec
+        except NotRunningError as exc:
+            return _error(503, exc, {"Retry-After": "1"})
+        try:
+            answer = await agent.infer(_decode(req, spec))
+        except InputError as exc:
+            return _error(422, exc)
+        except CloudBusyError as exc:
+            retry_s = max(1, math.ceil((exc.retry_after_ms or 1000) / 1000))
+            return _error(503, exc, {"Retry-After": str(retry_s)})
+        except (NotRunningError, OverloadedError, BrokerError) as exc:
+            return _error(503, exc, {"Retry-After": "1"})
+        except CloudTimeoutError as exc:
+            return _error(504, exc)
+        except CloudFailedError as exc:
+            return _error(502, exc)
+        except AgentError as exc:
+            return _error(500, exc)
+        return JSONResponse({k: _finite(v) for k, v in answer.to_dict().items()})
+
+    @app.get("/v1/info")
+    async def info() -> dict[str, Any]:
+        return agent.info()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        body = {"ready": agent.ready, "model": agent.model_ready, "mqtt": agent.connected}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(agent.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,393 @@
+"""Agent configuration: ``agent.toml`` into frozen, validated dataclasses.
+
+Every error names the offending key as it is spelled in ``agent.toml`` (``broker.port``,
+``http.host``), so an operator can fix a file without reading code. Unknown keys are
+errors too: a typo must not silently fall back to a default.
+
+Example::
+
+    site = "site-a"
+    bundle_dir = "/var/lib/fogline/bundle"   # default: the bundled reference model
+    codec = "int8"                           # default: the bundle's codec
+    cloud_timeout_ms = 10000
+
+    [broker]
+    url = "mqtts://agent:secret@broker.example:8883"
+    ca_file = "/etc/fogline/ca.pem"
+    protocol = "5"
+
+    [runtime]
+    threads = 1
+    max_batch = 32
+
+    [http]
+    host = "127.0.0.1"
+    port = 8081
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fogline._mqtt import MqttSettings, parse_broker_url
+from fogline.compression import Codec
+from fogline.edge_agent.errors import ConfigError
+from fogline.reference import BUNDLE_DIR
+from fogline.sync import Thresholds
+
+__all__ = ["AgentConfig", "HttpConfig", "RuntimeConfig", "load_config"]
+
+_T = TypeVar("_T")
+_SITE_FORBIDDEN = frozenset("/+#\x00")
+
+
+def _check_site(site: object) -> str:
+    if not isinstance(site, str):
+        raise ConfigError("site", "must be a string")
+    if not site:
+        raise ConfigError("site", "must not be empty")
+    if len(site.encode()) > 255:
+        raise ConfigError("site", "must be at most 255 bytes of UTF-8")
+    if site.startswith("$") or any(
+        ch in _SITE_FORBIDDEN or ch.isspace() or not ch.isprintable() for ch in site
+    ):
+        raise ConfigError(
+            "site",
+            f"{site!r} is not usable as an MQTT topic level "
+            "(no '/', '+', '#', whitespace or control characters, no leading '$')",
+        )
+    return site
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _int(value: object, key: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be an integer, not {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}, not {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(key, f"must be at most {maximum}, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the edge model runs.
+
+    ``threads`` is onnxruntime's intra-op thread count (0 lets onnxruntime pick one per
+    core; 1 leaves the other cores to MQTT and the HTTP API). ``max_batch`` bounds one
+    model call on both paths; ``max_queue`` bounds single requests waiting for the model.
+    """
+
+    threads: int = 1
+    max_batch: int = 32
+    warmup_runs: int = 3
+    max_queue: int = 1024
+
+    def __post_init__(self) -> None:
+        _int(self.threads, "runtime.threads", minimum=0, maximum=1024)
+        _int(self.max_batch, "runtime.max_batch", minimum=1, maximum=65536)
+        _int(self.warmup_runs, "runtime.warmup_runs", minimum=0, maximum=1000)
+        _int(self.max_queue, "runtime.max_queue", minimum=1)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Where the local HTTP API listens: loopback only unless ``allow_remote`` says otherwise."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    allow_remote: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError("http.host", "must be a non-empty string")
+        _int(self.port, "http.port", minimum=0, maximum=65535)
+        if not isinstance(self.allow_remote, bool):
+            raise ConfigError("http.allow_remote", "must be true or false")
+        if not self.allow_remote and not _is_loopback(self.host):
+            raise ConfigError(
+                "http.host",
+                f"{self.host!r} is not a loopback address; the agent API has no "
+                "authentication, set http.allow_remote = true to expose it anyway",
+            )
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything one edge agent needs. Defaults give a loopback agent on the reference bundle.
+
+    ``client_id`` defaults to ``fogline-agent-<site>``; ``codec`` (a :class:`Codec` or its
+    name) and ``thresholds`` default to the bundle's own. ``broker.client_id`` is ignored:
+    :meth:`mqtt_settings` fills in ``client_id``.
+    """
+
+    site: str
+    bundle_dir: Path = BUNDLE_DIR
+    broker: MqttSettings = field(default_factory=MqttSettings)
+    client_id: str = ""
+    codec: Codec | None = None
+    thresholds: Thresholds | None = None
+    cloud_timeout_ms: int = 10_000
+    max_pending: int = 100_000
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+
+    def __post_init__(self) -> None:
+        _check_site(self.site)
+        if isinstance(self.bundle_dir, str):
+            object.__setattr__(self, "bundle_dir", Path(self.bundle_dir))
+        if not isinstance(self.bundle_dir, Path):
+            raise ConfigError("bundle_dir", "must be a path")
+        if not isinstance(self.broker, MqttSettings):
+            raise ConfigError("broker", "must be MqttSettings")
+        if not isinstance(self.client_id, str):
+            raise ConfigError("client_id", "must be a string")
+        if not self.client_id:
+            object.__setattr__(self, "client_id", f"fogline-agent-{self.site}")
+        if len(self.client_id.encode()) > 65535:
+            raise ConfigError("client_id", "is too long")
+        if isinstance(self.codec, str):
+            try:
+                object.__setattr__(self, "codec", Codec.parse(self.codec))
+            except ValueError as exc:
+                raise ConfigError("codec", str(exc)) from None
+        if self.codec is not None and not isinstance(self.codec, Codec):
+            raise ConfigError("codec", "must be one of int8, fp16, fp32")
+        if self.thresholds is not None and not isinstance(self.thresholds, Thresholds):
+            raise ConfigError("thresholds", "must be Thresholds")
+        _int(self.cloud_timeout_ms, "cloud_timeout_ms", minimum=1)
+        _int(self.max_pending, "max_pending", minimum=1)
+        if not isinstance(self.runtime, RuntimeConfig):
+            raise ConfigError("runtime", "must be RuntimeConfig")
+        if not isinstance(self.http, HttpConfig):
+            raise ConfigError("http", "must be HttpConfig")
+
+    def mqtt_settings(self) -> MqttSettings:
+        """The broker settings with this agent's client id."""
+        return self.broker.with_client_id(self.client_id)
+
+    def replace(self, **changes: Any) -> AgentConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> AgentConfig:
+        """Build from a parsed ``agent.toml``; relative paths are taken from ``base_dir``."""
+        return _from_mapping(data, base_dir or Path.cwd())
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> AgentConfig:
+        """Read and validate an ``agent.toml`` file."""
+        return load_config(path)
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> AgentConfig:
+    """Read ``agent.toml`` (or start from nothing) and apply dotted-key overrides.
+
+    ``overrides`` come from the command line: ``{"site": "a", "broker.url": "mqtt://h:1883",
+    "http.port": 9000}``. A broker URL given there replaces the file's ``host`` and ``port``.
+    """
+    data: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("", f"config file {path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError("", f"config file {path} is unreadable: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("", f"config file {path} is not valid TOML: {exc}") from None
+        base_dir = path.resolve().parent
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        table: dict[str, Any] = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            sub = table.setdefault(part, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(part, "must be a table")
+            table = sub
+        if dotted == "broker.url":
+            table.pop("host", None)
+            table.pop("port", None)
+        table[leaf] = str(Path(value).resolve()) if dotted == "bundle_dir" else value
+    return _from_mapping(data, base_dir)
+
+
+def _table(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "must be a table")
+    return dict(value)
+
+
+_KIND_NAMES: dict[type, str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+}
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type[_T], where: str) -> _T | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(where, f"must be an integer, not {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(where, f"must be {_KIND_NAMES.get(kind, kind.__name__)}, not {value!r}")
+    return value
+
+
+def _unknown(table: Mapping[str, Any], known: set[str], prefix: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", "unknown key")
+
+
+def _path(value: str, base_dir: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+_TOP_KEYS = {
+    "site",
+    "bundle_dir",
+    "client_id",
+    "codec",
+    "cloud_timeout_ms",
+    "max_pending",
+    "broker",
+    "runtime",
+    "http",
+    "thresholds",
+}
+_BROKER_STR = ("host", "username", "password", "topic_prefix")
+_BROKER_FILES = ("ca_file", "cert_file", "key_file")
+_BROKER_BOOL = ("tls", "tls_insecure", "clean_start")
+_BROKER_INT = ("keepalive_s", "reconnect_min_s", "reconnect_max_s")
+_BROKER_KEYS = {
+    "url",
+    "port",
+    "protocol",
+    "connect_timeout_s",
+    *_BROKER_STR,
+    *_BROKER_FILES,
+    *_BROKER_BOOL,
+    *_BROKER_INT,
+}
+
+
+def _broker(table: Mapping[str, Any], base_dir: Path) -> MqttSettings:
+    _unknown(table, _BROKER_KEYS, "broker.")
+    fields: dict[str, Any] = {}
+    url = _typed(table, "url", str, "broker.url")
+    if url is not None:
+        try:
+            fields.update(parse_broker_url(url))
+        except ValueError as exc:
+            raise ConfigError("broker.url", str(exc)) from None
+    for key in _BROKER_STR:
+        text = _typed(table, key, str, f"broker.{key}")
+        if text is not None:
+            fields[key] = text
+    for key in _BROKER_BOOL:
+        flag = _typed(table, key, bool, f"broker.{key}")
+        if flag is not None:
+            fields[key] = flag
+    for key in _BROKER_INT:
+        number = _typed(table, key, int, f"broker.{key}")
+        if number is not None:
+            fields[key] = number
+    port = _typed(table, "port", int, "broker.port")
+    if port is not None:
+        fields["port"] = port
+    if "port" in fields:
+        _int(fields["port"], "broker.port", minimum=1, maximum=65535)
+    timeout = _typed(table, "connect_timeout_s", float, "broker.connect_timeout_s")
+    if timeout is not None:
+        if timeout <= 0:
+            raise ConfigError("broker.connect_timeout_s", "must be positive")
+        fields["connect_timeout_s"] = timeout
+    if "protocol" in table:
+        proto = table["protocol"]
+        proto = str(proto) if isinstance(proto, int) and not isinstance(proto, bool) else proto
+        if proto not in ("3.1.1", "5"):
+            raise ConfigError("broker.protocol", f'must be "3.1.1" or "5", not {proto!r}')
+        fields["protocol"] = proto
+    for key in _BROKER_FILES:
+        name = _typed(table, key, str, f"broker.{key}")
+        if name is not None:
+            file = _path(name, base_dir)
+            if not file.is_file():
+                raise ConfigError(f"broker.{key}", f"{file} does not exist")
+            fields[key] = str(file)
+    if "host" in fields and not fields["host"]:
+        raise ConfigError("broker.host", "must not be empty")
+    try:
+        return MqttSettings(**fields)
+    except ValueError as exc:
+        raise ConfigError("broker", str(exc)) from None
+
+
+def _from_mapping(data: Mapping[str, Any], base_dir: Path) -> AgentConfig:
+    _unknown(data, _TOP_KEYS, "")
+    if "site" not in data:
+        raise ConfigError("site", "is required")
+    kwargs: dict[str, Any] = {"site": data["site"]}
+    bundle_dir = _typed(data, "bundle_dir", str, "bundle_dir")
+    if bundle_dir is not None:
+        kwargs["bundle_dir"] = _path(bundle_dir, base_dir)
+    for key in ("client_id", "codec"):
+        text = _typed(data, key, str, key)
+        if text is not None:
+            kwargs[key] = text
+    for key in ("cloud_timeout_ms", "max_pending"):
+        number = _typed(data, key, int, key)
+        if number is not None:
+            kwargs[key] = number
+    kwargs["broker"] = _broker(_table(data, "broker"), base_dir)
+
+    rt = _table(data, "runtime")
+    _unknown(rt, {f.name for f in dataclasses.fields(RuntimeConfig)}, "runtime.")
+    kwargs["runtime"] = RuntimeConfig(**rt)
+
+    http = _table(data, "http")
+    _unknown(http, {f.name for f in dataclasses.fields(HttpConfig)}, "http.")
+    kwargs["http"] = HttpConfig(**http)
+
+    if "thresholds" in data:
+        th = _table(data, "thresholds")
+        _unknown(th, {"relevance", "exit_confidence"}, "thresholds.")
+        values: list[float] = []
+        for key in ("relevance", "exit_confidence"):
+            value = _typed(th, key, float, f"thresholds.{key}")
+            if value is None:
+                raise ConfigError(f"thresholds.{key}", "is required when [thresholds] is given")
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"thresholds.{key}", f"{value} must lie in [0, 1]")
+            values.append(value)
+        kwargs["thresholds"] = Thresholds(relevance=values[0], exit_confidence=values[1])
+    return AgentConfig(**kwargs)

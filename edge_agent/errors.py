@@ -1,0 +1,96 @@
+"""Errors of :mod:`fogline.edge_agent`: one root, split into bad data and failed peers.
+
+Bad data (:class:`AgentDataError`, also a :class:`ValueError`) means the caller or the
+operator handed the agent something unusable: a config key, an input, a bundle. Peer
+failures (:class:`AgentPeerError`) mean the broker or the cloud did not deliver: the same
+request may succeed later. :class:`NotRunningError` is a state error: the agent was not
+started, or is stopping.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentDataError",
+    "AgentError",
+    "AgentPeerError",
+    "BrokerError",
+    "CloudBusyError",
+    "CloudFailedError",
+    "CloudTimeoutError",
+    "ConfigError",
+    "InputError",
+    "ModelError",
+    "NotRunningError",
+    "OverloadedError",
+]
+
+
+class AgentError(Exception):
+    """Root of every error raised by :mod:`fogline.edge_agent`."""
+
+
+class AgentDataError(AgentError, ValueError):
+    """Something handed to the agent is unusable; retrying the same thing will not help."""
+
+
+class ConfigError(AgentDataError):
+    """A configuration value is invalid. ``key`` names it (dotted, as in ``agent.toml``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+class InputError(AgentDataError):
+    """An input does not fit the edge model (shape, dtype, values)."""
+
+
+class ModelError(AgentDataError):
+    """The bundle or its edge model cannot be used (missing file, tensor, bad manifest)."""
+
+
+class NotRunningError(AgentError, RuntimeError):
+    """The agent is not started, or stopped while the request was in flight."""
+
+
+class AgentPeerError(AgentError):
+    """The broker or the cloud failed to deliver; the same request may succeed later."""
+
+
+class BrokerError(AgentPeerError):
+    """No connection to the MQTT broker could be made."""
+
+
+class OverloadedError(AgentPeerError):
+    """Too many requests are queued or waiting for the cloud; shed instead of absorbed."""
+
+
+class CloudTimeoutError(AgentPeerError):
+    """A forwarded item got no answer from the cloud within ``cloud_timeout_ms``."""
+
+    def __init__(self, message_id: str, timeout_ms: int) -> None:
+        super().__init__(f"no answer from the cloud for {message_id} within {timeout_ms} ms")
+        self.message_id = message_id
+        self.timeout_ms = timeout_ms
+
+
+class CloudBusyError(AgentPeerError):
+    """The cloud refused the item because it is overloaded; retry after ``retry_after_ms``."""
+
+    def __init__(self, message_id: str, retry_after_ms: int | None, worker: str | None) -> None:
+        hint = f", retry after {retry_after_ms} ms" if retry_after_ms is not None else ""
+        super().__init__(f"the cloud is busy and refused {message_id}{hint}")
+        self.message_id = message_id
+        self.retry_after_ms = retry_after_ms
+        self.worker = worker
+
+
+class CloudFailedError(AgentPeerError):
+    """The cloud answered with an error, or with a result the agent cannot use."""
+
+    def __init__(self, message_id: str, reason: str, worker: str | None = None) -> None:
+        super().__init__(f"the cloud failed on {message_id}: {reason}")
+        self.message_id = message_id
+        self.reason = reason
+        self.worker = worker

@@ -1,0 +1,185 @@
+"""agent.toml: defaults, overrides, and errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fogline.compression import Codec
+from fogline.edge_agent import AgentConfig, ConfigError, HttpConfig, RuntimeConfig, load_config
+from fogline.reference import BUNDLE_DIR
+from fogline.sync import Thresholds
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_minimal_config_gets_loopback_defaults_and_a_per_site_client_id(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, 'site = "site-a"\n'))
+    assert cfg.site == "site-a"
+    assert cfg.client_id == "fogline-agent-site-a"
+    assert cfg.mqtt_settings().client_id == "fogline-agent-site-a"
+    assert cfg.bundle_dir == BUNDLE_DIR
+    assert cfg.codec is None
+    assert cfg.thresholds is None
+    assert cfg.cloud_timeout_ms == 10_000
+    assert cfg.http == HttpConfig(host="127.0.0.1", port=8081)
+    assert cfg.runtime == RuntimeConfig()
+    assert (cfg.broker.host, cfg.broker.port, cfg.broker.protocol) == ("127.0.0.1", 1883, "3.1.1")
+
+
+def test_a_full_config_reads_every_section(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "bundles").mkdir()
+    cfg = load_config(
+        _write(
+            tmp_path,
+            """
+site = "plant-7"
+bundle_dir = "bundles"
+client_id = "agent-7"
+codec = "fp16"
+cloud_timeout_ms = 2500
+
+[broker]
+url = "mqtts://user:s3cret@broker.example:8884"
+ca_file = "ca.pem"
+protocol = 5
+topic_prefix = "acme/fogline"
+keepalive_s = 15
+
+[runtime]
+threads = 2
+max_batch = 64
+
+[thresholds]
+relevance = 0.3
+exit_confidence = 0.95
+
+[http]
+host = "::1"
+port = 9000
+""",
+        )
+    )
+    assert cfg.bundle_dir == tmp_path / "bundles"  # relative to the file
+    assert cfg.client_id == "agent-7"
+    assert cfg.codec is Codec.FP16
+    assert cfg.cloud_timeout_ms == 2500
+    b = cfg.broker
+    assert (b.host, b.port, b.tls, b.username, b.password) == (
+        "broker.example",
+        8884,
+        True,
+        "user",
+        "s3cret",
+    )
+    assert b.ca_file == str(tmp_path / "ca.pem")
+    assert b.protocol == "5"
+    assert b.topic_prefix == "acme/fogline"
+    assert b.keepalive_s == 15
+    assert cfg.runtime.threads == 2
+    assert cfg.runtime.max_batch == 64
+    assert cfg.thresholds == Thresholds(relevance=0.3, exit_confidence=0.95)
+    assert cfg.http.port == 9000
+    assert "s3cret" not in repr(cfg)
+
+
+def test_command_line_overrides_win_over_the_file(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        'site = "a"\n[broker]\nhost = "old"\nport = 1000\nusername = "u"\n[http]\nport = 1\n',
+    )
+    cfg = load_config(
+        path,
+        {
+            "site": "b",
+            "broker.url": "mqtt://new-host:1884",
+            "bundle_dir": Path("rel"),
+            "http.port": 9100,
+            "codec": None,  # not given on the command line
+        },
+    )
+    assert cfg.site == "b"
+    assert cfg.client_id == "fogline-agent-b"
+    assert (cfg.broker.host, cfg.broker.port, cfg.broker.username) == ("new-host", 1884, "u")
+    assert cfg.bundle_dir == Path("rel").resolve()
+    assert cfg.http.port == 9100
+
+
+def test_config_without_a_file_needs_only_a_site() -> None:
+    cfg = load_config(None, {"site": "solo"})
+    assert cfg.site == "solo"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("", "site", "is required"),
+        ('site = "a/b"', "site", "not usable as an MQTT topic level"),
+        ('site = "a b"', "site", "not usable"),
+        ('site = "$SYS"', "site", "not usable"),
+        ("site = 3", "site", "must be a string"),
+        ('site = "a"\nsitee = "b"', "sitee", "unknown key"),
+        ('site = "a"\ncodec = "int4"', "codec", "unknown feature codec"),
+        ('site = "a"\ncloud_timeout_ms = 0', "cloud_timeout_ms", "at least 1"),
+        ('site = "a"\ncloud_timeout_ms = "10"', "cloud_timeout_ms", "must be an integer"),
+        ('site = "a"\n[broker]\nport = 70000', "broker.port", "at most 65535"),
+        ('site = "a"\n[broker]\nport = true', "broker.port", "must be an integer"),
+        ('site = "a"\n[broker]\nurl = "http://x"', "broker.url", "mqtt://"),
+        ('site = "a"\n[broker]\nprotocol = "4"', "broker.protocol", '"3.1.1" or "5"'),
+        ('site = "a"\n[broker]\nca_file = "nope.pem"', "broker.ca_file", "does not exist"),
+        ('site = "a"\n[broker]\nclient_id = "x"', "broker.client_id", "unknown key"),
+        ('site = "a"\n[broker]\ntopic_prefix = "a/#"', "broker", "no wildcards"),
+        ('site = "a"\n[runtime]\nthreads = -1', "runtime.threads", "at least 0"),
+        ('site = "a"\n[runtime]\nmax_batch = 0', "runtime.max_batch", "at least 1"),
+        ('site = "a"\n[runtime]\nbatch = 4', "runtime.batch", "unknown key"),
+        ('site = "a"\n[http]\nport = "x"', "http.port", "must be an integer"),
+        (
+            'site = "a"\n[thresholds]\nrelevance = 2.0\nexit_confidence = 0.5',
+            "thresholds.relevance",
+            "[0, 1]",
+        ),
+        ('site = "a"\n[thresholds]\nrelevance = 0.2', "thresholds.exit_confidence", "is required"),
+        ('site = "a"\nbroker = 3', "broker", "must be a table"),
+    ],
+)
+def test_a_bad_value_is_reported_with_its_key(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text + "\n"))
+    assert info.value.key == key
+    assert problem in str(info.value)
+    assert str(info.value).startswith(f"{key}: ")
+
+
+def test_a_non_loopback_http_host_is_refused_unless_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"http\.host: '0\.0\.0\.0' is not a loopback"):
+        load_config(_write(tmp_path, 'site = "a"\n[http]\nhost = "0.0.0.0"\n'))
+    cfg = load_config(
+        _write(tmp_path, 'site = "a"\n[http]\nhost = "0.0.0.0"\nallow_remote = true\n')
+    )
+    assert cfg.http.host == "0.0.0.0"
+    assert HttpConfig(host="localhost").host == "localhost"
+
+
+def test_a_missing_or_broken_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "site = \n"))
+
+
+def test_configs_built_in_code_are_validated_too() -> None:
+    assert AgentConfig(site="a", codec="int8").codec is Codec.INT8  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="site"):
+        AgentConfig(site="")
+    with pytest.raises(ConfigError, match=r"runtime\.max_batch"):
+        RuntimeConfig(max_batch=0)
+    cfg = AgentConfig(site="a").replace(site="b", client_id="")
+    assert cfg.client_id == "fogline-agent-b"
