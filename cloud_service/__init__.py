@@ -1,1 +1,111 @@
-"""The cloud worker and API."""
+"""The cloud worker: features in over MQTT, dynamic batches through each bundle's cloud
+part (onnxruntime or TensorRT), results back to each site and into a result store, and a
+small HTTP API (``/v1/results/{site}/{id}``, ``/healthz``, ``/readyz``, ``/metrics``).
+
+:class:`CloudWorker` runs in-process (``start()`` / ``stop()``); :func:`create_app` is
+the HTTP API over one; ``fogline cloud serve --config cloud.toml`` runs both as a service.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fogline.cloud_service.errors import (
+    BackendError,
+    BrokerError,
+    CloudDataError,
+    CloudError,
+    CloudServiceError,
+    ConfigError,
+    QueueFullError,
+    StoreError,
+    UnknownBundleError,
+)
+
+if TYPE_CHECKING:
+    from fogline.cloud_service._app import create_app
+    from fogline.cloud_service._backends import (
+        Backend,
+        BackendChoice,
+        OnnxRuntimeBackend,
+        select_backend,
+    )
+    from fogline.cloud_service._batcher import Batch, BatchFormer, BatchPolicy, BatchRunner
+    from fogline.cloud_service._config import (
+        BatchingConfig,
+        CloudConfig,
+        HttpConfig,
+        StoreConfig,
+        TensorRTConfig,
+    )
+    from fogline.cloud_service._metrics import CloudMetrics
+    from fogline.cloud_service._store import ResultStore, StoredResult
+    from fogline.cloud_service._worker import CloudWorker
+
+# The package is imported by ``fogline --help`` (through ``cli``); onnxruntime, FastAPI
+# and SQLAlchemy load only when one of these names is first used.
+_LAZY = {
+    "create_app": "_app",
+    "Backend": "_backends",
+    "BackendChoice": "_backends",
+    "OnnxRuntimeBackend": "_backends",
+    "select_backend": "_backends",
+    "Batch": "_batcher",
+    "BatchFormer": "_batcher",
+    "BatchPolicy": "_batcher",
+    "BatchRunner": "_batcher",
+    "BatchingConfig": "_config",
+    "CloudConfig": "_config",
+    "HttpConfig": "_config",
+    "StoreConfig": "_config",
+    "TensorRTConfig": "_config",
+    "CloudMetrics": "_metrics",
+    "ResultStore": "_store",
+    "StoredResult": "_store",
+    "CloudWorker": "_worker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "Backend",
+    "BackendChoice",
+    "BackendError",
+    "Batch",
+    "BatchFormer",
+    "BatchPolicy",
+    "BatchRunner",
+    "BatchingConfig",
+    "BrokerError",
+    "CloudConfig",
+    "CloudDataError",
+    "CloudError",
+    "CloudMetrics",
+    "CloudServiceError",
+    "CloudWorker",
+    "ConfigError",
+    "HttpConfig",
+    "OnnxRuntimeBackend",
+    "QueueFullError",
+    "ResultStore",
+    "StoreConfig",
+    "StoreError",
+    "StoredResult",
+    "TensorRTConfig",
+    "UnknownBundleError",
+    "create_app",
+    "select_backend",
+]

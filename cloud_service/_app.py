@@ -1,0 +1,68 @@
+"""The cloud worker's HTTP API: stored results, health, readiness and metrics.
+
+A thin adapter over :class:`CloudWorker`; it neither starts nor stops the worker, so the
+API can answer ``/healthz`` and ``/readyz`` (503) while the worker is still warming up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from fogline import __version__
+from fogline.cloud_service._metrics import CONTENT_TYPE_LATEST
+from fogline.cloud_service._store import normalize_message_id
+from fogline.cloud_service._worker import CloudWorker
+from fogline.cloud_service.errors import StoreError
+
+__all__ = ["create_app"]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(worker: CloudWorker) -> FastAPI:
+    """A FastAPI app serving ``worker``'s results and health."""
+    app = FastAPI(
+        title="fogline cloud worker",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    # Plain ``def`` handlers: FastAPI runs them in its thread pool, so a database read
+    # never blocks the event loop.
+    @app.get("/v1/results/{site}/{message_id}", response_model=None)
+    def get_result(site: str, message_id: str) -> dict[str, Any] | JSONResponse:
+        store = worker.store
+        if store is None:
+            return _error(503, "the result store is not open yet")
+        try:
+            normalize_message_id(message_id)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        try:
+            result = store.get(site, message_id)
+        except StoreError as exc:
+            return _error(503, str(exc))
+        if result is None:
+            return _error(404, f"no result for message {message_id} of site {site!r}")
+        return result.to_json()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=None)
+    def readyz() -> JSONResponse:
+        status = worker.status()
+        return JSONResponse(status, status_code=200 if status["ready"] else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

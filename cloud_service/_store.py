@@ -1,0 +1,210 @@
+"""The result store: every cloud answer, keyed by (site, message id), through SQLAlchemy.
+
+SQLite (in WAL mode, so the HTTP API reads while the worker writes) by default,
+PostgreSQL by URL (``postgresql+psycopg://…``). Writes come in batches and are
+idempotent: a result already stored under its key is left as it is, because delivery is
+at-least-once and the same item may be answered twice.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from fogline.cloud_service.errors import ConfigError, StoreError
+
+__all__ = ["DEFAULT_TABLE", "ResultStore", "StoredResult", "normalize_message_id"]
+
+DEFAULT_TABLE = "fogline_results"
+
+
+def normalize_message_id(message_id: str | bytes) -> str:
+    """A message id as 32 lowercase hex digits; accepts 16 raw bytes, hex or a UUID string."""
+    try:
+        if isinstance(message_id, bytes):
+            return uuid.UUID(bytes=message_id).hex
+        return uuid.UUID(message_id).hex
+    except ValueError:
+        raise ValueError(f"message id {message_id!r} is not a UUID") from None
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One cloud answer as the store keeps it. Times are µs since the epoch."""
+
+    site: str
+    message_id: str  # 32 hex digits
+    bundle: str
+    label: int
+    confidence: float
+    output: tuple[float, ...]
+    worker: str
+    created_us: int  # when the input reached the edge agent
+    received_us: int  # when the worker received the features
+    completed_us: int  # when the worker had the answer
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "message_id": self.message_id,
+            "bundle": self.bundle,
+            "label": self.label,
+            "confidence": self.confidence,
+            "output": list(self.output),
+            "worker": self.worker,
+            "created_us": self.created_us,
+            "received_us": self.received_us,
+            "completed_us": self.completed_us,
+        }
+
+
+def _table(name: str, metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("site", sa.String(255), primary_key=True),
+        sa.Column("message_id", sa.String(32), primary_key=True),
+        sa.Column("bundle", sa.String(255), nullable=False),
+        sa.Column("label", sa.Integer, nullable=False),
+        sa.Column("confidence", sa.Float, nullable=False),
+        sa.Column("output", sa.Text, nullable=False),  # JSON list
+        sa.Column("worker", sa.String(255), nullable=False),
+        sa.Column("created_us", sa.BigInteger, nullable=False),
+        sa.Column("received_us", sa.BigInteger, nullable=False),
+        sa.Column("completed_us", sa.BigInteger, nullable=False),
+    )
+
+
+def _enable_sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+    finally:
+        cursor.close()
+
+
+class ResultStore:
+    """Results in a relational database. Thread-safe: share one per process."""
+
+    def __init__(self, url: str, *, table_name: str = DEFAULT_TABLE, create: bool = True) -> None:
+        try:
+            sa_url = sa.make_url(url)
+        except (SQLAlchemyError, ValueError) as exc:
+            raise ConfigError(f"store URL is invalid: {exc}") from exc
+        kwargs: dict[str, Any] = {}
+        if sa_url.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"check_same_thread": False}
+            if sa_url.database in (None, "", ":memory:"):
+                kwargs["poolclass"] = StaticPool  # one shared in-memory database
+        else:
+            kwargs["pool_pre_ping"] = True  # survive a database server restart
+        try:
+            self.engine: Engine = sa.create_engine(sa_url, **kwargs)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise ConfigError(f"cannot use store URL {sa_url.render_as_string()}: {exc}") from exc
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _enable_sqlite_wal)
+        self.table = _table(table_name, sa.MetaData())
+        self._key = (self.table.c.site, self.table.c.message_id)
+        if create:
+            with self._errors("create the results table"):
+                self.table.create(self.engine, checkfirst=True)
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password masked."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot {doing} in {self.url}: {exc}") from exc
+
+    def put_many(self, results: Sequence[StoredResult]) -> None:
+        """Store results in one transaction; keys already present are left untouched."""
+        if not results:
+            return
+        # A fixed key order keeps concurrent writers from deadlocking on PostgreSQL.
+        rows = [_row(r) for r in sorted(results, key=lambda r: (r.site, r.message_id))]
+        dialect = self.engine.dialect.name
+        with self._errors("store results"):
+            if dialect in ("sqlite", "postgresql"):
+                mod = sqlite if dialect == "sqlite" else postgresql
+                stmt = mod.insert(self.table).on_conflict_do_nothing(index_elements=self._key)
+                with self.engine.begin() as conn:
+                    conn.execute(stmt, rows)
+            elif dialect in ("mysql", "mariadb"):
+                with self.engine.begin() as conn:
+                    conn.execute(self.table.insert().prefix_with("IGNORE"), rows)
+            else:
+                self._put_one_by_one(rows)
+
+    def _put_one_by_one(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(self.table.insert(), row)
+            except IntegrityError:
+                continue
+
+    def get(self, site: str, message_id: str | bytes) -> StoredResult | None:
+        """The result for one item, or None. Raises ValueError for a malformed id."""
+        mid = normalize_message_id(message_id)
+        t = self.table
+        with self._errors("read a result"), self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(t).where(t.c.site == site, t.c.message_id == mid)
+            ).one_or_none()
+        if row is None:
+            return None
+        m = row._mapping
+        return StoredResult(
+            site=m["site"],
+            message_id=m["message_id"],
+            bundle=m["bundle"],
+            label=int(m["label"]),
+            confidence=float(m["confidence"]),
+            output=tuple(float(x) for x in json.loads(m["output"])),
+            worker=m["worker"],
+            created_us=int(m["created_us"]),
+            received_us=int(m["received_us"]),
+            completed_us=int(m["completed_us"]),
+        )
+
+    def count(self) -> int:
+        with self._errors("count results"), self.engine.connect() as conn:
+            return int(
+                conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one()
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _row(r: StoredResult) -> dict[str, Any]:
+    return {
+        "site": r.site,
+        "message_id": r.message_id,
+        "bundle": r.bundle,
+        "label": r.label,
+        "confidence": r.confidence,
+        "output": json.dumps([round(float(x), 6) for x in r.output]),
+        "worker": r.worker,
+        "created_us": r.created_us,
+        "received_us": r.received_us,
+        "completed_us": r.completed_us,
+    }

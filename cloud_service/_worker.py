@@ -1,0 +1,612 @@
+"""The cloud worker: MQTT in, dynamic batches through the bundle's cloud part, results out.
+
+Data path (threads in brackets)::
+
+    broker ─► on_message [paho network thread]: decode, check, queue (or answer at once:
+              │                                  unknown bundle → error, queue full → busy)
+              ▼
+            BatchRunner [batcher thread]: stack a batch per bundle, run the backend,
+              │                           publish one RESULT per item to its site
+              ▼
+            _StoreWriter [store thread]: write the batch's results in one transaction
+
+Results are published before they are stored, so a database round trip never sits on
+the answer's path; the store catches up within a batch or two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from paho.mqtt.client import MQTTMessageInfo
+
+from fogline._mqtt import MqttConnection, MqttError
+from fogline.cloud_service._backends import Backend, BackendChoice, select_backend
+from fogline.cloud_service._batcher import Batch, BatchPolicy, BatchRunner
+from fogline.cloud_service._config import CloudConfig
+from fogline.cloud_service._metrics import CloudMetrics
+from fogline.cloud_service._store import ResultStore, StoredResult
+from fogline.cloud_service.errors import (
+    BackendError,
+    BrokerError,
+    ConfigError,
+    QueueFullError,
+    StoreError,
+    UnknownBundleError,
+)
+from fogline.compression import (
+    Codec,
+    Envelope,
+    EnvelopeError,
+    Kind,
+    decode_envelope,
+    encode_envelope,
+    now_us,
+)
+from fogline.sync import Bundle, BundleError
+
+__all__ = ["CloudWorker"]
+
+log = logging.getLogger("fogline.cloud")
+
+BackendLoader = Callable[[Bundle], Backend]
+
+
+@dataclass(frozen=True)
+class _Item:
+    env: Envelope
+    received_us: int
+
+
+@dataclass(frozen=True)
+class _Served:
+    """A bundle this worker answers for, with its loaded backend."""
+
+    bundle: Bundle
+    backend: Backend
+    inputs: tuple[str, ...]
+    output: str
+
+
+class _StoreWriter:
+    """Writes results on its own thread, gathering them for up to ``linger_s`` so a busy
+    worker makes a few large transactions per second instead of one per batch."""
+
+    def __init__(
+        self,
+        store: ResultStore,
+        metrics: CloudMetrics,
+        *,
+        linger_s: float = 0.05,
+        max_rows: int = 5000,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._linger_s = linger_s
+        self._max_rows = max_rows
+        self._queue: queue.SimpleQueue[list[StoredResult] | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="fogline-store", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, rows: list[StoredResult]) -> None:
+        with self._cond:
+            self._pending += len(rows)
+        self._queue.put(rows)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything handed over so far is written (or failed)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            rows = list(first)
+            deadline = time.monotonic() + self._linger_s
+            while len(rows) < self._max_rows:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                rows.extend(more)
+            self._write(rows)
+
+    def _write(self, rows: list[StoredResult]) -> None:
+        error: StoreError | None = None
+        for attempt in range(3):
+            try:
+                self._store.put_many(rows)
+                error = None
+                break
+            except StoreError as exc:
+                error = exc
+                if attempt < 2:
+                    time.sleep(0.1 * (attempt + 1))
+        if error is not None:
+            self._metrics.store_errors.inc()
+            log.error("dropped %d results the store refused: %s", len(rows), error)
+        with self._cond:
+            self._pending -= len(rows)
+            self._cond.notify_all()
+
+
+class _RateLimitedLog:
+    """Logs a recurring problem at most once per interval per reason, with a count."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self._interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, reason: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._last.get(reason, (-math.inf, 0))
+            if now - last < self._interval_s:
+                self._last[reason] = (last, suppressed + 1)
+                return
+            self._last[reason] = (now, 0)
+        extra = f" ({suppressed} more since the last report)" if suppressed else ""
+        log.warning("%s%s", message, extra)
+
+
+class CloudWorker:
+    """Serves the cloud part of one or more bundles from MQTT.
+
+    ``start()`` loads and warms every bundle, opens the store and subscribes; ``stop()``
+    answers what is queued and shuts down. Several workers may share the load through
+    the MQTT shared subscription named by ``config.share_group``.
+
+    ``store`` lets a caller share a :class:`ResultStore` (the worker then does not close
+    it); ``backend_loader`` replaces the configured backend, e.g. to wrap or instrument it.
+    """
+
+    def __init__(
+        self,
+        config: CloudConfig,
+        *,
+        store: ResultStore | None = None,
+        backend_loader: BackendLoader | None = None,
+        metrics: CloudMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.worker_id = config.worker_id
+        self.topics = config.topics
+        self.metrics = metrics if metrics is not None else CloudMetrics()
+        self.backend_choice: BackendChoice | None = None
+        self._store = store
+        self._owns_store = store is None
+        self._backend_loader = backend_loader
+        self._served: dict[str, _Served] = {}
+        b = config.batching
+        self._runner: BatchRunner[_Item] = BatchRunner(
+            BatchPolicy(
+                max_batch_size=b.max_batch_size,
+                max_queue_delay_ms=b.max_queue_delay_ms,
+                max_queue_items=b.max_queue_items,
+                retry_after_ms=b.busy_retry_after_ms,
+            ),
+            self._run_batch,
+        )
+        self._writer: _StoreWriter | None = None
+        self._mqtt: MqttConnection | None = None
+        self._last_publish: MQTTMessageInfo | None = None
+        self._reject_log = _RateLimitedLog()
+        self._lock = threading.Lock()
+        self._started = False
+        self._running = False
+        self._accepting = False
+        self._stopped = False
+        self._bundles_ready = False
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+
+    # lifecycle
+
+    def start(self, *, wait: bool = True) -> CloudWorker:
+        """Load and warm the bundles, open the store, connect and subscribe.
+
+        With ``wait``, return only once subscribed (raising :class:`BrokerError` if the
+        broker cannot be reached in ``broker.connect_timeout_s``); without it, the
+        connection is made in the background and :attr:`ready` turns true once it is.
+        Raises :class:`ConfigError` for unusable bundles, :class:`BackendError` and
+        :class:`StoreError` when those cannot start.
+        """
+        with self._lock:
+            if self._started or self._stopped:
+                raise RuntimeError("a CloudWorker can be started once")
+            self._started = True
+        try:
+            self._load_bundles()
+            if self._store is None:
+                self._store = ResultStore(self.config.store.url)
+            self._writer = _StoreWriter(self._store, self.metrics)
+            self._writer.start()
+            self._runner.start()
+            self._accepting = True
+            self._connect(wait)
+        except BaseException:
+            self.stop()
+            raise
+        self._running = True
+        log.info(
+            "cloud worker %s serving %s (%s)",
+            self.worker_id,
+            ", ".join(f"{b} on {s.backend.name}" for b, s in self._served.items()),
+            self.backend_choice.reason if self.backend_choice else "backend supplied by caller",
+        )
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop taking work, answer and store what is queued, then disconnect. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._accepting = False  # from now on new items are answered "busy"
+        mqtt = self._mqtt
+        if mqtt is not None and mqtt.is_connected:
+            mqtt.client.unsubscribe(self._subscription)
+        self._runner.stop(timeout_s)
+        if mqtt is not None:
+            last = self._last_publish
+            if last is not None and mqtt.is_connected:
+                # Not sent before the connection went: the agent's outbox retries it.
+                with contextlib.suppress(RuntimeError, ValueError):
+                    last.wait_for_publish(min(timeout_s, 2.0))
+            mqtt.stop()
+        if self._writer is not None:
+            self._writer.stop(timeout_s)
+        if self._store is not None and self._owns_store:
+            self._store.close()
+        if self._running:
+            log.info("cloud worker %s stopped", self.worker_id)
+
+    def __enter__(self) -> CloudWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def ready(self) -> bool:
+        """Bundles loaded and warmed, and connected to the broker."""
+        return (
+            self._bundles_ready
+            and not self._stopped
+            and self._mqtt is not None
+            and self._mqtt.is_connected
+        )
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready:
+            if time.monotonic() >= deadline or self._stopped:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every item received so far is answered and stored."""
+        deadline = time.monotonic() + timeout_s
+        if not self._runner.wait_idle(timeout_s):
+            return False
+        if self._writer is None:
+            return True
+        return self._writer.flush(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def store(self) -> ResultStore | None:
+        """The result store (None before ``start``)."""
+        return self._store
+
+    @property
+    def bundle_ids(self) -> tuple[str, ...]:
+        return tuple(self._served)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._runner.depth
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-friendly summary for ``/readyz`` and logs."""
+        return {
+            "ready": self.ready,
+            "worker": self.worker_id,
+            "bundles": list(self._served),
+            "backends": {bid: s.backend.name for bid, s in self._served.items()},
+            "backend_reason": self.backend_choice.reason if self.backend_choice else None,
+            "mqtt_connected": bool(self._mqtt and self._mqtt.is_connected),
+            "queue_depth": self._runner.depth,
+        }
+
+    # start-up pieces
+
+    def _load_bundles(self) -> None:
+        cfg = self.config
+        if self._backend_loader is None:
+            choice = select_backend(cfg.backend)
+            self.backend_choice = choice
+
+            def load(bundle: Bundle) -> Backend:
+                return choice.load(
+                    bundle.cloud_model_path,
+                    max_batch_size=cfg.batching.max_batch_size,
+                    threads=cfg.threads,
+                    engine_cache_dir=cfg.tensorrt.engine_cache_dir,
+                    fp16=cfg.tensorrt.fp16,
+                )
+
+            loader: BackendLoader = load
+        else:
+            loader = self._backend_loader
+        for root in cfg.bundles:
+            try:
+                bundle = Bundle.load(root)
+            except BundleError as exc:
+                raise ConfigError(f"bundle {root}: {exc}") from exc
+            if bundle.id in self._served:
+                raise ConfigError(f"bundle {bundle.id} is listed twice ({root})")
+            backend = loader(bundle)
+            missing = [n for n in backend.input_names if n not in bundle.edge.feature_outputs]
+            if missing:
+                raise ConfigError(
+                    f"bundle {bundle.id}: the cloud model needs {', '.join(missing)}, which the "
+                    f"edge part does not send (feature_outputs: "
+                    f"{', '.join(bundle.edge.feature_outputs)})"
+                )
+            outputs = getattr(backend, "output_names", None)
+            if outputs is not None and bundle.cloud.output not in outputs:
+                raise ConfigError(
+                    f"bundle {bundle.id}: the cloud model has no output {bundle.cloud.output!r}"
+                )
+            backend.warmup()
+            self._served[bundle.id] = _Served(
+                bundle=bundle,
+                backend=backend,
+                inputs=tuple(backend.input_names),
+                output=bundle.cloud.output,
+            )
+        self._bundles_ready = True
+
+    @property
+    def _subscription(self) -> str:
+        return self.topics.all_features(self.config.share_group)
+
+    def _connect(self, wait: bool) -> None:
+        self._mqtt = MqttConnection(
+            self.config.mqtt_settings,
+            self._on_message,
+            subscriptions=((self._subscription, 1),),
+        )
+        try:
+            self._mqtt.start(wait=wait)
+        except MqttError as exc:
+            raise BrokerError(str(exc)) from exc
+
+    # ingest (paho network thread)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        # Runs on paho's network thread: an exception here would stop all MQTT traffic.
+        try:
+            self._ingest(topic, payload)
+        except Exception:
+            self.metrics.rejected.labels("internal").inc()
+            log.exception("could not handle a message on %s", topic)
+
+    def _ingest(self, topic: str, payload: bytes) -> None:
+        received_us = now_us()
+        self.metrics.received.inc()
+        try:
+            env = decode_envelope(payload)
+        except EnvelopeError as exc:
+            self._reject(exc.reason, f"rejected a message on {topic}: {exc}")
+            return
+        if env.kind is not Kind.FEATURES:
+            self._reject("wrong_kind", f"rejected a {env.kind.name} message on {topic}")
+            return
+        try:
+            site = self.topics.site_of(topic)
+        except ValueError:
+            self._reject("bad_topic", f"rejected a message on unexpected topic {topic}")
+            return
+        if site != env.site:
+            self._reject(
+                "site_mismatch",
+                f"rejected a message for site {env.site!r} published on site {site!r}'s topic",
+            )
+            return
+        served = self._served.get(env.bundle)
+        if served is None:
+            self._reply(env, {"status": "error", "error": str(UnknownBundleError(env.bundle))})
+            return
+        problem = _check_features(env.tensors, served.inputs)
+        if problem is not None:
+            self._reply(env, {"status": "error", "error": f"bundle {env.bundle}: {problem}"})
+            return
+        if not self._accepting:
+            self._reply(
+                env, {"status": "busy", "retry_after_ms": self.config.batching.busy_retry_after_ms}
+            )
+            return
+        try:
+            self._runner.submit(env.bundle, _Item(env, received_us))
+        except QueueFullError as exc:
+            self._reply(env, {"status": "busy", "retry_after_ms": exc.retry_after_ms})
+        except RuntimeError:  # stopped between the check above and here
+            self._reply(
+                env, {"status": "busy", "retry_after_ms": self.config.batching.busy_retry_after_ms}
+            )
+        self.metrics.queue_depth.set(self._runner.depth)
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        self._reject_log.warning(reason, message)
+
+    # batches (batcher thread)
+
+    def _run_batch(self, batch: Batch[_Item]) -> None:
+        self.metrics.queue_depth.set(self._runner.depth)
+        served = self._served[batch.key]
+        start_s = time.monotonic()
+        for t in batch.enqueued_s:
+            self.metrics.queue_seconds.observe(max(0.0, start_s - t))
+        groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+        for i, item in enumerate(batch.items):
+            shapes = tuple(item.env.tensors[n].shape for n in served.inputs)
+            groups.setdefault(shapes, []).append(i)
+        stored: list[StoredResult] = []
+        for idxs in groups.values():
+            self._run_group(served, batch, idxs, start_s, stored)
+        if stored and self._writer is not None:
+            self._writer.put(stored)
+
+    def _run_group(
+        self,
+        served: _Served,
+        batch: Batch[_Item],
+        idxs: list[int],
+        start_s: float,
+        stored: list[StoredResult],
+    ) -> None:
+        items = [batch.items[i] for i in idxs]
+        try:
+            feed = {
+                n: (
+                    items[0].env.tensors[n]
+                    if len(items) == 1
+                    else np.concatenate([it.env.tensors[n] for it in items])
+                )
+                for n in served.inputs
+            }
+            t0 = time.perf_counter()
+            out = served.backend.run(feed)
+            compute_s = time.perf_counter() - t0
+            rows = _batch_rows(out, served.output, len(items))
+        except (BackendError, ValueError, KeyError, TypeError) as exc:
+            if len(idxs) > 1:  # find the item that broke the batch; answer the others
+                for i in idxs:
+                    self._run_group(served, batch, [i], start_s, stored)
+                return
+            log.warning("inference failed for one item of %s: %s", served.bundle.id, exc)
+            self._reply(items[0].env, {"status": "error", "error": f"inference failed: {exc}"})
+            return
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.compute_seconds.observe(compute_s)
+        compute_ms = round(compute_s * 1000.0, 3)
+        completed_us = now_us()
+        labels = np.argmax(rows.reshape(len(items), -1), axis=1)
+        answers: list[tuple[_Item, int, float]] = []
+        outgoing: list[tuple[str, bytes]] = []
+        for k, (i, item) in enumerate(zip(idxs, items, strict=True)):
+            label = int(labels[k])
+            confidence = float(rows[k].reshape(-1)[label])
+            confidence = round(confidence, 6) if math.isfinite(confidence) else 0.0
+            queue_ms = round(max(0.0, start_s - batch.enqueued_s[i]) * 1000.0, 3)
+            meta = {
+                "status": "ok",
+                "label": label,
+                "confidence": confidence,
+                "queue_ms": queue_ms,
+                "compute_ms": compute_ms,
+            }
+            outgoing.append(self._result(item.env, meta, {served.output: rows[k]}))
+            answers.append((item, label, confidence))
+        # Encode first, then publish in one burst: each publish wakes paho's network thread.
+        self._publish(outgoing)
+        for k, (item, label, confidence) in enumerate(answers):
+            env = item.env
+            stored.append(
+                StoredResult(
+                    site=env.site,
+                    message_id=env.message_id.hex(),
+                    bundle=env.bundle,
+                    label=label,
+                    confidence=confidence,
+                    output=tuple(rows[k].reshape(-1).tolist()),
+                    worker=self.worker_id,
+                    created_us=env.created_us,
+                    received_us=item.received_us,
+                    completed_us=completed_us,
+                )
+            )
+
+    # replies
+
+    def _result(
+        self,
+        request: Envelope,
+        meta: dict[str, Any],
+        tensors: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[str, bytes]:
+        """The topic and encoded RESULT envelope answering ``request``."""
+        meta["worker"] = self.worker_id
+        result = Envelope(
+            kind=Kind.RESULT,
+            message_id=request.message_id,
+            site=request.site,
+            bundle=request.bundle,
+            tensors=tensors or {},
+            meta=meta,
+            created_us=request.created_us,
+            codec=Codec.FP16,
+        )
+        self.metrics.results.labels(meta["status"]).inc()
+        return self.topics.results(request.site), encode_envelope(result, compress=False)
+
+    def _publish(self, messages: list[tuple[str, bytes]]) -> None:
+        if self._mqtt is None:
+            return
+        for topic, payload in messages:
+            self._last_publish = self._mqtt.publish(topic, payload, 1)
+
+    def _reply(
+        self,
+        request: Envelope,
+        meta: dict[str, Any],
+        tensors: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Publish a RESULT for ``request`` to its site's results topic."""
+        self._publish([self._result(request, meta, tensors)])
+
+
+def _batch_rows(out: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
+    rows = out[name]
+    if rows.ndim == 0 or rows.shape[0] != n:
+        raise BackendError(f"output {name!r} has shape {rows.shape}, expected {n} rows")
+    return rows
+
+
+def _check_features(tensors: Mapping[str, np.ndarray], inputs: tuple[str, ...]) -> str | None:
+    """Why an item's tensors cannot join a batch, or None. One item per envelope: each
+    tensor carries a leading batch axis of length 1."""
+    for name in inputs:
+        arr = tensors.get(name)
+        if arr is None:
+            return f"features lack tensor {name!r}"
+        if arr.ndim == 0 or arr.shape[0] != 1:
+            return f"tensor {name!r} has shape {tuple(arr.shape)}; expected a leading axis of 1"
+    return None

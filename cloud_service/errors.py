@@ -1,0 +1,69 @@
+"""Errors of :mod:`fogline.cloud_service`.
+
+One root, :class:`CloudError`, split in two: :class:`CloudDataError` for bad input (a
+config file, a bundle name nobody serves) and :class:`CloudServiceError` for a part that
+failed or is overloaded (the queue, a backend, the database, the broker). Callers catch
+narrowly; nothing here knows about HTTP status codes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BrokerError",
+    "CloudDataError",
+    "CloudError",
+    "CloudServiceError",
+    "ConfigError",
+    "QueueFullError",
+    "StoreError",
+    "UnknownBundleError",
+]
+
+
+class CloudError(Exception):
+    """Root of every error raised by :mod:`fogline.cloud_service`."""
+
+
+class CloudDataError(CloudError, ValueError):
+    """The input is wrong: fixing it is the caller's job, retrying does not help."""
+
+
+class ConfigError(CloudDataError):
+    """The worker's configuration is invalid; the message names the offending key."""
+
+
+class UnknownBundleError(CloudDataError, LookupError):
+    """A message names a bundle this worker does not serve."""
+
+    def __init__(self, bundle: str) -> None:
+        super().__init__(f"unknown bundle {bundle!r}")
+        self.bundle = bundle
+
+
+class CloudServiceError(CloudError):
+    """A part of the service failed or is overloaded; retrying later may succeed."""
+
+
+class QueueFullError(CloudServiceError):
+    """The batch queue is at its bound; the item was not accepted.
+
+    ``retry_after_ms`` is the back-off the sender is asked to observe.
+    """
+
+    def __init__(self, depth: int, retry_after_ms: int) -> None:
+        super().__init__(f"queue full ({depth} items waiting); retry after {retry_after_ms} ms")
+        self.depth = depth
+        self.retry_after_ms = retry_after_ms
+
+
+class BackendError(CloudServiceError):
+    """An inference backend could not be selected, built, loaded or run."""
+
+
+class StoreError(CloudServiceError):
+    """The result store could not be reached or refused a statement."""
+
+
+class BrokerError(CloudServiceError):
+    """The MQTT broker could not be reached or used."""

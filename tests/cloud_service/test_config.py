@@ -1,0 +1,170 @@
+"""cloud.toml: defaults, every section, and errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fogline.cloud_service import (
+    BatchingConfig,
+    CloudConfig,
+    ConfigError,
+    HttpConfig,
+    StoreConfig,
+)
+from fogline.reference import BUNDLE_DIR
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cloud.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_serve_the_reference_bundle_on_a_shared_subscription() -> None:
+    cfg = CloudConfig()
+    assert cfg.bundles == (BUNDLE_DIR,)
+    assert cfg.share_group == "fogline-cloud"
+    assert cfg.batching == BatchingConfig(32, 2.0, 10_000)
+    assert cfg.store.url == "sqlite:///fogline-results.db"
+    assert (cfg.http.host, cfg.http.port) == ("127.0.0.1", 8080)
+    assert cfg.backend == "auto"
+    assert cfg.worker_id
+    assert cfg.mqtt_settings.client_id == f"fogline-cloud-{cfg.worker_id}"
+
+
+def test_a_full_file_is_read_into_every_section(tmp_path: Path) -> None:
+    (tmp_path / "bundles" / "b1").mkdir(parents=True)
+    path = write(
+        tmp_path,
+        """
+        share_group = "workers"
+        bundles = ["bundles/b1", "/abs/b2"]
+        backend = "onnxruntime"
+        worker_id = "w-7"
+        threads = 2
+
+        [broker]
+        url = "mqtts://user:secret@broker.example:8884"
+        protocol = "5"
+        topic_prefix = "acme/v1"
+        ca_file = "/etc/ca.pem"
+
+        [batching]
+        max_batch_size = 16
+        max_queue_delay_ms = 1
+        max_queue_items = 500
+
+        [store]
+        url = "postgresql+psycopg://fogline@db/fogline"
+
+        [http]
+        host = "0.0.0.0"
+        port = 9000
+
+        [tensorrt]
+        engine_cache_dir = "/var/cache/engines"
+        fp16 = true
+        """,
+    )
+    cfg = CloudConfig.from_toml(path)
+    assert cfg.share_group == "workers"
+    assert cfg.bundles == (tmp_path / "bundles" / "b1", Path("/abs/b2"))
+    assert cfg.backend == "onnxruntime"
+    assert cfg.worker_id == "w-7"
+    assert cfg.threads == 2
+    b = cfg.broker
+    assert (b.host, b.port, b.tls, b.username, b.password) == (
+        "broker.example",
+        8884,
+        True,
+        "user",
+        "secret",
+    )
+    assert (b.protocol, b.topic_prefix, b.ca_file) == ("5", "acme/v1", "/etc/ca.pem")
+    assert cfg.batching == BatchingConfig(16, 1.0, 500)
+    assert cfg.store == StoreConfig("postgresql+psycopg://fogline@db/fogline")
+    assert cfg.http == HttpConfig("0.0.0.0", 9000)
+    assert cfg.tensorrt.engine_cache_dir == Path("/var/cache/engines")
+    assert cfg.tensorrt.fp16 is True
+    assert "secret" not in repr(cfg)
+
+
+def test_the_broker_may_be_a_plain_url(tmp_path: Path) -> None:
+    cfg = CloudConfig.from_toml(write(tmp_path, 'broker = "mqtt://10.0.0.5:1999"'))
+    assert (cfg.broker.host, cfg.broker.port) == ("10.0.0.5", 1999)
+
+
+def test_broker_fields_without_a_url(tmp_path: Path) -> None:
+    cfg = CloudConfig.from_toml(
+        write(tmp_path, '[broker]\nhost = "b"\nport = 1884\nusername = "u"\npassword = "p"')
+    )
+    assert (cfg.broker.host, cfg.broker.port, cfg.broker.username) == ("b", 1884, "u")
+
+
+def test_an_empty_share_group_subscribes_to_the_plain_topic(tmp_path: Path) -> None:
+    cfg = CloudConfig.from_toml(write(tmp_path, 'share_group = ""'))
+    assert cfg.share_group is None
+    assert CloudConfig(share_group="").share_group is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[batching]\nmax_batch_size = 0", "batching.max_batch_size must be at least 1"),
+        ('[batching]\nmax_batch_size = "8"', "batching.max_batch_size must be an integer"),
+        ("[batching]\nmax_batch_size = true", "batching.max_batch_size must be an integer"),
+        ("[batching]\nmax_queue_delay_ms = -1", "batching.max_queue_delay_ms must lie in"),
+        (
+            "[batching]\nmax_batch_size = 64\nmax_queue_items = 10",
+            r"batching.max_queue_items \(10\) must be at least max_batch_size \(64\)",
+        ),
+        ("[batching]\nsize = 3", "batching.size is not a known key"),
+        ("colour = 3", "colour is not a known key"),
+        ('backend = "cuda"', "backend must be one of auto, onnxruntime, tensorrt"),
+        ("threads = -1", "threads must be 0"),
+        ("bundles = []", "bundles must name at least one"),
+        ("bundles = [3]", r"bundles\[0\] must be a directory path"),
+        ('share_group = "a/b"', "share_group 'a/b' must not contain"),
+        ("[http]\nport = 70000", "http.port must lie in"),
+        ('[store]\nurl = "results.db"', "store.url 'results.db' is not a database URL"),
+        ('[broker]\nurl = "http://x"', "broker.url is invalid: .* must start with mqtt://"),
+        ("[broker]\nport = 0", "broker: MQTT port 0 is out of range"),
+        ('[broker]\nprotocol = "4"', "broker: MQTT protocol '4'"),
+        ("[broker]\nqos = 2", "broker.qos is not a known key"),
+        ("batching = 3", "batching must be a table"),
+        ("x = [", "not valid TOML"),
+    ],
+)
+def test_bad_files_are_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as err:
+        CloudConfig.from_toml(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        CloudConfig.from_toml(tmp_path / "nope.toml")
+
+
+def test_command_line_overrides_replace_only_what_they_name(tmp_path: Path) -> None:
+    base = CloudConfig.from_toml(
+        write(tmp_path, '[broker]\nhost = "a"\ntopic_prefix = "t/v1"\n[http]\nport = 9000')
+    )
+    cfg = base.with_overrides(
+        broker_url="mqtt://b:1999", bundles=(tmp_path,), http_host="0.0.0.0", store_url="sqlite://"
+    )
+    assert (cfg.broker.host, cfg.broker.port, cfg.broker.topic_prefix) == ("b", 1999, "t/v1")
+    assert cfg.bundles == (tmp_path,)
+    assert (cfg.http.host, cfg.http.port) == ("0.0.0.0", 9000)
+    assert cfg.store.url == "sqlite://"
+    with pytest.raises(ConfigError, match="mqtt://"):
+        base.with_overrides(broker_url="ftp://x")
+
+
+def test_configs_are_frozen() -> None:
+    cfg = CloudConfig()
+    with pytest.raises(AttributeError):
+        cfg.threads = 3  # type: ignore[misc]
