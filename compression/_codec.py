@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -88,6 +89,7 @@ _DTYPES: dict[int, np.dtype[Any]] = {
 }
 _CODES = {dt: code for code, dt in _DTYPES.items()}
 _INT8_QUANT = 0x80  # dtype code bit: int8 payload with scale, decodes to float32
+_LOCAL = threading.local()
 
 
 def now_us() -> int:
@@ -194,15 +196,24 @@ def encode_envelope(env: Envelope, *, zstd_level: int = 3, compress: bool = True
     return frame + _CRC.pack(zlib.crc32(frame))
 
 
-_COMPRESSORS: dict[int, zstandard.ZstdCompressor] = {}
-
-
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    comp = _COMPRESSORS.get(level)
+    # Compressors are not thread-safe: keep one per thread and level.
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_LOCAL, "comp", None)
+    if cache is None:
+        cache = _LOCAL.comp = {}
+    comp = cache.get(level)
     if comp is None:
         comp = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
-        _COMPRESSORS[level] = comp
+        cache[level] = comp
     return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    # A decompressor is cheap to reuse but not thread-safe: one per thread.
+    dec: zstandard.ZstdDecompressor | None = getattr(_LOCAL, "dec", None)
+    if dec is None:
+        dec = _LOCAL.dec = zstandard.ZstdDecompressor()
+    return dec
 
 
 class _Reader:
@@ -265,7 +276,7 @@ def decode_envelope(data: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> Env
         raise EnvelopeError("trailing_bytes", f"{len(r.buf) - r.pos} bytes after the body")
     if flags & _FLAG_ZSTD:
         try:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=max_body_bytes)
+            body = _decompressor().decompress(body, max_output_size=max_body_bytes)
         except zstandard.ZstdError as exc:
             raise EnvelopeError("bad_compression", f"body does not decompress: {exc}") from exc
     if len(body) > max_body_bytes:
