@@ -8,9 +8,10 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,3 +224,14 @@ def make_tiny_bundle(
 def tiny_bundle(tmp_path: Path) -> Path:
     """Directory of a small real bundle (8×8 uint8 frames, 16 features, 4 classes)."""
     return make_tiny_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture
+def make_bundle(tmp_path: Path) -> Callable[..., Path]:
+    """Factory for tiny bundles with chosen thresholds: ``make_bundle(relevance=0.0)``."""
+    counter = iter(range(1_000_000))
+
+    def make(**kwargs: Any) -> Path:
+        return make_tiny_bundle(tmp_path / f"bundle-{next(counter)}", **kwargs)
+
+    return make
