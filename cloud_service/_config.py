@@ -3,7 +3,9 @@
 Every dataclass validates itself on construction, so a config built in Python is held
 to the same rules as one read from a file. :meth:`CloudConfig.from_toml` adds what only
 a file needs: unknown keys and wrong types are refused with the dotted key that is wrong
-(``batching.max_batch_size``), and relative bundle paths are taken relative to the file.
+(``batching.max_batch_size``), and relative bundle and TLS file paths are taken relative to
+the file (TLS files must exist). The ``[broker]`` table is read by
+:func:`fogline._config.broker_settings`, the same parser the edge agent uses.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn, cast
+from typing import Any, Literal
 
+from fogline._config import ConfigValueError, Section, broker_settings, load_toml
 from fogline._mqtt import MqttSettings, Topics, parse_broker_url
 from fogline.cloud_service.errors import ConfigError
 
@@ -202,13 +204,9 @@ class CloudConfig:
         """Read ``cloud.toml``; raises :class:`ConfigError` naming the bad key."""
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} is unreadable: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+            data = load_toml(path)
+        except ConfigValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls.from_mapping(data, base_dir=path.parent, source=str(path))
 
     @classmethod
@@ -216,160 +214,58 @@ class CloudConfig:
         cls, data: Mapping[str, Any], *, base_dir: Path | None = None, source: str = "config"
     ) -> CloudConfig:
         """Build from parsed TOML (or any mapping of the same shape)."""
-        top = _Section(data, "", source)
-        kwargs: dict[str, Any] = {}
-
-        raw_broker = top.raw("broker")
-        if isinstance(raw_broker, str):
-            top.seen.add("broker")
-            kwargs["broker"] = _broker({"url": raw_broker}, source)
-        elif raw_broker is not None:
-            kwargs["broker"] = _broker(top.table("broker"), source)
-
-        if (group := top.get("share_group", str)) is not None:
-            kwargs["share_group"] = group or None
-        if (bundles := top.get("bundles", list)) is not None:
-            paths = []
-            for i, item in enumerate(bundles):
-                if not isinstance(item, str) or not item:
-                    top.fail(f"bundles[{i}]", "must be a directory path (string)")
-                p = Path(item).expanduser()
-                paths.append(p if p.is_absolute() or base_dir is None else base_dir / p)
-            kwargs["bundles"] = tuple(paths)
-        for key, kind in (("backend", str), ("worker_id", str), ("threads", int)):
-            if (value := top.get(key, kind)) is not None:
-                kwargs[key] = value
-
-        sections: dict[str, tuple[type[Any], dict[str, type]]] = {
-            "batching": (
-                BatchingConfig,
-                {
-                    "max_batch_size": int,
-                    "max_queue_delay_ms": float,
-                    "max_queue_items": int,
-                    "busy_retry_after_ms": int,
-                },
-            ),
-            "store": (StoreConfig, {"url": str}),
-            "http": (HttpConfig, {"host": str, "port": int}),
-            "tensorrt": (TensorRTConfig, {"engine_cache_dir": str, "fp16": bool}),
-        }
-        for name, (klass, keys) in sections.items():
-            if top.raw(name) is None:
-                continue
-            sec = top.table(name)
-            values = {k: v for k, kind in keys.items() if (v := sec.get(k, kind)) is not None}
-            if "engine_cache_dir" in values:
-                values["engine_cache_dir"] = Path(values["engine_cache_dir"]).expanduser()
-            sec.done()
-            kwargs[name] = sec.build(klass, values)
-        top.done()
-        return cast(CloudConfig, top.build(cls, kwargs))
+        try:
+            return _read(Section(data, base_dir=base_dir))
+        except ConfigValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
 
-_BROKER_KEYS: dict[str, type] = {
-    "url": str,
-    "host": str,
-    "port": int,
-    "client_id": str,
-    "username": str,
-    "password": str,
-    "tls": bool,
-    "ca_file": str,
-    "cert_file": str,
-    "key_file": str,
-    "tls_insecure": bool,
-    "protocol": str,
-    "keepalive_s": int,
-    "reconnect_min_s": int,
-    "reconnect_max_s": int,
-    "connect_timeout_s": float,
-    "clean_start": bool,
-    "topic_prefix": str,
+_SECTIONS: dict[str, tuple[type[Any], dict[str, type]]] = {
+    "batching": (
+        BatchingConfig,
+        {
+            "max_batch_size": int,
+            "max_queue_delay_ms": float,
+            "max_queue_items": int,
+            "busy_retry_after_ms": int,
+        },
+    ),
+    "store": (StoreConfig, {"url": str}),
+    "http": (HttpConfig, {"host": str, "port": int}),
+    "tensorrt": (TensorRTConfig, {"engine_cache_dir": str, "fp16": bool}),
 }
 
 
-def _broker(data: Mapping[str, Any] | _Section, source: str) -> MqttSettings:
-    sec = data if isinstance(data, _Section) else _Section(data, "broker", source)
-    values: dict[str, Any] = {}
-    for key, kind in _BROKER_KEYS.items():
-        if key == "protocol" and isinstance(sec.raw(key), int | float):
-            values[key] = str(sec.raw(key))
-            sec.seen.add(key)
+def _read(top: Section) -> CloudConfig:
+    kwargs: dict[str, Any] = {}
+    raw_broker = top.raw("broker")
+    if isinstance(raw_broker, str):
+        # `broker = "mqtt://host:1883"` is short for a [broker] table with only a url.
+        kwargs["broker"] = broker_settings(
+            Section({"url": raw_broker}, "broker", base_dir=top.base_dir)
+        )
+    elif raw_broker is not None:
+        kwargs["broker"] = broker_settings(top.table("broker"))
+
+    if (group := top.get("share_group", str)) is not None:
+        kwargs["share_group"] = group or None
+    if (bundles := top.get("bundles", list)) is not None:
+        paths = []
+        for i, item in enumerate(bundles):
+            if not isinstance(item, str) or not item:
+                top.fail(f"bundles[{i}]", "must be a directory path (string)")
+            paths.append(top.resolve(item))
+        kwargs["bundles"] = tuple(paths)
+    kwargs.update(top.read({"backend": str, "worker_id": str, "threads": int}))
+
+    for name, (klass, keys) in _SECTIONS.items():
+        if name not in top:
             continue
-        if (value := sec.get(key, kind)) is not None:
-            values[key] = value
-    sec.done()
-    url = values.pop("url", None)
-    if url is not None:
-        try:
-            from_url = parse_broker_url(url)
-        except ValueError as exc:
-            sec.fail("url", f"is invalid: {exc}")
-        # Explicit keys win over what the URL says.
-        values = {**from_url, **values}
-    return cast(MqttSettings, sec.build(MqttSettings, values))
-
-
-class _Section:
-    """Typed access to one TOML table, remembering which keys were read."""
-
-    def __init__(self, data: Mapping[str, Any], prefix: str, source: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: {prefix or 'config'} must be a table")
-        self.data = data
-        self.prefix = prefix
-        self.source = source
-        self.seen: set[str] = set()
-
-    def key(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def fail(self, key: str, problem: str) -> NoReturn:
-        raise ConfigError(f"{self.source}: {self.key(key)} {problem}")
-
-    def raw(self, key: str) -> Any:
-        return self.data.get(key)
-
-    def get(self, key: str, kind: type) -> Any:
-        self.seen.add(key)
-        if key not in self.data:
-            return None
-        value = self.data[key]
-        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-            self.fail(key, f"must be {names.get(kind, kind.__name__)}, got {value!r}")
-        return value
-
-    def table(self, key: str) -> _Section:
-        self.seen.add(key)
-        value = self.data.get(key)
-        if not isinstance(value, Mapping):
-            self.fail(key, "must be a table")
-        return _Section(value, self.key(key), self.source)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            self.fail(unknown[0], "is not a known key")
-
-    def build(self, klass: type[Any], values: dict[str, Any]) -> Any:
-        try:
-            return klass(**values)
-        except ValueError as exc:
-            message = str(exc)
-            # Field validators start their messages with the field's name.
-            first = message.split(" ", 1)[0].rstrip(":")
-            where = self.key(first) if first in values or first in _all_fields(klass) else None
-            if where is not None:
-                rest = message.split(" ", 1)[1] if " " in message else ""
-                raise ConfigError(f"{self.source}: {where} {rest}".rstrip()) from None
-            prefix = f"{self.prefix}: " if self.prefix else ""
-            raise ConfigError(f"{self.source}: {prefix}{message}") from None
-
-
-def _all_fields(klass: type[Any]) -> set[str]:
-    return {f.name for f in dataclasses.fields(klass)} if dataclasses.is_dataclass(klass) else set()
+        sec = top.table(name)
+        values = sec.read(keys)
+        if "engine_cache_dir" in values:
+            values["engine_cache_dir"] = Path(values["engine_cache_dir"]).expanduser()
+        sec.done()
+        kwargs[name] = sec.build(klass, values)
+    top.done()
+    return top.build(CloudConfig, kwargs)

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from fogline._mqtt import MqttSettings, parse_broker_url
+from fogline._config import ConfigValueError, Section, broker_settings, load_toml
+from fogline._mqtt import MqttSettings
 from fogline.compression import Codec
 from fogline.edge_agent.errors import ConfigError
 from fogline.reference import BUNDLE_DIR
@@ -43,7 +43,6 @@ from fogline.sync import Thresholds
 
 __all__ = ["AgentConfig", "HttpConfig", "RuntimeConfig", "load_config"]
 
-_T = TypeVar("_T")
 _SITE_FORBIDDEN = frozenset("/+#\x00")
 
 
@@ -76,11 +75,11 @@ def _is_loopback(host: str) -> bool:
 
 def _int(value: object, key: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"must be an integer, not {value!r}")
+        raise ConfigError(key, f"must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ConfigError(key, f"must be at least {minimum}, not {value}")
+        raise ConfigError(key, f"must be at least {minimum}, got {value}")
     if maximum is not None and value > maximum:
-        raise ConfigError(key, f"must be at most {maximum}, not {value}")
+        raise ConfigError(key, f"must be at most {maximum}, got {value}")
     return value
 
 
@@ -207,14 +206,9 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
     if path is not None:
         path = Path(path)
         try:
-            with path.open("rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError("", f"config file {path} does not exist") from None
-        except OSError as exc:
-            raise ConfigError("", f"config file {path} is unreadable: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("", f"config file {path} is not valid TOML: {exc}") from None
+            data = load_toml(path)
+        except ConfigValueError as exc:
+            raise ConfigError(exc.key, exc.problem) from None
         base_dir = path.resolve().parent
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -233,161 +227,59 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
     return _from_mapping(data, base_dir)
 
 
-def _table(data: Mapping[str, Any], key: str) -> dict[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, Mapping):
-        raise ConfigError(key, "must be a table")
-    return dict(value)
-
-
-_KIND_NAMES: dict[type, str] = {
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    bool: "true or false",
+_RUNTIME_KEYS: dict[str, type] = {
+    "threads": int,
+    "max_batch": int,
+    "warmup_runs": int,
+    "max_queue": int,
 }
-
-
-def _typed(table: Mapping[str, Any], key: str, kind: type[_T], where: str) -> _T | None:
-    if key not in table:
-        return None
-    value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is int and isinstance(value, bool):
-        raise ConfigError(where, f"must be an integer, not {value!r}")
-    if not isinstance(value, kind):
-        raise ConfigError(where, f"must be {_KIND_NAMES.get(kind, kind.__name__)}, not {value!r}")
-    return value
-
-
-def _unknown(table: Mapping[str, Any], known: set[str], prefix: str) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{prefix}{key}", "unknown key")
-
-
-def _path(value: str, base_dir: Path) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else base_dir / p
-
-
-_TOP_KEYS = {
-    "site",
-    "bundle_dir",
-    "client_id",
-    "codec",
-    "cloud_timeout_ms",
-    "max_pending",
-    "broker",
-    "runtime",
-    "http",
-    "thresholds",
-}
-_BROKER_STR = ("host", "username", "password", "topic_prefix")
-_BROKER_FILES = ("ca_file", "cert_file", "key_file")
-_BROKER_BOOL = ("tls", "tls_insecure", "clean_start")
-_BROKER_INT = ("keepalive_s", "reconnect_min_s", "reconnect_max_s")
-_BROKER_KEYS = {
-    "url",
-    "port",
-    "protocol",
-    "connect_timeout_s",
-    *_BROKER_STR,
-    *_BROKER_FILES,
-    *_BROKER_BOOL,
-    *_BROKER_INT,
-}
-
-
-def _broker(table: Mapping[str, Any], base_dir: Path) -> MqttSettings:
-    _unknown(table, _BROKER_KEYS, "broker.")
-    fields: dict[str, Any] = {}
-    url = _typed(table, "url", str, "broker.url")
-    if url is not None:
-        try:
-            fields.update(parse_broker_url(url))
-        except ValueError as exc:
-            raise ConfigError("broker.url", str(exc)) from None
-    for key in _BROKER_STR:
-        text = _typed(table, key, str, f"broker.{key}")
-        if text is not None:
-            fields[key] = text
-    for key in _BROKER_BOOL:
-        flag = _typed(table, key, bool, f"broker.{key}")
-        if flag is not None:
-            fields[key] = flag
-    for key in _BROKER_INT:
-        number = _typed(table, key, int, f"broker.{key}")
-        if number is not None:
-            fields[key] = number
-    port = _typed(table, "port", int, "broker.port")
-    if port is not None:
-        fields["port"] = port
-    if "port" in fields:
-        _int(fields["port"], "broker.port", minimum=1, maximum=65535)
-    timeout = _typed(table, "connect_timeout_s", float, "broker.connect_timeout_s")
-    if timeout is not None:
-        if timeout <= 0:
-            raise ConfigError("broker.connect_timeout_s", "must be positive")
-        fields["connect_timeout_s"] = timeout
-    if "protocol" in table:
-        proto = table["protocol"]
-        proto = str(proto) if isinstance(proto, int) and not isinstance(proto, bool) else proto
-        if proto not in ("3.1.1", "5"):
-            raise ConfigError("broker.protocol", f'must be "3.1.1" or "5", not {proto!r}')
-        fields["protocol"] = proto
-    for key in _BROKER_FILES:
-        name = _typed(table, key, str, f"broker.{key}")
-        if name is not None:
-            file = _path(name, base_dir)
-            if not file.is_file():
-                raise ConfigError(f"broker.{key}", f"{file} does not exist")
-            fields[key] = str(file)
-    if "host" in fields and not fields["host"]:
-        raise ConfigError("broker.host", "must not be empty")
-    try:
-        return MqttSettings(**fields)
-    except ValueError as exc:
-        raise ConfigError("broker", str(exc)) from None
+_HTTP_KEYS: dict[str, type] = {"host": str, "port": int, "allow_remote": bool}
 
 
 def _from_mapping(data: Mapping[str, Any], base_dir: Path) -> AgentConfig:
-    _unknown(data, _TOP_KEYS, "")
-    if "site" not in data:
-        raise ConfigError("site", "is required")
-    kwargs: dict[str, Any] = {"site": data["site"]}
-    bundle_dir = _typed(data, "bundle_dir", str, "bundle_dir")
-    if bundle_dir is not None:
-        kwargs["bundle_dir"] = _path(bundle_dir, base_dir)
-    for key in ("client_id", "codec"):
-        text = _typed(data, key, str, key)
-        if text is not None:
-            kwargs[key] = text
-    for key in ("cloud_timeout_ms", "max_pending"):
-        number = _typed(data, key, int, key)
-        if number is not None:
-            kwargs[key] = number
-    kwargs["broker"] = _broker(_table(data, "broker"), base_dir)
+    try:
+        return _read(Section(data, base_dir=base_dir))
+    except ConfigValueError as exc:
+        raise ConfigError(exc.key, exc.problem) from None
 
-    rt = _table(data, "runtime")
-    _unknown(rt, {f.name for f in dataclasses.fields(RuntimeConfig)}, "runtime.")
-    kwargs["runtime"] = RuntimeConfig(**rt)
 
-    http = _table(data, "http")
-    _unknown(http, {f.name for f in dataclasses.fields(HttpConfig)}, "http.")
-    kwargs["http"] = HttpConfig(**http)
+def _read(top: Section) -> AgentConfig:
+    site = top.get("site", str)
+    if site is None:
+        top.fail("site", "is required")
+    kwargs: dict[str, Any] = {"site": site}
+    if (bundle_dir := top.path("bundle_dir")) is not None:
+        kwargs["bundle_dir"] = bundle_dir
+    kwargs.update(
+        top.read({"client_id": str, "codec": str, "cloud_timeout_ms": int, "max_pending": int})
+    )
 
-    if "thresholds" in data:
-        th = _table(data, "thresholds")
-        _unknown(th, {"relevance", "exit_confidence"}, "thresholds.")
+    broker = top.table("broker")
+    if "client_id" in broker:
+        broker.fail("client_id", "is not a known key: the agent's client id is the top-level one")
+    kwargs["broker"] = broker_settings(broker)
+
+    runtime = top.table("runtime")
+    runtime_values = runtime.read(_RUNTIME_KEYS)
+    runtime.done()
+    kwargs["runtime"] = RuntimeConfig(**runtime_values)
+
+    http = top.table("http")
+    http_values = http.read(_HTTP_KEYS)
+    http.done()
+    kwargs["http"] = HttpConfig(**http_values)
+
+    if "thresholds" in top:
+        th = top.table("thresholds")
         values: list[float] = []
         for key in ("relevance", "exit_confidence"):
-            value = _typed(th, key, float, f"thresholds.{key}")
+            value = th.get(key, float)
             if value is None:
-                raise ConfigError(f"thresholds.{key}", "is required when [thresholds] is given")
+                th.fail(key, "is required when [thresholds] is given")
             if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"thresholds.{key}", f"{value} must lie in [0, 1]")
+                th.fail(key, f"must lie in [0, 1], got {value}")
             values.append(value)
+        th.done()
         kwargs["thresholds"] = Thresholds(relevance=values[0], exit_confidence=values[1])
+    top.done()
     return AgentConfig(**kwargs)

@@ -36,6 +36,7 @@ def test_defaults_serve_the_reference_bundle_on_a_shared_subscription() -> None:
 
 def test_a_full_file_is_read_into_every_section(tmp_path: Path) -> None:
     (tmp_path / "bundles" / "b1").mkdir(parents=True)
+    (tmp_path / "ca.pem").write_text("x")
     path = write(
         tmp_path,
         """
@@ -49,7 +50,7 @@ def test_a_full_file_is_read_into_every_section(tmp_path: Path) -> None:
         url = "mqtts://user:secret@broker.example:8884"
         protocol = "5"
         topic_prefix = "acme/v1"
-        ca_file = "/etc/ca.pem"
+        ca_file = "ca.pem"
 
         [batching]
         max_batch_size = 16
@@ -82,7 +83,8 @@ def test_a_full_file_is_read_into_every_section(tmp_path: Path) -> None:
         "user",
         "secret",
     )
-    assert (b.protocol, b.topic_prefix, b.ca_file) == ("5", "acme/v1", "/etc/ca.pem")
+    assert (b.protocol, b.topic_prefix) == ("5", "acme/v1")
+    assert b.ca_file == str(tmp_path / "ca.pem")  # relative to the file
     assert cfg.batching == BatchingConfig(16, 1.0, 500)
     assert cfg.store == StoreConfig("postgresql+psycopg://fogline@db/fogline")
     assert cfg.http == HttpConfig("0.0.0.0", 9000)
@@ -130,9 +132,10 @@ def test_an_empty_share_group_subscribes_to_the_plain_topic(tmp_path: Path) -> N
         ("[http]\nport = 70000", "http.port must lie in"),
         ('[store]\nurl = "results.db"', "store.url 'results.db' is not a database URL"),
         ('[broker]\nurl = "http://x"', "broker.url is invalid: .* must start with mqtt://"),
-        ("[broker]\nport = 0", "broker: MQTT port 0 is out of range"),
-        ('[broker]\nprotocol = "4"', "broker: MQTT protocol '4'"),
+        ("[broker]\nport = 0", "broker.port must be at least 1, got 0"),
+        ('[broker]\nprotocol = "4"', 'broker.protocol must be "3.1.1" or "5", got \'4\''),
         ("[broker]\nqos = 2", "broker.qos is not a known key"),
+        ('[broker]\ncert_file = "nope.pem"', "broker.cert_file names a file that does not exist"),
         ("batching = 3", "batching must be a table"),
         ("x = [", "not valid TOML"),
     ],
