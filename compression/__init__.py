@@ -1,4 +1,14 @@
-"""Model split, INT8 quantization, and the feature codec with its wire envelope."""
+"""Model split, INT8 quantization, and the feature codec with its wire envelope.
+
+The codec is imported eagerly: the edge agent and the cloud worker use it on every message.
+The model tools (split, quantization) need onnx and onnxruntime's quantization tooling, which
+an edge-only install may lack, so they load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from fogline.compression._codec import (
     ENVELOPE_VERSION,
@@ -17,6 +27,10 @@ from fogline.compression.errors import (
     SplitError,
 )
 
+if TYPE_CHECKING:
+    from fogline.compression._quantize import QuantizationReport, quantize_model
+    from fogline.compression._split import SplitReport, split_model
+
 __all__ = [
     "ENVELOPE_VERSION",
     "Codec",
@@ -26,8 +40,27 @@ __all__ = [
     "Kind",
     "ModelError",
     "QuantizationError",
+    "QuantizationReport",
     "SplitError",
+    "SplitReport",
     "decode_envelope",
     "encode_envelope",
     "now_us",
+    "quantize_model",
+    "split_model",
 ]
+
+_LAZY = {
+    "QuantizationReport": "fogline.compression._quantize",
+    "quantize_model": "fogline.compression._quantize",
+    "SplitReport": "fogline.compression._split",
+    "split_model": "fogline.compression._split",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load the model tools on first access (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

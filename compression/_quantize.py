@@ -1,0 +1,971 @@
+"""Accuracy-guided INT8 quantization with onnxruntime's quantization tooling.
+
+No single recipe suits every model: a static QDQ pass that loses nothing on a CNN can wreck
+a transformer (softmax, layer norms and residual sums do not survive 8-bit activations). So
+the quantizer holds out part of the calibration samples, builds a bounded set of candidates
+— static QDQ with per-channel weights under MinMax, Entropy and Percentile calibration;
+static with sensitive operators, or the first and last weighted layers, left in FP32; static
+on matrix products and convolutions only; dynamic (weights-only) MatMul/Gemm — measures each
+one's agreement with the FP32 model on the held-out samples and its latency on this machine,
+and keeps the fastest that meets the agreement target.
+
+Agreement per output is top-1 agreement for outputs that look like class scores (``[N, C]``,
+2 ≤ C ≤ 1000, not named like features) and mean cosine similarity for other float outputs;
+a candidate's agreement is its worst output's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import math
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from fogline.compression._onnx_util import (
+    ORT_ERRORS,
+    TensorSpec,
+    bind_unnamed,
+    coerce,
+    describe_shape,
+    input_specs,
+    load_model,
+    make_session,
+    one_line,
+    run_session,
+    shape_matches,
+    suggest,
+)
+from fogline.compression.errors import ModelError, QuantizationError
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "CandidateResult",
+    "OutputAgreement",
+    "QuantizationReport",
+    "quantize_model",
+]
+
+Metric = Literal["auto", "top1", "cosine"]
+MeasuredMetric = Literal["top1", "cosine", "exact"]
+
+DEFAULT_TARGETS: Mapping[str, float] = {"top1": 0.99, "cosine": 0.98, "exact": 0.99}
+"""Agreement a candidate must reach per output when no target is given, by metric."""
+
+MAX_CALIBRATION_SAMPLES = 256
+"""More samples barely move MinMax/Entropy/Percentile ranges but cost time; the rest are unused."""
+CALIBRATION_BATCH = 32
+"""Samples per calibration and evaluation run when the model has a dynamic batch axis."""
+TIMING_BATCH = 32
+WARMUP_RUNS = 3
+TIMED_RUNS = 12
+MIN_TIMED_RUN_S = 0.002
+"""A timed run repeats the batch until it lasts about this long, so tiny models time well."""
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+SENSITIVE_OPS = frozenset(
+    {
+        "Softmax",
+        "LogSoftmax",
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "Gelu",
+        "FastGelu",
+        "BiasGelu",
+        "QuickGelu",
+        "Erf",
+        "Sigmoid",
+        "Tanh",
+        "HardSigmoid",
+        "HardSwish",
+        "Exp",
+        "Log",
+        "Pow",
+        "Sqrt",
+        "Reciprocal",
+        "Div",
+        "ReduceMean",
+    }
+)
+"""Operators whose outputs 8-bit activations describe poorly (normalizations, exponentials)."""
+_ELEMENTWISE_JOINS = frozenset({"Add", "Sub", "Mul"})
+"""Joins of two activations (residual sums, gates) are sensitive too; with a constant, not."""
+
+_FEATURE_NAME = re.compile(r"feat|embed|hidden|latent|vector|pool|repr|encod", re.IGNORECASE)
+_MAX_CLASSES = 1000
+_SUPPORTS_CACHE = "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class OutputAgreement:
+    """Agreement of one output of a quantized model with the FP32 model on held-out samples."""
+
+    output: str
+    metric: MeasuredMetric
+    agreement: float
+    target: float
+
+    @property
+    def met(self) -> bool:
+        return self.agreement >= self.target - 1e-12
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "metric": self.metric,
+            "agreement": self.agreement,
+            "target": self.target,
+            "met": self.met,
+        }
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """One strategy tried: how well it agreed, how fast it ran, whether it was acceptable."""
+
+    strategy: str
+    description: str
+    outputs: tuple[OutputAgreement, ...] = ()
+    latency_ms: float | None = None
+    speedup: float | None = None
+    size_bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def agreement(self) -> float | None:
+        """The worst output's agreement (``None`` when the candidate could not be built)."""
+        return min((o.agreement for o in self.outputs), default=None)
+
+    @property
+    def margin(self) -> float:
+        """Worst ``agreement − target`` over the outputs; ``-inf`` when it failed."""
+        if not self.outputs:
+            return -math.inf
+        return min(o.agreement - o.target for o in self.outputs)
+
+    @property
+    def accepted(self) -> bool:
+        return self.error is None and bool(self.outputs) and all(o.met for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "description": self.description,
+            "agreement": self.agreement,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "latency_ms": self.latency_ms,
+            "speedup": self.speedup,
+            "size_bytes": self.size_bytes,
+            "accepted": self.accepted,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """The chosen INT8 model and everything measured on the way to it."""
+
+    model: Path
+    output: Path
+    strategy: str
+    description: str
+    fp32_bytes: int
+    int8_bytes: int
+    fp32_latency_ms: float
+    int8_latency_ms: float
+    outputs: tuple[OutputAgreement, ...]
+    target: float | None
+    candidates: tuple[CandidateResult, ...]
+    calibration_samples: int
+    holdout_samples: int
+    timing_batch: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @property
+    def size_ratio(self) -> float:
+        """INT8 file size over FP32 file size (0.27 means 3.7× smaller)."""
+        return self.int8_bytes / self.fp32_bytes if self.fp32_bytes else math.nan
+
+    @property
+    def speedup(self) -> float:
+        """FP32 latency over INT8 latency on this machine (onnxruntime CPU, one thread)."""
+        return self.fp32_latency_ms / self.int8_latency_ms if self.int8_latency_ms else math.nan
+
+    @property
+    def agreement(self) -> float:
+        """The worst output's agreement with FP32."""
+        return min(o.agreement for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model),
+            "output": str(self.output),
+            "strategy": self.strategy,
+            "description": self.description,
+            "fp32_bytes": self.fp32_bytes,
+            "int8_bytes": self.int8_bytes,
+            "size_ratio": self.size_ratio,
+            "fp32_latency_ms": self.fp32_latency_ms,
+            "int8_latency_ms": self.int8_latency_ms,
+            "speedup": self.speedup,
+            "agreement": self.agreement,
+            "metric": {o.output: o.metric for o in self.outputs},
+            "target": (
+                self.target
+                if self.target is not None
+                else {o.output: o.target for o in self.outputs}
+            ),
+            "outputs": [o.to_dict() for o in self.outputs],
+            "candidates": [c.to_dict() for c in self.candidates],
+            "calibration_samples": self.calibration_samples,
+            "holdout_samples": self.holdout_samples,
+            "timing_batch": {k: list(v) for k, v in self.timing_batch.items()},
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+@dataclass(frozen=True)
+class _Samples:
+    """Calibration data as ``units``: ``arrays[name][i]`` is what one run feeds for sample ``i``.
+
+    When every input has a dynamic batch axis, one sample is one row (``arrays[name][i]`` has
+    a batch axis of 1) and samples are concatenated into larger batches; otherwise each
+    sample is a whole input (a fixed-batch chunk, or an array of full inputs).
+    """
+
+    arrays: Mapping[str, np.ndarray]
+    count: int
+    combinable: bool
+
+    def batches(self, indices: Sequence[int], max_samples: int) -> Iterator[dict[str, np.ndarray]]:
+        step = max_samples if self.combinable else 1
+        for start in range(0, len(indices), step):
+            chunk = list(indices[start : start + step])
+            if self.combinable:
+                yield {
+                    name: arr[chunk].reshape(-1, *arr.shape[2:])
+                    for name, arr in self.arrays.items()
+                }
+            else:
+                yield {name: arr[chunk[0]] for name, arr in self.arrays.items()}
+
+
+def _units(spec: TensorSpec, array: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``array`` as ``[samples, *one run's input]``, and whether samples can share a run."""
+    if spec.shape is None:
+        raise ModelError(f"input {spec.name!r} has no known rank; cannot check its samples")
+    expected, got = list(spec.shape), list(array.shape)
+    if len(got) == len(expected) + 1 and shape_matches(expected, got[1:]):
+        return array, False  # an extra leading axis of whole inputs
+    if got and shape_matches(expected[1:], got[1:]) and len(got) == len(expected):
+        first = expected[0]
+        if not (isinstance(first, int) and first > 0):
+            return array.reshape(got[0], 1, *got[1:]), True  # rows of a dynamic batch
+        if got[0] % first == 0:
+            return array.reshape(got[0] // first, first, *got[1:]), False  # fixed-size batches
+    raise ModelError(
+        f"calibration input {spec.name!r} has shape {got}; expected "
+        f"{describe_shape(expected)} (samples along the batch axis) or "
+        f"{describe_shape(['samples', *expected])}"
+    )
+
+
+def _samples(specs: Sequence[TensorSpec], calibration: Mapping[str, np.ndarray]) -> _Samples:
+    """Check calibration arrays against the model inputs and cut them into samples.
+
+    Each array holds samples along its first axis: either the model's batch axis (same rank
+    as the input) or an extra leading axis of whole inputs (rank + 1).
+    """
+    if not isinstance(calibration, Mapping):
+        raise TypeError("calibration must map input names to arrays")
+    arrays_in = bind_unnamed(specs, calibration)
+    known = [s.name for s in specs]
+    for name in arrays_in:
+        if name not in known:
+            raise ModelError(
+                f"calibration input {name!r} is not an input of the model"
+                f"{suggest(name, known)}; inputs: {', '.join(known)}"
+            )
+    units: dict[str, np.ndarray] = {}
+    combinable = True
+    for spec in specs:
+        if spec.name not in arrays_in:
+            raise ModelError(
+                f"calibration input {spec.name!r} is missing (expected {spec.dtype} "
+                f"{describe_shape(spec.shape)}, samples along the first axis)"
+            )
+        array = coerce(spec, np.asarray(arrays_in[spec.name]), "calibration input")
+        units[spec.name], shareable = _units(spec, array)
+        combinable = combinable and shareable
+    counts = {name: len(arr) for name, arr in units.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise ModelError(f"calibration inputs disagree on the number of samples ({listed})")
+    count = next(iter(counts.values()), 0)
+    if count < 2:
+        raise ModelError(f"calibration needs at least 2 samples, got {count}")
+    return _Samples(units, count, combinable)
+
+
+class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    """Feeds prepared batches to onnxruntime's calibrators; supports ranged collection."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = list(feeds)
+        self._start = 0
+        self._end = len(self._feeds)
+        self._pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= self._end:
+            return None
+        feed = self._feeds[self._pos]
+        self._pos += 1
+        return feed
+
+    def rewind(self) -> None:
+        self._pos = self._start
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._start, self._end = start_index, min(end_index, len(self._feeds))
+        self._pos = self._start
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _choose_metric(name: str, reference: np.ndarray, requested: Metric) -> MeasuredMetric:
+    if reference.dtype.kind not in "fc":
+        return "exact"
+    if requested == "top1":
+        return "top1" if reference.ndim >= 2 else "cosine"
+    if requested == "cosine":
+        return "cosine"
+    looks_like_classes = reference.ndim == 2 and 2 <= reference.shape[1] <= _MAX_CLASSES
+    return "top1" if looks_like_classes and not _FEATURE_NAME.search(name) else "cosine"
+
+
+def _agreement(metric: MeasuredMetric, reference: np.ndarray, got: np.ndarray) -> float:
+    if reference.shape != got.shape:
+        return 0.0
+    if metric == "exact":
+        return float(np.mean(reference == got)) if reference.size else 1.0
+    if metric == "top1":
+        return float(np.mean(np.argmax(reference, axis=-1) == np.argmax(got, axis=-1)))
+    a = reference.astype(np.float64)
+    b = np.nan_to_num(got.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if a.ndim >= 2 and a[0].size > 1:
+        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    else:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = np.sum(a * b, axis=1)
+    both_zero = (norm_a == 0) & (norm_b == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(both_zero, 1.0, dot / np.maximum(norm_a * norm_b, 1e-300))
+    return float(np.clip(np.mean(cos), -1.0, 1.0))
+
+
+def _collect(
+    session: Any, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        out = run_session(session, feed)
+        for n in names:
+            parts[n].append(out[n])
+    joined: dict[str, np.ndarray] = {}
+    for n, arrays in parts.items():
+        if all(a.ndim >= 1 for a in arrays):
+            joined[n] = np.concatenate(arrays, axis=0)
+        else:
+            joined[n] = np.stack(arrays)
+    return joined
+
+
+def _time_interleaved(
+    sessions: Mapping[str, Any], feed: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """Best time of one run per session, in ms, timed in interleaved rounds.
+
+    Interleaving spreads whatever else the machine is doing evenly over the models being
+    compared, and the best of several runs estimates the unloaded speed. Each timed run
+    repeats the batch until it lasts about ``MIN_TIMED_RUN_S`` so tiny models time well.
+    """
+    repeats: dict[str, int] = {}
+    for name, session in sessions.items():
+        for _ in range(WARMUP_RUNS):
+            session.run(None, feed)
+        start = time.perf_counter()
+        session.run(None, feed)
+        once = max(time.perf_counter() - start, 1e-7)
+        repeats[name] = max(1, min(1000, math.ceil(MIN_TIMED_RUN_S / once)))
+    best = dict.fromkeys(sessions, math.inf)
+    for _ in range(TIMED_RUNS):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            for _ in range(repeats[name]):
+                session.run(None, feed)
+            best[name] = min(best[name], (time.perf_counter() - start) / repeats[name])
+    return {name: 1000.0 * value for name, value in best.items()}
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    strategy: str
+    description: str
+    dynamic: bool = False
+    method: str = "MinMax"
+    exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] | None = None
+    const_weights_only: bool = False
+
+
+@dataclass
+class _ModelFacts:
+    """What the recipes need to know about the prepared model's nodes."""
+
+    sensitive: list[str]
+    ends: list[str]
+    weighted: list[str]
+    has_matmul: bool
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> _ModelFacts:
+        graph = model.graph
+        constants = {t.name for t in graph.initializer}
+        constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+        producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+        sensitive: list[str] = []
+        weighted: list[int] = []
+        for index, node in enumerate(graph.node):
+            inputs = [i for i in node.input if i]
+            if node.op_type in SENSITIVE_OPS or (
+                node.op_type in _ELEMENTWISE_JOINS
+                and len(inputs) == 2
+                and not any(i in constants for i in inputs)
+            ):
+                sensitive.append(node.name)
+            if node.op_type in WEIGHTED_OPS and len(inputs) >= 2 and inputs[1] in constants:
+                weighted.append(index)
+        # first layers: no weighted layer upstream; last layers: none downstream
+        weighted_set = set(weighted)
+        upstream: list[bool] = []
+        for node in graph.node:
+            parents = [p for i in node.input if (p := producer.get(i)) is not None]
+            upstream.append(any(p in weighted_set or upstream[p] for p in parents))
+        consumers: dict[int, list[int]] = {}
+        for index, node in enumerate(graph.node):
+            for i in node.input:
+                if (p := producer.get(i)) is not None:
+                    consumers.setdefault(p, []).append(index)
+        downstream = [False] * len(graph.node)
+        for index in reversed(range(len(graph.node))):
+            downstream[index] = any(
+                c in weighted_set or downstream[c] for c in consumers.get(index, [])
+            )
+        firsts = [i for i in weighted if not upstream[i]]
+        lasts = [i for i in weighted if not downstream[i]]
+        ends = sorted(set(firsts) | set(lasts))
+        return cls(
+            sensitive=sensitive,
+            ends=[graph.node[i].name for i in ends],
+            weighted=[graph.node[i].name for i in weighted],
+            has_matmul=any(graph.node[i].op_type in {"MatMul", "Gemm"} for i in weighted),
+        )
+
+
+def _first_recipes() -> list[_Recipe]:
+    return [
+        _Recipe(
+            f"static-{method.lower()}",
+            f"static QDQ, per-channel int8 weights, uint8 activations, {method} calibration",
+            method=method,
+        )
+        for method in ("MinMax", "Entropy", "Percentile")
+    ]
+
+
+def _more_recipes(facts: _ModelFacts, method: str) -> list[_Recipe]:
+    m = method.lower()
+    recipes: list[_Recipe] = []
+    if facts.sensitive:
+        recipes.append(
+            _Recipe(
+                f"static-{m}-fp32-sensitive",
+                f"static QDQ ({method}) with {len(facts.sensitive)} sensitive operators "
+                "(softmax, normalization, GELU, sigmoid, residual sums) in FP32",
+                method=method,
+                exclude=tuple(facts.sensitive),
+            )
+        )
+    if facts.weighted:
+        recipes.append(
+            _Recipe(
+                f"static-{m}-weighted-only",
+                f"static QDQ ({method}) on convolutions and matrix products with constant "
+                "weights only; everything else in FP32",
+                method=method,
+                op_types=WEIGHTED_OPS,
+                const_weights_only=True,
+            )
+        )
+    if facts.ends and len(facts.ends) < len(facts.weighted):
+        recipes.append(
+            _Recipe(
+                f"static-{m}-fp32-ends",
+                f"static QDQ ({method}) with the first and last weighted layers "
+                f"({len(facts.ends)}) in FP32",
+                method=method,
+                exclude=tuple(facts.ends),
+            )
+        )
+    if facts.has_matmul:
+        recipes.append(
+            _Recipe(
+                "dynamic-matmul",
+                "dynamic quantization: int8 MatMul/Gemm weights, activations quantized at run time",
+                dynamic=True,
+            )
+        )
+    return recipes
+
+
+def _last_resort(facts: _ModelFacts, method: str) -> list[_Recipe]:
+    """The most conservative static recipe, tried only when nothing else met the target."""
+    if not facts.weighted or not (facts.ends and len(facts.ends) < len(facts.weighted)):
+        return []
+    m = method.lower()
+    return [
+        _Recipe(
+            f"static-{m}-weighted-only-fp32-ends",
+            f"static QDQ ({method}) on inner convolutions and matrix products only",
+            method=method,
+            exclude=tuple(facts.ends),
+            op_types=WEIGHTED_OPS,
+            const_weights_only=True,
+        )
+    ]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name: exclusion lists refer to nodes by name."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            base = f"{node.op_type}_{index}"
+            name = base
+            while name in seen:
+                name += "_"
+            node.name = name
+        seen.add(node.name)
+
+
+def _prepare(model: onnx.ModelProto, work: Path) -> Path:
+    """Shape inference and graph optimization before quantization (``quant_pre_process``).
+
+    Symbolic shape inference fails on some models; it is skipped then, and optimization too
+    if need be: quantization still works, only less of the graph may be quantized.
+    """
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    _name_nodes(named)
+    source = work / "named.onnx"
+    onnx.save(named, str(source))
+    target = work / "prepared.onnx"
+    for options in (
+        {},
+        {"skip_symbolic_shape": True},
+        {"skip_symbolic_shape": True, "skip_optimization": True},
+    ):
+        try:
+            quant_pre_process(str(source), str(target), **options)
+            prepared = onnx.load(str(target))
+        except Exception:  # noqa: BLE001, S112 - the preprocessor raises anything; fall back
+            continue
+        _name_nodes(prepared)
+        onnx.save(prepared, str(target))
+        return target
+    return source
+
+
+def _gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ``Gemm`` with constant weights as ``MatMul`` (+ ``Add``).
+
+    onnxruntime's dynamic quantization handles MatMul but not Gemm; this lets it reach the
+    fully connected layers of CNN heads and MLPs too.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    weights = {t.name: t for t in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        convertible = (
+            node.op_type == "Gemm"
+            and len(node.input) >= 2
+            and node.input[1] in weights
+            and float(attrs.get("alpha", 1.0)) == 1.0
+            and float(attrs.get("beta", 1.0)) == 1.0
+            and int(attrs.get("transA", 0)) == 0
+        )
+        if not convertible:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if int(attrs.get("transB", 0)):
+            transposed = numpy_helper.to_array(weights[weight]).T.copy()
+            weight = f"{weight}_transposed_{node.name}"
+            graph.initializer.append(numpy_helper.from_array(transposed, weight))
+        has_bias = len(node.input) >= 3 and bool(node.input[2])
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(
+            helper.make_node(
+                "MatMul", [node.input[0], weight], [product], name=f"{node.name}_matmul"
+            )
+        )
+        if has_bias:
+            nodes.append(
+                helper.make_node(
+                    "Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"
+                )
+            )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
+
+
+class _DropToolChatter(logging.Filter):
+    """Drops the quantization tooling's own log records (progress notes, hints)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep onnxruntime's quantization tooling off stdout (``--json`` output) and the log.
+
+    Its calibrators ``print`` progress, it logs hints on the root logger, and numpy warns.
+    """
+    root = logging.getLogger()
+    chatter = _DropToolChatter()
+    root.addFilter(chatter)
+    try:
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            warnings.catch_warnings(),
+            np.errstate(all="ignore"),
+        ):
+            # ranges of tensors holding infinities (masked attention) trip numpy warnings;
+            # such candidates are judged by their measured agreement like any other
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeFilter(chatter)
+
+
+def _build(
+    recipe: _Recipe,
+    prepared: Path,
+    target: Path,
+    calibration: Sequence[dict[str, np.ndarray]],
+    cache_dir: Path,
+) -> None:
+    if recipe.dynamic:
+        rewritten = _gemm_as_matmul(onnx.load(str(prepared)))
+        source = target.with_suffix(".matmul.onnx")
+        onnx.save(rewritten, str(source))
+        with _quiet():
+            quantize_dynamic(
+                str(source),
+                str(target),
+                op_types_to_quantize=["MatMul"],
+                per_channel=False,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        return
+    extra: dict[str, Any] = {"CalibStridedMinMax": 1, "MatMulConstBOnly": recipe.const_weights_only}
+    kwargs: dict[str, Any] = {}
+    if _SUPPORTS_CACHE:
+        # one calibration per method; later recipes with the same method reuse its ranges
+        kwargs["calibration_cache_path"] = cache_dir / f"ranges-{recipe.method}.json"
+    with _quiet():
+        quantize_static(
+            str(prepared),
+            str(target),
+            _Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None,
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(recipe.exclude),
+            calibrate_method=getattr(CalibrationMethod, recipe.method),
+            extra_options=extra,
+            **kwargs,
+        )
+
+
+@dataclass
+class _Bench:
+    """The FP32 reference on the held-out samples: outputs, metrics and targets."""
+
+    holdout: list[dict[str, np.ndarray]]
+    reference: dict[str, np.ndarray]
+    metrics: dict[str, MeasuredMetric]
+    targets: dict[str, float]
+
+    def agreement(self, path: Path) -> tuple[OutputAgreement, ...]:
+        got = _collect(make_session(path), self.holdout, list(self.metrics))
+        return tuple(
+            OutputAgreement(
+                name,
+                metric,
+                _agreement(metric, self.reference[name], got[name]),
+                self.targets[name],
+            )
+            for name, metric in self.metrics.items()
+        )
+
+
+def _summary(result: CandidateResult) -> str:
+    if result.error is not None:
+        return f"{result.strategy}: failed ({result.error})"
+    worst = min(result.outputs, key=lambda o: o.agreement - o.target)
+    verdict = "meets" if result.accepted else "misses"
+    return (
+        f"{result.strategy}: {worst.metric} {worst.agreement:.4f} on {worst.output!r} "
+        f"({verdict} target {worst.target:.10g})"
+    )
+
+
+def quantize_model(
+    model: Path,
+    calibration: Mapping[str, np.ndarray],
+    output: Path,
+    *,
+    target: float | None = None,
+    metric: Literal["auto", "top1", "cosine"] = "auto",
+    outputs: Sequence[str] | None = None,
+    holdout_fraction: float = 0.25,
+    progress: Callable[[str], None] | None = None,
+) -> QuantizationReport:
+    """Quantize ``model`` to INT8, keeping the fastest strategy that agrees with FP32.
+
+    ``calibration`` maps each model input to samples along the first axis (the batch axis,
+    or an extra leading axis of whole inputs). A fixed share of the samples
+    (``holdout_fraction``, chosen with a fixed seed) is held out to measure agreement; the
+    rest calibrate. ``outputs`` names the outputs to measure (default: every float output);
+    ``metric`` forces top-1 or cosine instead of choosing per output; ``target`` is the
+    agreement every measured output must reach (default: 0.99 for top-1, 0.98 for cosine).
+    Latency is measured with onnxruntime on this CPU, one intra-op thread, on the same
+    batch for FP32 and every candidate.
+
+    Writes the chosen model to ``output`` and returns the report. Raises
+    :class:`ModelError` for an unusable model or calibration data, and
+    :class:`QuantizationError` when no candidate meets the target (naming the best reached).
+    """
+    started = time.perf_counter()
+    say = progress if progress is not None else (lambda _msg: None)
+    if metric not in ("auto", "top1", "cosine"):
+        raise ValueError(f"metric must be 'auto', 'top1' or 'cosine', not {metric!r}")
+    if target is not None and (not math.isfinite(target) or target <= 0):
+        raise ValueError(f"target must be a positive number, not {target!r}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must lie in (0, 1), not {holdout_fraction!r}")
+    model_path, output_path = Path(model), Path(output)
+    if output_path.exists() and output_path.resolve() == model_path.resolve():
+        raise ValueError("output must not overwrite the model being quantized")
+    if target is not None and target > 1.0:
+        raise QuantizationError(
+            f"target {target:g} cannot be met: agreement with FP32 is at most 1.0"
+        )
+
+    proto = load_model(model_path)
+    specs = input_specs(proto)
+    samples = _samples(specs, calibration)
+    order = np.random.default_rng(0).permutation(samples.count).tolist()
+    n_holdout = min(samples.count - 1, max(1, round(samples.count * holdout_fraction)))
+    holdout_idx = sorted(order[:n_holdout])
+    calib_idx = sorted(order[n_holdout:])[:MAX_CALIBRATION_SAMPLES]
+
+    try:
+        fp32 = make_session(model_path)
+    except ORT_ERRORS as exc:
+        raise ModelError(f"{model_path}: onnxruntime cannot load it: {one_line(exc)}") from exc
+    all_outputs = [o.name for o in fp32.get_outputs()]
+    for name in outputs or ():
+        if name not in all_outputs:
+            raise ModelError(
+                f"{name!r} is not an output of the model{suggest(name, all_outputs)}; "
+                f"outputs: {', '.join(all_outputs)}"
+            )
+
+    say(f"measuring FP32 on {len(holdout_idx)} held-out samples")
+    holdout = list(samples.batches(holdout_idx, CALIBRATION_BATCH))
+    try:
+        reference = _collect(fp32, holdout, all_outputs)
+    except ORT_ERRORS as exc:
+        raise ModelError(f"the model rejects the calibration data: {one_line(exc)}") from exc
+    measured = (
+        list(outputs) if outputs else [n for n in all_outputs if reference[n].dtype.kind == "f"]
+    )
+    if not measured:
+        raise ModelError(
+            "the model has no floating-point outputs to compare; name outputs to measure"
+        )
+    metrics = {n: _choose_metric(n, reference[n], metric) for n in measured}
+    targets = {n: target if target is not None else DEFAULT_TARGETS[m] for n, m in metrics.items()}
+    bench = _Bench(holdout, {n: reference[n] for n in measured}, metrics, targets)
+    calibration_feeds = list(samples.batches(calib_idx, CALIBRATION_BATCH))
+    timing_feed = next(samples.batches((holdout_idx + calib_idx)[:TIMING_BATCH], TIMING_BATCH))
+
+    with tempfile.TemporaryDirectory(prefix="fogline-quant-") as tmp:
+        work = Path(tmp)
+        say("preparing the model (shape inference, graph optimization)")
+        prepared = _prepare(proto, work)
+        facts = _ModelFacts.of(onnx.load(str(prepared)))
+        built: dict[str, Path] = {}
+
+        def attempt(recipe: _Recipe) -> CandidateResult:
+            path = work / f"{recipe.strategy}.onnx"
+            say(f"trying {recipe.strategy}")
+            try:
+                _build(recipe, prepared, path, calibration_feeds, work)
+                agreement = bench.agreement(path)
+            except Exception as exc:  # noqa: BLE001 - a recipe may fail on some model; try the next
+                result = CandidateResult(recipe.strategy, recipe.description, error=one_line(exc))
+            else:
+                result = CandidateResult(
+                    recipe.strategy, recipe.description, agreement, size_bytes=path.stat().st_size
+                )
+                built[recipe.strategy] = path
+            say(_summary(result))
+            return result
+
+        first = [attempt(r) for r in _first_recipes()]
+        usable = [r for r in first if r.error is None]
+        method = "MinMax"
+        if usable:
+            best = max(usable, key=lambda r: r.margin)
+            method = {"static-entropy": "Entropy", "static-percentile": "Percentile"}.get(
+                best.strategy, "MinMax"
+            )
+        results = first + [attempt(r) for r in _more_recipes(facts, method)]
+        if not any(r.accepted for r in results):
+            results += [attempt(r) for r in _last_resort(facts, method)]
+
+        accepted = [r for r in results if r.accepted]
+        if not accepted:
+            raise _no_candidate(results)
+
+        say(f"timing FP32 and {len(built)} candidates")
+        sessions = {"": make_session(model_path, threads=1)}
+        for strategy, path in built.items():
+            sessions[strategy] = make_session(path, threads=1)
+        latency = _time_interleaved(sessions, timing_feed)
+        del sessions
+        fp32_ms = latency[""]
+        results = [
+            replace(r, latency_ms=latency[r.strategy], speedup=fp32_ms / latency[r.strategy])
+            if r.strategy in latency
+            else r
+            for r in results
+        ]
+        chosen = min((r for r in results if r.accepted), key=lambda r: r.latency_ms or math.inf)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built[chosen.strategy], output_path)
+
+    report = QuantizationReport(
+        model=model_path,
+        output=output_path,
+        strategy=chosen.strategy,
+        description=chosen.description,
+        fp32_bytes=model_path.stat().st_size,
+        int8_bytes=output_path.stat().st_size,
+        fp32_latency_ms=fp32_ms,
+        int8_latency_ms=chosen.latency_ms or math.nan,
+        outputs=chosen.outputs,
+        target=target,
+        candidates=tuple(results),
+        calibration_samples=len(calib_idx),
+        holdout_samples=len(holdout_idx),
+        timing_batch={k: tuple(int(d) for d in v.shape) for k, v in timing_feed.items()},
+        elapsed_s=time.perf_counter() - started,
+    )
+    say(
+        f"chose {chosen.strategy}: {report.speedup:.2f}× FP32 speed, "
+        f"{report.size_ratio:.2f}× FP32 size"
+    )
+    return report
+
+
+def _no_candidate(results: Sequence[CandidateResult]) -> QuantizationError:
+    """The error when nothing met the target: names the best agreement reached and the target."""
+    built = [r for r in results if r.error is None]
+    if not built:
+        return QuantizationError(
+            "every quantization strategy failed: "
+            + "; ".join(f"{r.strategy}: {r.error}" for r in results)
+        )
+    top = max(built, key=lambda r: r.margin)
+    worst = min(top.outputs, key=lambda o: o.agreement - o.target)
+    return QuantizationError(
+        f"no INT8 strategy met the agreement target: best was {worst.metric} "
+        f"{_below(worst.agreement, worst.target)} on output {worst.output!r} with "
+        f"{top.strategy}, target {worst.target:.10g} ({len(results)} strategies tried)"
+    )
+
+
+def _below(value: float, target: float) -> str:
+    """``value`` with enough decimals to show that it is below ``target`` (0.99996 ≠ 1.0000)."""
+    for digits in range(4, 12):
+        text = f"{value:.{digits}f}"
+        if float(text) < target:
+            return text
+    return f"{value:.12f}"

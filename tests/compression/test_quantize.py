@@ -1,0 +1,417 @@
+"""Accuracy-guided INT8 quantization of small generated models."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fogline.compression import ModelError, QuantizationError
+from fogline.compression._quantize import (
+    QuantizationReport,
+    _agreement,
+    _choose_metric,
+    _gemm_as_matmul,
+    quantize_model,
+)
+
+CLASSES = 4
+
+
+def _save(graph: onnx.GraphProto, path: Path, opset: int = 17) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [np.asarray(v) for v in session.run(None, feeds)]
+
+
+def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy copies of four fixed 8×8 patterns, with their class."""
+    prototypes = np.random.default_rng(99).standard_normal((CLASSES, 1, 8, 8))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    images = prototypes[labels] + 0.1 * rng.standard_normal((n, 1, 8, 8))
+    return images.astype(np.float32), labels
+
+
+def _conv_classifier(path: Path) -> Path:
+    """Two convolutions, pooling and a linear head fitted so that classes are well apart."""
+    rng = np.random.default_rng(1)
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((8, 1, 3, 3)) / 3).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) / 8).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "b2"),
+    ]
+    body = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["feat"]),
+    ]
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    features = _save(
+        helper.make_graph(
+            body,
+            "features",
+            [x_info],
+            [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["batch", 16])],
+            initializer=weights,
+        ),
+        path.with_suffix(".features.onnx"),
+    )
+    images, labels = _images(400, seed=2)
+    (feat,) = _run(features, {"x": images})
+    design = np.hstack([feat, np.ones((len(feat), 1), np.float32)])
+    targets = 8.0 * np.eye(CLASSES)[labels] - 4.0
+    fitted, *_ = np.linalg.lstsq(design, targets, rcond=None)
+    head = [
+        numpy_helper.from_array(fitted[:-1].T.astype(np.float32), "wf"),
+        numpy_helper.from_array(fitted[-1].astype(np.float32), "bf"),
+    ]
+    nodes = [
+        *body,
+        helper.make_node("Gemm", ["feat", "wf", "bf"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [x_info],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", CLASSES])],
+        initializer=weights + head,
+    )
+    return _save(graph, path)
+
+
+def _transformer(path: Path, vocab: int = 64, dim: int = 32, hidden: int = 64) -> Path:
+    """Two pre-norm encoder layers: Gather embedding, MatMul attention with a padding mask,
+    Softmax, LayerNormalization, Erf GELU, residual sums, masked mean pooling."""
+    rng = np.random.default_rng(3)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, value: np.ndarray | float) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def weight(name: str, rows: int, cols: int, scale: float | None = None) -> str:
+        s = scale if scale is not None else 1 / np.sqrt(rows)
+        return const(name, (rng.standard_normal((rows, cols)) * s).astype(np.float32))
+
+    def node(op: str, inputs: list[str], output: str, **attrs: object) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=f"{output}_node", **attrs))
+        return output
+
+    const("one", np.float32(1.0))
+    const("big", np.float32(-1e4))
+    const("half", np.float32(0.5))
+    const("rsqrt2", np.float32(1 / np.sqrt(2)))
+    const("scale", np.float32(1 / np.sqrt(dim)))
+    const("axis1", np.array([1], np.int64))
+    const("axis2", np.array([2], np.int64))
+    x = node("Gather", [weight("table", vocab, dim, 1.0), "input_ids"], "x0")
+    maskf = node("Cast", ["attention_mask"], "maskf", to=TensorProto.FLOAT)
+    bias = node("Mul", [node("Sub", ["one", maskf], "inv"), "big"], "bias2")
+    bias = node("Unsqueeze", [bias, "axis1"], "bias")
+    for layer in range(2):
+        p = f"l{layer}_"
+        gamma = const(p + "g1", np.ones(dim, np.float32))
+        beta = const(p + "b1", np.zeros(dim, np.float32))
+        ln = node("LayerNormalization", [x, gamma, beta], p + "ln1", axis=-1)
+        q = node("MatMul", [ln, weight(p + "wq", dim, dim)], p + "q")
+        k = node("MatMul", [ln, weight(p + "wk", dim, dim)], p + "k")
+        v = node("MatMul", [ln, weight(p + "wv", dim, dim)], p + "v")
+        scores = node("MatMul", [q, node("Transpose", [k], p + "kt", perm=[0, 2, 1])], p + "s")
+        scores = node("Add", [node("Mul", [scores, "scale"], p + "ss"), bias], p + "sb")
+        attn = node("Softmax", [scores], p + "attn", axis=-1)
+        ctx = node(
+            "MatMul", [node("MatMul", [attn, v], p + "ctx"), weight(p + "wo", dim, dim)], p + "o"
+        )
+        x = node("Add", [x, ctx], p + "res1")
+        gamma2 = const(p + "g2", np.ones(dim, np.float32))
+        beta2 = const(p + "b2", np.zeros(dim, np.float32))
+        ln2 = node("LayerNormalization", [x, gamma2, beta2], p + "ln2", axis=-1)
+        up = node("MatMul", [ln2, weight(p + "w1", dim, hidden)], p + "up")
+        up = node("Add", [up, const(p + "bu", np.zeros(hidden, np.float32))], p + "upb")
+        erf = node("Erf", [node("Mul", [up, "rsqrt2"], p + "ge0")], p + "ge1")
+        gelu = node(
+            "Mul",
+            [node("Mul", [up, node("Add", [erf, "one"], p + "ge2")], p + "ge3"), "half"],
+            p + "gelu",
+        )
+        x = node(
+            "Add",
+            [x, node("MatMul", [gelu, weight(p + "w2", hidden, dim)], p + "down")],
+            p + "res2",
+        )
+    gamma = const("gf", np.ones(dim, np.float32))
+    beta = const("bf", np.zeros(dim, np.float32))
+    hidden_state = node("LayerNormalization", [x, gamma, beta], "hidden", axis=-1)
+    m3 = node("Unsqueeze", [maskf, "axis2"], "m3")
+    total = node(
+        "ReduceSum", [node("Mul", [hidden_state, m3], "kept"), "axis1"], "total", keepdims=0
+    )
+    count = node("ReduceSum", [m3, "axis1"], "count", keepdims=0)
+    node("Div", [total, count], "sentence_embedding")
+    graph = helper.make_graph(
+        nodes,
+        "tiny_transformer",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", dim])],
+        initializer=inits,
+    )
+    return _save(graph, path)
+
+
+def _tokens(n: int, seed: int, seq: int = 16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((n, seq), np.int64)
+    for row, length in enumerate(rng.integers(4, seq + 1, n)):
+        mask[row, :length] = 1
+    return {"input_ids": rng.integers(0, 64, (n, seq)).astype(np.int64), "attention_mask": mask}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(
+        np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    )
+
+
+def _op_types(path: Path) -> Counter[str]:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "cnn": _conv_classifier(root / "cnn.onnx"),
+        "transformer": _transformer(root / "transformer.onnx"),
+    }
+
+
+@pytest.fixture(scope="module")
+def cnn_report(models: dict[str, Path]) -> QuantizationReport:
+    images, _ = _images(64, seed=5)
+    return quantize_model(models["cnn"], {"x": images}, models["cnn"].with_name("cnn.int8.onnx"))
+
+
+@pytest.fixture(scope="module")
+def transformer_report(models: dict[str, Path]) -> QuantizationReport:
+    out = models["transformer"].with_name("transformer.int8.onnx")
+    return quantize_model(models["transformer"], _tokens(64, seed=7), out, target=0.995)
+
+
+def test_conv_classifier_report_has_size_speed_agreement_and_every_candidate(
+    cnn_report: QuantizationReport,
+) -> None:
+    report = cnn_report
+    assert report.int8_bytes < report.fp32_bytes
+    assert 0 < report.size_ratio < 1
+    assert report.speedup > 0
+    assert report.fp32_latency_ms > 0
+    assert report.int8_latency_ms > 0
+    (probs,) = report.outputs
+    assert (probs.output, probs.metric, probs.target) == ("probs", "top1", 0.99)
+    assert probs.agreement >= probs.target
+    assert report.calibration_samples == 48
+    assert report.holdout_samples == 16
+    strategies = [c.strategy for c in report.candidates]
+    assert strategies[:3] == ["static-minmax", "static-entropy", "static-percentile"]
+    assert "dynamic-matmul" in strategies
+    chosen = next(c for c in report.candidates if c.strategy == report.strategy)
+    assert chosen.accepted
+    fastest = min(
+        (c for c in report.candidates if c.accepted), key=lambda c: c.latency_ms or np.inf
+    )
+    assert fastest.strategy == report.strategy
+    data = report.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    for key in ("strategy", "fp32_bytes", "int8_bytes", "size_ratio", "speedup", "agreement"):
+        assert key in data
+    assert data["metric"] == {"probs": "top1"}
+    for candidate in data["candidates"]:
+        assert {"strategy", "agreement", "latency_ms", "accepted"} <= set(candidate)
+
+
+def test_written_conv_model_is_int8_and_agrees_with_fp32_on_fresh_images(
+    models: dict[str, Path], cnn_report: QuantizationReport
+) -> None:
+    ops = _op_types(cnn_report.output)
+    assert ops["DequantizeLinear"] + ops["MatMulInteger"] > 0
+    images, labels = _images(200, seed=11)
+    (fp32,) = _run(models["cnn"], {"x": images})
+    (int8,) = _run(cnn_report.output, {"x": images})
+    assert np.mean(fp32.argmax(1) == labels) > 0.95  # the fixture is a working classifier
+    assert np.mean(int8.argmax(1) == fp32.argmax(1)) >= 0.97
+
+
+def test_tiny_transformer_reaches_a_cosine_target(
+    models: dict[str, Path], transformer_report: QuantizationReport
+) -> None:
+    report = transformer_report
+    (embedding,) = report.outputs
+    assert (embedding.metric, embedding.target) == ("cosine", 0.995)
+    assert embedding.agreement >= 0.995
+    strategies = {c.strategy for c in report.candidates}
+    assert "dynamic-matmul" in strategies
+    assert any(s.endswith("fp32-sensitive") for s in strategies)
+    assert report.int8_bytes < report.fp32_bytes
+    fresh = _tokens(48, seed=13)
+    (fp32,) = _run(models["transformer"], fresh)
+    (int8,) = _run(report.output, fresh)
+    assert _cosine(fp32, int8) >= 0.99
+
+
+def test_unreachable_target_names_the_best_agreement_and_the_target(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "never.onnx"
+    with pytest.raises(QuantizationError, match=r"best was cosine 0\.\d{4} .*target 0\.999999"):
+        quantize_model(models["transformer"], _tokens(32, seed=7), out, target=0.999999)
+    assert not out.exists()
+
+
+def test_target_above_one_is_refused_before_any_work(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(QuantizationError, match=r"target 1\.01 cannot be met"):
+        quantize_model(
+            models["cnn"],
+            {"x": np.zeros((4, 1, 8, 8), np.float32)},
+            tmp_path / "o.onnx",
+            target=1.01,
+        )
+
+
+def test_calibration_of_the_wrong_shape_names_input_and_shapes(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = {"x": np.zeros((10, 1, 7, 8), np.float32)}
+    with pytest.raises(
+        ModelError, match=r"'x' has shape \[10, 1, 7, 8\]; expected \[batch, 1, 8, 8\]"
+    ):
+        quantize_model(models["cnn"], bad, tmp_path / "o.onnx")
+
+
+def test_missing_calibration_input_is_named(models: dict[str, Path], tmp_path: Path) -> None:
+    tokens = _tokens(8, seed=1)
+    del tokens["attention_mask"]
+    with pytest.raises(
+        ModelError, match=r"'attention_mask' is missing \(expected int64 \[batch, seq\]"
+    ):
+        quantize_model(models["transformer"], tokens, tmp_path / "o.onnx")
+
+
+def test_float_token_ids_are_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    tokens = _tokens(8, seed=1)
+    tokens["input_ids"] = tokens["input_ids"].astype(np.float64)
+    with pytest.raises(ModelError, match="'input_ids' is float64; the model expects int64"):
+        quantize_model(models["transformer"], tokens, tmp_path / "o.onnx")
+
+
+def test_inputs_with_different_sample_counts_are_refused(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    tokens = _tokens(8, seed=1)
+    tokens["attention_mask"] = tokens["attention_mask"][:6]
+    with pytest.raises(ModelError, match="disagree on the number of samples"):
+        quantize_model(models["transformer"], tokens, tmp_path / "o.onnx")
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_fixed_batch_of_one_takes_samples_one_at_a_time(tmp_path: Path, stacked: bool) -> None:
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2", "b2"], ["features"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 24])],
+        initializer=[
+            numpy_helper.from_array((rng.standard_normal((32, 16)) / 4).astype(np.float32), "w1"),
+            numpy_helper.from_array(np.zeros(32, np.float32), "b1"),
+            numpy_helper.from_array((rng.standard_normal((32, 24)) / 6).astype(np.float32), "w2"),
+            numpy_helper.from_array(np.zeros(24, np.float32), "b2"),
+        ],
+    )
+    model = _save(graph, tmp_path / "mlp.onnx", opset=13)
+    samples = rng.standard_normal((20, 16)).astype(np.float32)
+    calibration = {"x": samples[:, None, :] if stacked else samples}
+
+    report = quantize_model(model, calibration, tmp_path / "mlp.int8.onnx", metric="cosine")
+
+    assert (report.calibration_samples, report.holdout_samples) == (15, 5)
+    assert report.timing_batch == {"x": (1, 16)}
+    assert report.outputs[0].metric == "cosine"
+    assert report.agreement >= 0.98
+
+
+def test_gemm_rewritten_as_matmul_computes_the_same() -> None:
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="fc")],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        initializer=[
+            numpy_helper.from_array(rng.standard_normal((3, 6)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    rewritten = _gemm_as_matmul(model)
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "Add"]
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {"x": x})[0])
+
+    np.testing.assert_allclose(run(rewritten), run(model), rtol=1e-5, atol=1e-6)
+
+
+def test_metric_follows_the_output_shape_and_name() -> None:
+    scores = np.zeros((8, 10), np.float32)
+    assert _choose_metric("probs", scores, "auto") == "top1"
+    assert _choose_metric("features", scores, "auto") == "cosine"
+    assert _choose_metric("logits", np.zeros((8, 5000), np.float32), "auto") == "cosine"
+    assert _choose_metric("relevance", np.zeros(8, np.float32), "auto") == "cosine"
+    assert _choose_metric("hidden", np.zeros((8, 4, 10), np.float32), "auto") == "cosine"
+    assert _choose_metric("probs", scores, "cosine") == "cosine"
+    assert _choose_metric("relevance", np.zeros(8, np.float32), "top1") == "cosine"
+    assert _choose_metric("label", np.zeros(8, np.int64), "auto") == "exact"
+
+
+def test_agreement_measures() -> None:
+    a = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 1.0]], np.float32)
+    flipped = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]], np.float32)
+    assert _agreement("top1", a, a) == 1.0
+    assert _agreement("top1", a, flipped) == 0.5
+    assert _agreement("cosine", a, 3 * a) == pytest.approx(1.0)
+    assert _agreement("cosine", a, flipped) == pytest.approx((1.0 + 0.8) / 2)
+    assert _agreement("cosine", a, a[:1]) == 0.0
+    assert _agreement("exact", np.array([1, 2, 3]), np.array([1, 2, 4])) == pytest.approx(2 / 3)
