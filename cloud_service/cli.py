@@ -22,7 +22,7 @@ app = typer.Typer(no_args_is_help=True, help="Run the cloud worker and its HTTP 
 
 
 @app.command("serve")
-def serve(  # noqa: PLR0917 (one parameter per command-line option)
+def serve(
     config: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="cloud.toml (defaults apply without one)."),

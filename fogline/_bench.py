@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -80,7 +79,9 @@ def _raw_sps(session: Any, frames: np.ndarray, batch: int, min_seconds: float) -
             return done / elapsed
 
 
-def _hybrid_accuracy(bundle: Any, edge: Any, cloud: Any, frames: np.ndarray, labels: np.ndarray) -> float:
+def _hybrid_accuracy(
+    bundle: Any, edge: Any, cloud: Any, frames: np.ndarray, labels: np.ndarray
+) -> float:
     """Accuracy of the edge decisions (drop / exit / cloud tail on the edge's features)."""
     th = bundle.thresholds
     correct = 0
@@ -97,7 +98,9 @@ def _hybrid_accuracy(bundle: Any, edge: Any, cloud: Any, frames: np.ndarray, lab
         probs = outs[bundle.edge.exit_output]
         feats = {n: outs[n] for n in bundle.edge.feature_outputs}
         (cloud_probs,) = cloud.run([bundle.cloud.output], feats)
-        pred = np.where(probs.max(axis=1) >= th.exit_confidence, probs.argmax(1), cloud_probs.argmax(1))
+        pred = np.where(
+            probs.max(axis=1) >= th.exit_confidence, probs.argmax(1), cloud_probs.argmax(1)
+        )
         pred = np.where(rel < th.relevance, -1, pred)
         correct += int(np.sum(pred == labels[start : start + 64]))
     return correct / len(frames)
@@ -271,9 +274,10 @@ def bench_e2e(
     total = int(rate * seconds)
     frames, _labels = make_frames(min(total, 4096), seed=13, p_digit=1.0, split="holdout")
     prefix = f"fogline-bench/{os.getpid()}"
-    with tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir, _bench_broker(
-        broker
-    ) as (url, shared):
+    with (
+        tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir,
+        _bench_broker(broker) as (url, shared),
+    ):
         tmp = Path(tmpdir)
         procs = _start_workers(workers, url, shared, prefix, tmp, max_batch, max_delay_ms)
         agent = Agent(

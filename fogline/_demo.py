@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,9 +132,12 @@ def run_demo(
     topic_prefix = f"fogline-demo/{int(time.time() * 1000)}"
     futures: list[Future[Answer]] = [Future() for _ in range(samples)]
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fogline-demo-") as tmp, _broker(broker_url) as (
-        url,
-        shared,
+    with (
+        tempfile.TemporaryDirectory(prefix="fogline-demo-") as tmp,
+        _broker(broker_url) as (
+            url,
+            shared,
+        ),
     ):
         result.broker = "external " + url if broker_url else "embedded (amqtt)"
         mqtt = MqttSettings.from_url(url, topic_prefix=topic_prefix)
@@ -215,7 +217,7 @@ def _stream(
     from rich.progress import Progress
 
     interval = batch / fps if fps > 0 else 0.0
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("streaming frames", total=len(frames))
@@ -234,7 +236,7 @@ def _stream(
                         _chain(fut, futures[start + j])
                     with lock:
                         bar.advance(task, len(chunk))
-            except BaseException as exc:
+            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(exc)
 
         threads = [
@@ -294,7 +296,9 @@ def demo(
     broker: str | None = typer.Option(
         None, "--broker", help="Use this broker (mqtt://host:port) instead of the embedded one."
     ),
-    fps: float = typer.Option(400.0, "--fps", min=0.0, help="Offered frames/s in all; 0: flat out."),
+    fps: float = typer.Option(
+        400.0, "--fps", min=0.0, help="Offered frames/s in all; 0: flat out."
+    ),
     seed: int = typer.Option(7, "--seed", help="Seed of the frame stream."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
