@@ -225,7 +225,7 @@ def _start_workers(
         )
         log = (tmp / f"cloud-{i}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fogline.cli", "cloud", "serve", "--config", str(conf)],
+            [sys.executable, "-m", "fogline", "cloud", "serve", "--config", str(conf)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
