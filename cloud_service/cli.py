@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from fogline._cli import fail
+from fogline._cli import fail, settle_heap
 
 __all__ = ["app"]
 
@@ -77,6 +77,7 @@ def serve(
         fail(str(exc))
     except CloudServiceError as exc:
         fail(str(exc), code=1)
+    settle_heap()
 
     server = uvicorn.Server(
         uvicorn.Config(

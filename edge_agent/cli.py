@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from fogline._cli import fail
+from fogline._cli import fail, settle_heap
 
 __all__ = ["app"]
 
@@ -87,6 +87,7 @@ def run(
             fail(str(exc))
         except AgentError as exc:
             fail(str(exc), code=1)
+        settle_heap()
         try:
             if stop_requested:
                 return

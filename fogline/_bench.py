@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import typer
 
+from fogline._cli import settle_heap
+
 __all__ = ["app"]
 
 app = typer.Typer(no_args_is_help=True)
@@ -160,6 +162,7 @@ def bench_edge(
         )
         agent = Agent(config)
         agent.start()
+        settle_heap()
         try:
             done = 0
             # one warm pass, then measure over whole passes for at least `seconds`
@@ -290,6 +293,7 @@ def bench_e2e(
             )
         )
         agent.start()
+        settle_heap()
         futures: list[Future[Answer]] = []
         try:
             for i in range(20):  # warm the path end to end

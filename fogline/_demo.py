@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from fogline._cli import fail
+from fogline._cli import fail, settle_heap
 
 __all__ = ["DemoResult", "demo", "run_demo"]
 
@@ -157,6 +157,7 @@ def run_demo(
         try:
             for agent in agents:
                 agent.start()
+            settle_heap()
             _stream(agents, frames, futures, fps=fps, batch=batch, progress=progress)
             answers: list[Answer | None] = []
             with Progress(transient=True, disable=not progress) as bar:
