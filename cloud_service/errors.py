@@ -15,9 +15,13 @@ __all__ = [
     "CloudError",
     "CloudServiceError",
     "ConfigError",
+    "DeadlineExceededError",
+    "InferenceInputError",
+    "ModelNotReadyError",
     "QueueFullError",
     "StoreError",
     "UnknownBundleError",
+    "UnknownModelError",
 ]
 
 
@@ -67,3 +71,26 @@ class StoreError(CloudServiceError):
 
 class BrokerError(CloudServiceError):
     """The MQTT broker could not be reached or used."""
+
+
+class UnknownModelError(CloudDataError, LookupError):
+    """A request names a model (or a version of it) that is not in the repository."""
+
+    def __init__(self, model: str, version: str | None = None) -> None:
+        what = f"model {model!r}" if version is None else f"version {version!r} of model {model!r}"
+        super().__init__(f"unknown {what}")
+        self.model = model
+        self.version = version
+
+
+class InferenceInputError(CloudDataError):
+    """An inference request does not fit the model: a missing or unexpected tensor, a wrong
+    datatype or shape, data that does not match its declared shape."""
+
+
+class ModelNotReadyError(CloudServiceError):
+    """The model exists but is loading, unloading or failed to load."""
+
+
+class DeadlineExceededError(CloudServiceError):
+    """A queued request could not be served within its timeout and was rejected unserved."""
