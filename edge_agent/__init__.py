@@ -1,10 +1,11 @@
 """The edge agent: run a bundle's edge model, decide per input, forward features over MQTT.
 
 Per input: the filter head may **drop** it (nothing leaves the site), the early-exit head
-may answer it at the **edge**, otherwise its features go to the **cloud** and the agent
-waits for the answer. :class:`Agent` is the Python API (``await agent.infer(x)``,
-``agent.submit(x)``, ``agent.submit_batch(xs)``); :func:`create_app` is the local HTTP API
-over it; ``fogline agent run --config agent.toml`` runs both as a service.
+may answer it at the **edge**, otherwise its features go to the **cloud**: stored in a
+durable outbox, published, re-sent until answered. :class:`Agent` is the Python API
+(``await agent.infer(x)``, ``agent.submit(x)``, ``agent.submit_batch(xs)``);
+:func:`create_app` is the local HTTP API over it; ``fogline agent run --config
+agent.toml`` runs both as a service.
 """
 
 from __future__ import annotations
@@ -20,17 +21,27 @@ from fogline.edge_agent.errors import (
     CloudBusyError,
     CloudFailedError,
     CloudTimeoutError,
+    CloudUnavailableError,
     ConfigError,
     InputError,
     ModelError,
     NotRunningError,
+    OutboxError,
+    OutboxEvictedError,
     OverloadedError,
 )
 
 if TYPE_CHECKING:
-    from fogline.edge_agent._agent import Agent, Answer, Source
+    from fogline.edge_agent._agent import Agent, Answer, Delivery, Source
     from fogline.edge_agent._api import create_app
-    from fogline.edge_agent._config import AgentConfig, HttpConfig, RuntimeConfig, load_config
+    from fogline.edge_agent._config import (
+        AgentConfig,
+        BreakerConfig,
+        HttpConfig,
+        OutboxConfig,
+        RuntimeConfig,
+        load_config,
+    )
     from fogline.edge_agent._runtime import InputSpec
 
 # The package is imported by ``fogline --help`` (through ``cli``); onnxruntime and FastAPI
@@ -38,9 +49,12 @@ if TYPE_CHECKING:
 _LAZY = {
     "Agent": "_agent",
     "Answer": "_agent",
+    "Delivery": "_agent",
     "Source": "_agent",
     "create_app": "_api",
     "AgentConfig": "_config",
+    "BreakerConfig": "_config",
+    "OutboxConfig": "_config",
     "HttpConfig": "_config",
     "RuntimeConfig": "_config",
     "load_config": "_config",
@@ -68,16 +82,22 @@ __all__ = [
     "AgentError",
     "AgentPeerError",
     "Answer",
+    "BreakerConfig",
     "BrokerError",
     "CloudBusyError",
     "CloudFailedError",
     "CloudTimeoutError",
+    "CloudUnavailableError",
     "ConfigError",
+    "Delivery",
     "HttpConfig",
     "InputError",
     "InputSpec",
     "ModelError",
     "NotRunningError",
+    "OutboxConfig",
+    "OutboxError",
+    "OutboxEvictedError",
     "OverloadedError",
     "RuntimeConfig",
     "Source",

@@ -10,8 +10,18 @@ Three ways in, one way through (:meth:`Agent._process`):
 * ``await`` :meth:`Agent.infer` is :meth:`submit` bridged to the caller's event loop.
 
 Dropped and early-exit items are answered before ``_process`` returns. Forwarded items
-are answered on paho's network thread when the cloud's result arrives, or by the
-deadline thread after ``cloud_timeout_ms`` with :class:`CloudTimeoutError`.
+are committed to the durable outbox (:mod:`._outbox`) before they are published, and stay
+there until the cloud's answer arrives; then the outbox row is deleted and only after that
+commit is the answer handed out (the ack thread), so a crash can never deliver an answer
+twice. A caller waits at most ``cloud_timeout_ms``: then it gets the edge's own answer
+(``status="degraded"``) or an error, as ``breaker.offline`` says, and the item becomes
+*detached*: it is re-sent with backoff until answered or evicted, and its final outcome
+goes to the ``on_answer`` callback. Items recovered from the outbox at start-up are
+detached from the start. Each forwarded item thus gets exactly one final outcome.
+
+Threads: the model thread (single submits), paho's network thread (results), the ack
+thread (outbox deletes, then answers), the resend thread (backoff, expiry, gauges) and
+the deadline thread (callers who waited long enough).
 """
 
 from __future__ import annotations
@@ -19,12 +29,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import logging
 import os
 import queue
+import random
+import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,24 +46,28 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from fogline.compression import Codec, Envelope, Kind, encode_envelope, now_us
+from fogline.edge_agent._breaker import STATE_CODES, CircuitBreaker
 from fogline.edge_agent._config import AgentConfig
 from fogline.edge_agent._metrics import AgentMetrics
+from fogline.edge_agent._outbox import Eviction, Outbox, OutboxFullError, OutboxLimits
 from fogline.edge_agent._pipeline import BatchDecision, Decision, decide_batch
 from fogline.edge_agent._runtime import EdgeRuntime, InputSpec
 from fogline.edge_agent._transport import Transport
 from fogline.edge_agent.errors import (
     AgentError,
-    AgentPeerError,
     CloudBusyError,
     CloudFailedError,
     CloudTimeoutError,
+    CloudUnavailableError,
     ModelError,
     NotRunningError,
+    OutboxError,
+    OutboxEvictedError,
     OverloadedError,
 )
 from fogline.sync import Bundle, BundleError, Thresholds
 
-__all__ = ["Agent", "Answer", "Source"]
+__all__ = ["Agent", "Answer", "Delivery", "Source"]
 
 log = logging.getLogger("fogline.edge_agent")
 
@@ -67,7 +84,9 @@ class Answer:
     ``cloud`` (the cloud's label and confidence). The decision inputs (``relevance``,
     ``exit_confidence``; ``None`` when the bundle lacks that head), the ``thresholds`` and
     the ``bundle`` id travel with it. ``latency_ms`` runs from the input's arrival at the
-    agent to its answer.
+    agent to its answer. ``status`` is ``ok``, or ``degraded`` for a forwarded item the
+    edge answered alone because the cloud did not answer in time (the cloud's answer
+    follows through ``on_answer``). ``tag`` is the caller's own correlation string.
     """
 
     source: Source
@@ -81,11 +100,12 @@ class Answer:
     latency_ms: float
     worker: str | None = None
     status: str = "ok"
+    tag: str | None = None
 
     @property
     def decision(self) -> str:
         """The edge decision: ``drop``, ``exit`` or ``forward``."""
-        return _DECISION_OF[self.source]
+        return "forward" if self.status == "degraded" else _DECISION_OF[self.source]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -105,13 +125,64 @@ class Answer:
             "latency_ms": self.latency_ms,
             "worker": self.worker,
             "status": self.status,
+            "tag": self.tag,
         }
 
 
-# A forwarded item waiting for the cloud: its future, arrival time (perf_counter),
-# relevance and exit confidence.
-_Waiting = tuple["Future[Answer]", float, "float | None", "float | None"]
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The final outcome of a forwarded item no caller waits for any more (it timed out,
+    was answered degraded, or was recovered from the outbox after a restart): the cloud's
+    :class:`Answer`, or the error that ended it (:class:`CloudFailedError`,
+    :class:`OutboxEvictedError`). Exactly one per item."""
+
+    message_id: str
+    tag: str | None
+    answer: Answer | None
+    error: AgentError | None
+
+
+class _Pending:
+    """A forwarded item in the outbox, waiting for its answer. Mutated under the agent's
+    pending lock only."""
+
+    __slots__ = (
+        "arrived",
+        "attempts",
+        "busy",
+        "conf",
+        "future",
+        "label",
+        "next_at",
+        "rel",
+        "tag",
+    )
+
+    def __init__(
+        self,
+        future: Future[Answer] | None,
+        arrived: float,
+        rel: float | None,
+        conf: float | None,
+        label: int | None,
+        tag: str | None,
+        next_at: float,
+    ) -> None:
+        self.future = future
+        self.arrived = arrived
+        self.rel = rel
+        self.conf = conf
+        self.label = label
+        self.tag = tag
+        self.next_at = next_at
+        self.attempts = 1
+        self.busy = False
+
+
 _STOP = object()
+_JITTER = 0.2
+_GAUGE_EVERY_S = 0.5
+_EXPIRE_EVERY_S = 1.0
 _COMPRESS_PROBE_EVERY = 64
 _FLAGS_OFFSET = 5  # the envelope's flags byte (docs/wire-format.md)
 _FLAG_ZSTD = 0x01
@@ -138,7 +209,13 @@ class Agent:
     manager. Thread-safe: any thread may submit.
     """
 
-    def __init__(self, config: AgentConfig, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        on_answer: Callable[[Delivery], None] | None = None,
+    ) -> None:
         if not isinstance(config, AgentConfig):
             raise TypeError("Agent needs an AgentConfig")
         self.config = config
@@ -153,17 +230,31 @@ class Agent:
             raise ModelError(f"bundle {self.bundle.id}: {exc}") from exc
         self.site = config.site
         self.bundle_id = self.bundle.id
+        self.on_answer = on_answer
         self.metrics = AgentMetrics(registry)
         self.metrics.info.info(
             {"site": self.site, "bundle": self.bundle_id, "codec": self.codec.name.lower()}
         )
-        self._transport: Transport[_Waiting] = Transport(
+        self._transport = Transport(
             config.mqtt_settings(), self.site, self._on_result, self.metrics
         )
-        self.metrics.pending.set_function(lambda: self._transport.pending_count)
+        self.metrics.pending.set_function(lambda: len(self._pending))
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+        self.metrics.circuit_state.set_function(lambda: STATE_CODES[self._breaker.state])
         self._runtime: EdgeRuntime | None = None
+        self._outbox: Outbox | None = None
+        b = config.breaker
+        self._breaker = CircuitBreaker(
+            failure_threshold=b.failure_threshold,
+            open_s=b.open_ms / 1000.0,
+            max_open_s=b.max_open_ms / 1000.0,
+        )
+        self._degrade = b.offline == "degrade"
         self._timeout_s = config.cloud_timeout_ms / 1000.0
+        ob = config.outbox
+        self._retry_initial_s = ob.retry_initial_ms / 1000.0
+        self._retry_max_s = ob.retry_max_ms / 1000.0
+        self._resend_rate = float(ob.resend_rate_per_s)
         self._zstd_level = self.bundle.zstd_level
         self._features = tuple(self.bundle.edge.feature_outputs)
         self._compress = True
@@ -173,6 +264,13 @@ class Agent:
         self._active = 0
         self._cond = threading.Condition(threading.Lock())
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.runtime.max_queue)
+        # Forwarded items by message id; guarded by _plock.
+        self._pending: dict[bytes, _Pending] = {}
+        self._plock = threading.Lock()
+        self._resend_heap: list[tuple[float, int, bytes]] = []
+        self._resend_seq = 0
+        self._acks: queue.SimpleQueue[tuple[bytes, _Pending, Future[Answer] | None, Any] | None]
+        self._acks = queue.SimpleQueue()
         self._deadlines: collections.deque[tuple[float, list[bytes]]] = collections.deque()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -214,13 +312,16 @@ class Agent:
         )
         runtime.warm_up()
         self._runtime = runtime
+        self._open_outbox()
+        loops = {
+            "model": self._model_loop,
+            "deadlines": self._deadline_loop,
+            "acks": self._ack_loop,
+            "resend": self._resend_loop,
+        }
         self._threads = [
-            threading.Thread(
-                target=self._model_loop, name=f"fogline-agent-{self.site}-model", daemon=True
-            ),
-            threading.Thread(
-                target=self._deadline_loop, name=f"fogline-agent-{self.site}-deadlines", daemon=True
-            ),
+            threading.Thread(target=fn, name=f"fogline-agent-{self.site}-{name}", daemon=True)
+            for name, fn in loops.items()
         ]
         for thread in self._threads:
             thread.start()
@@ -230,8 +331,49 @@ class Agent:
             self._accepting = True
         self._transport.start(wait=wait_connected)
 
+    def _open_outbox(self) -> None:
+        ob = self.config.outbox
+        path = self.config.outbox_path
+        try:
+            outbox = Outbox(
+                path,
+                OutboxLimits(ob.max_items, ob.max_bytes, ob.max_age_s),
+                synchronous="full" if ob.synchronous == "full" else "normal",
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"cannot open the outbox {path}: {exc}") from exc
+        self._outbox = outbox
+        recovered = outbox.items()
+        if recovered:
+            now_m, now_w, now_p = time.monotonic(), time.time(), time.perf_counter()
+            with self._plock:
+                for k, item in enumerate(recovered):
+                    # Spread the first re-sends over the drain rate, oldest first.
+                    due = now_m + k / self._resend_rate
+                    p = _Pending(
+                        None,
+                        now_p - max(0.0, now_w - item.created_s),
+                        None,
+                        None,
+                        None,
+                        item.tag,
+                        due,
+                    )
+                    p.attempts = 0
+                    self._pending[item.message_id] = p
+                    self._schedule(item.message_id, due)
+            log.info(
+                "site %s: %d unanswered items recovered from the outbox %s",
+                self.site,
+                len(recovered),
+                path,
+            )
+        self._update_gauges()
+
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Refuse new inputs, finish the batches in progress, fail what waits, disconnect."""
+        """Refuse new inputs, finish the batches in progress, fail what waits, disconnect.
+
+        Forwarded items not yet answered stay in the outbox for the next start."""
         with self._cond:
             if self._state == "stopped":
                 return
@@ -243,6 +385,7 @@ class Agent:
             return
         self._halt.set()
         if self._threads:
+            self._acks.put(None)
             with contextlib.suppress(queue.Full):
                 self._queue.put(_STOP, timeout=timeout_s)
         for thread in self._threads:
@@ -255,9 +398,15 @@ class Agent:
                 break
             if item is not _STOP:
                 _settle(item[1], None, NotRunningError(message))
-        for waiting in self._transport.take_all():
-            _settle(waiting[0], None, NotRunningError(message))
+        with self._plock:
+            waiting = [p.future for p in self._pending.values() if p.future is not None]
+            for p in self._pending.values():
+                p.future = None
+        for fut in waiting:
+            _settle(fut, None, NotRunningError(message + "; the item stays in the outbox"))
         self._transport.stop()
+        if self._outbox is not None:
+            self._outbox.close()
         log.info("agent for site %s stopped", self.site)
 
     def __enter__(self) -> Agent:
@@ -334,10 +483,23 @@ class Agent:
             "bytes_sent": int(v("fogline_agent_bytes_sent_total")),
             "bytes_raw": int(v("fogline_agent_bytes_raw_total")),
             "rejected": int(m.total("fogline_agent_rejected_total")),
-            "late_results": int(v("fogline_agent_late_results_total")),
+            "duplicates_suppressed": int(v("fogline_agent_duplicates_suppressed_total")),
             "shed": int(v("fogline_agent_shed_total")),
-            "pending": self._transport.pending_count,
+            "pending": len(self._pending),
+            "outbox_items": 0 if self._outbox is None else len(self._outbox),
+            "resends": int(v("fogline_agent_resends_total")),
+            "evicted": int(m.total("fogline_agent_outbox_evictions_total")),
+            "degraded": int(v("fogline_agent_degraded_answers_total")),
         }
+
+    @property
+    def circuit_state(self) -> str:
+        """``closed``, ``open`` or ``half_open`` (see :mod:`._breaker`)."""
+        return self._breaker.state
+
+    def drained(self) -> bool:
+        """True when no forwarded item is waiting for the cloud (the outbox is empty)."""
+        return not self._pending
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until the broker acknowledged every feature envelope published so far."""
@@ -345,21 +507,24 @@ class Agent:
 
     # ways in
 
-    def submit(self, sample: Any) -> Future[Answer]:
+    def submit(self, sample: Any, *, tag: str | None = None, priority: int = 0) -> Future[Answer]:
         """Queue one input (an array of the model's item shape); a future of its answer.
 
-        Raises :class:`InputError` at once for an input that does not fit the model, and
-        :class:`OverloadedError` when ``runtime.max_queue`` inputs already wait.
+        ``tag`` is the caller's correlation string (kept in the outbox, returned with the
+        answer and with any later :class:`Delivery`); ``priority`` orders outbox eviction
+        (lowest first). Raises :class:`InputError` at once for an input that does not fit
+        the model, and :class:`OverloadedError` when ``runtime.max_queue`` inputs wait.
         """
         t0, created_us = time.perf_counter(), now_us()
         rt = self._require_running()
         arr = rt.input.item(sample)
+        _check_tag(tag)
         future: Future[Answer] = Future()
         with self._cond:
             if not self._accepting:
                 raise NotRunningError(f"agent for {self.site} is not running")
             try:
-                self._queue.put_nowait((arr, future, t0, created_us))
+                self._queue.put_nowait((arr, future, t0, created_us, tag, int(priority)))
             except queue.Full:
                 self.metrics.shed.inc()
                 raise OverloadedError(
@@ -367,25 +532,38 @@ class Agent:
                 ) from None
         return future
 
-    async def infer(self, sample: Any) -> Answer:
+    async def infer(self, sample: Any, *, tag: str | None = None, priority: int = 0) -> Answer:
         """Answer one input, awaiting it on the caller's event loop.
 
-        Cloud answers arrive on paho's thread and are handed to this loop with
+        Cloud answers arrive on the ack thread and are handed to this loop with
         ``call_soon_threadsafe`` (via :func:`asyncio.wrap_future`). Raises the agent's
-        errors: :class:`InputError`, :class:`CloudTimeoutError`, :class:`CloudBusyError`, …
+        errors: :class:`InputError`, :class:`CloudTimeoutError`, :class:`CloudBusyError`,
+        :class:`CloudUnavailableError` (with ``breaker.offline = "fail"``), …
         """
-        return await asyncio.wrap_future(self.submit(sample))
+        return await asyncio.wrap_future(self.submit(sample, tag=tag, priority=priority))
 
-    def submit_batch(self, samples: Any) -> list[Future[Answer]]:
+    def submit_batch(
+        self,
+        samples: Any,
+        *,
+        tags: Sequence[str | None] | None = None,
+        priority: int = 0,
+    ) -> list[Future[Answer]]:
         """Run a batch (first axis = items) through one model call; one future per item.
 
         Dropped and early-exit items are resolved when this returns; forwarded items are
-        published before it returns and resolve when the cloud answers.
+        stored in the outbox and published before it returns, and resolve when the cloud
+        answers. ``tags`` gives one correlation string per item.
         """
         t0, created_us = time.perf_counter(), now_us()
         rt = self._require_running()
         frames = rt.input.batch(samples)
         n = int(frames.shape[0])
+        if tags is not None:
+            if len(tags) != n:
+                raise ValueError(f"{len(tags)} tags for {n} samples")
+            for tag in tags:
+                _check_tag(tag)
         futures: list[Future[Answer]] = [Future() for _ in range(n)]
         if n == 0:
             return futures
@@ -396,7 +574,15 @@ class Agent:
                 raise NotRunningError(f"agent for {self.site} is not running")
             self._active += 1
         try:
-            self._process(frames, futures, arrived, created, uniform=True)
+            self._process(
+                frames,
+                futures,
+                arrived,
+                created,
+                [None] * n if tags is None else list(tags),
+                [int(priority)] * n,
+                uniform=True,
+            )
         finally:
             with self._cond:
                 self._active -= 1
@@ -438,6 +624,8 @@ class Agent:
                     futures,
                     [it[2] for it in items],
                     [it[3] for it in items],
+                    [it[4] for it in items],
+                    [it[5] for it in items],
                     uniform=False,
                 )
             except Exception as exc:
@@ -453,6 +641,8 @@ class Agent:
         futures: Sequence[Future[Answer]],
         arrived: Sequence[float],
         created_us: Sequence[int],
+        tags: Sequence[str | None],
+        priorities: Sequence[int],
         *,
         uniform: bool,
     ) -> None:
@@ -493,7 +683,7 @@ class Agent:
         rel = None if decided.relevance is None else decided.relevance.tolist()
         conf = None if decided.exit_confidence is None else decided.exit_confidence.tolist()
         if n_drop or n_exit:
-            self._answer_locally(decided, futures, arrived, rel, conf, uniform=uniform)
+            self._answer_locally(decided, futures, arrived, tags, rel, conf, uniform=uniform)
         if n_fwd:
             self._forward(
                 decided,
@@ -501,6 +691,8 @@ class Agent:
                 futures=futures,
                 arrived=arrived,
                 created_us=created_us,
+                tags=tags,
+                priorities=priorities,
                 rel=rel,
                 conf=conf,
             )
@@ -510,6 +702,7 @@ class Agent:
         decided: BatchDecision,
         futures: Sequence[Future[Answer]],
         arrived: Sequence[float],
+        tags: Sequence[str | None],
         rel: list[float] | None,
         conf: list[float] | None,
         *,
@@ -539,6 +732,7 @@ class Agent:
                     bundle,
                     None,
                     ms,
+                    tag=tags[i],
                 )
                 _settle(futures[i], answer, None)
                 if per_item:
@@ -554,26 +748,23 @@ class Agent:
         futures: Sequence[Future[Answer]],
         arrived: Sequence[float],
         created_us: Sequence[int],
+        tags: Sequence[str | None],
+        priorities: Sequence[int],
         rel: list[float] | None,
         conf: list[float] | None,
     ) -> None:
+        """Encode, store durably, register, then publish the forwarded items of a batch."""
         idx = decided.indices(Decision.FORWARD).tolist()
-        room = self.config.max_pending - self._transport.pending_count
-        if room < len(idx):
-            shed = idx[max(room, 0) :]
-            idx = idx[: max(room, 0)]
-            self.metrics.shed.inc(len(shed))
-            message = f"{self.config.max_pending} forwarded items already wait for the cloud"
-            for i in shed:
-                _settle(futures[i], None, OverloadedError(message))
+        outbox = self._outbox
+        if outbox is None:
+            raise NotRunningError(f"agent for {self.site} is not running")
         site, bundle, codec, level = self.site, self.bundle_id, self.codec, self._zstd_level
         feats = [(name, outputs[name]) for name in self._features]
-        publish = self._transport.publish
+        labels = None if decided.labels is None else decided.labels.tolist()
         ids = _uuid4_bytes(len(idx))
-        sent = 0
-        mids: list[bytes] = []
+        entries: list[tuple[bytes, bytes, int, str | None]] = []
+        kept: list[int] = []
         for k, i in enumerate(idx):
-            mid = ids[k]
             r = None if rel is None else rel[i]
             c = None if conf is None else conf[i]
             meta: dict[str, Any] = {"decision": "forward"}
@@ -589,7 +780,7 @@ class Agent:
                 payload = encode_envelope(
                     Envelope(
                         Kind.FEATURES,
-                        mid,
+                        ids[k],
                         site,
                         bundle,
                         {name: arr[i : i + 1] for name, arr in feats},
@@ -601,90 +792,351 @@ class Agent:
                     zstd_level=level,
                     compress=probe or self._compress,
                 )
-                if probe:
-                    self._compress = bool(payload[_FLAGS_OFFSET] & _FLAG_ZSTD)
-                publish(mid, payload, (futures[i], arrived[i], r, c))
-            except (ValueError, AgentPeerError) as exc:
-                error = exc if isinstance(exc, AgentPeerError) else ModelError(str(exc))
-                _settle(futures[i], None, error)
+            except ValueError as exc:
+                _settle(futures[i], None, ModelError(str(exc)))
                 continue
-            sent += len(payload)
-            mids.append(mid)
+            if probe:
+                self._compress = bool(payload[_FLAGS_OFFSET] & _FLAG_ZSTD)
+            entries.append((ids[k], payload, priorities[i], tags[i]))
+            kept.append(i)
+        if not entries:
+            return
+        # Durable before anything leaves the site.
+        try:
+            evicted = outbox.add_many(entries)
+        except (OutboxFullError, sqlite3.Error, OSError) as exc:
+            error = OutboxError(f"the outbox refused {len(entries)} items: {exc}")
+            log.exception("site %s: %s", self.site, error)
+            for i in kept:
+                _settle(futures[i], None, error)
+            return
+        now_m = time.monotonic()
+        connected = self._transport.connected
+        first_retry = now_m + self._retry_initial_s * random.uniform(1 - _JITTER, 1 + _JITTER)
+        waiting: list[bytes] = []
+        unserved: list[tuple[Future[Answer], _Pending, bytes]] = []
+        breaker = self._breaker
+        with self._plock:
+            for (mid, _payload, _prio, tag), i in zip(entries, kept, strict=True):
+                wait = connected and (breaker.state == "closed" or breaker.allow_wait(now_m))
+                p = _Pending(
+                    futures[i] if wait else None,
+                    arrived[i],
+                    None if rel is None else rel[i],
+                    None if conf is None else conf[i],
+                    None if labels is None else labels[i],
+                    tag,
+                    first_retry if connected else now_m,
+                )
+                self._pending[mid] = p
+                self._schedule(mid, p.next_at)
+                if wait:
+                    waiting.append(mid)
+                else:
+                    unserved.append((futures[i], p, mid))
+        if evicted:
+            self._evicted(evicted)
+        gone = {e.item.message_id for e in evicted}
+        sent = 0
+        if connected:
+            publish = self._transport.publish
+            for mid, payload, _prio, _tag in entries:
+                if mid not in gone and publish(payload):
+                    sent += len(payload)
         if sent:
             self.metrics.bytes_sent.inc(sent)
-        if mids:
-            self._deadlines.append((time.monotonic() + self._timeout_s, mids))
+        why = "not connected to the broker" if not connected else "circuit breaker open"
+        for fut, p, mid in unserved:
+            self._answer_unserved(fut, p, mid, CloudUnavailableError(mid.hex(), why))
+        if waiting:
+            self._deadlines.append((now_m + self._timeout_s, waiting))
+
+    def _answer_unserved(
+        self, future: Future[Answer], p: _Pending, mid: bytes, error: AgentError
+    ) -> None:
+        """A caller stops waiting for the cloud: the edge's own answer, or ``error``."""
+        if self._degrade and p.label is not None:
+            ms = (time.perf_counter() - p.arrived) * 1000.0
+            answer = Answer(
+                "edge",
+                p.label,
+                p.conf,
+                p.rel,
+                p.conf,
+                self.thresholds,
+                self.bundle_id,
+                mid.hex(),
+                ms,
+                None,
+                "degraded",
+                p.tag,
+            )
+            self.metrics.degraded.inc()
+            self.metrics.latency.observe("edge", ms / 1000.0)
+            _settle(future, answer, None)
+        else:
+            _settle(future, None, error)
+
+    def _evicted(self, evictions: Sequence[Eviction]) -> None:
+        """Count, log and end the items an outbox bound pushed out."""
+        by_reason: dict[str, int] = {}
+        ended: list[tuple[bytes, _Pending]] = []
+        with self._plock:
+            for ev in evictions:
+                mid = ev.item.message_id
+                by_reason[ev.reason] = by_reason.get(ev.reason, 0) + 1
+                p = self._pending.pop(mid, None)
+                if p is not None:
+                    ended.append((mid, p))
+        for reason, n in by_reason.items():
+            self.metrics.evictions.labels(reason=reason).inc(n)
+            log.warning(
+                "site %s: evicted %d unanswered items from the outbox (bound %s reached)",
+                self.site,
+                n,
+                reason,
+            )
+        reasons = {ev.item.message_id: ev.reason for ev in evictions}
+        for mid, p in ended:
+            with self._plock:
+                fut, p.future = p.future, None
+            self._finish(mid, p, fut, OutboxEvictedError(mid.hex(), reasons[mid]))
+
+    def _schedule(self, mid: bytes, at: float) -> None:
+        """Queue a (re-)send of ``mid`` at monotonic time ``at`` (``_plock`` held)."""
+        self._resend_seq += 1
+        heapq.heappush(self._resend_heap, (at, self._resend_seq, mid))
+
+    def _finish(
+        self, mid: bytes, p: _Pending, future: Future[Answer] | None, outcome: Answer | AgentError
+    ) -> None:
+        """Hand an item's final outcome to its caller, or to ``on_answer`` if none waits."""
+        answer = outcome if isinstance(outcome, Answer) else None
+        error = outcome if isinstance(outcome, AgentError) else None
+        if future is not None:
+            _settle(future, answer, error)
+            return
+        self.metrics.detached.labels(kind="answer" if answer is not None else "error").inc()
+        callback = self.on_answer
+        if callback is None:
+            return
+        try:
+            callback(Delivery(mid.hex(), p.tag, answer, error))
+        except Exception:
+            log.exception("site %s: on_answer failed for %s", self.site, mid.hex())
 
     # paho network thread
 
-    def _on_result(self, env: Envelope, waiting: _Waiting) -> None:
-        future, arrived, rel, exit_conf = waiting
+    def _on_result(self, env: Envelope) -> None:
+        mid = env.message_id
+        with self._plock:
+            p = self._pending.get(mid)
+        if p is None:
+            self.metrics.duplicates.inc()
+            log.debug("site %s: result for %s matches nothing pending", self.site, mid.hex())
+            return
         meta = env.meta
-        mid = env.message_id.hex()
         worker = meta.get("worker")
         worker = worker if isinstance(worker, str) else None
         status = meta.get("status")
         m = self.metrics
+        self._breaker.record_success()
+        if status == "busy":
+            m.cloud_results.labels(status="busy").inc()
+            retry = meta.get("retry_after_ms")
+            retry_s = (
+                float(retry) / 1000.0
+                if isinstance(retry, int | float) and not isinstance(retry, bool) and retry > 0
+                else self._retry_initial_s
+            )
+            at = time.monotonic() + retry_s * random.uniform(1, 1 + 2 * _JITTER)
+            with self._plock:
+                if self._pending.get(mid) is p:
+                    p.busy = True
+                    p.next_at = at
+                    self._schedule(mid, at)
+            return
+        outcome: Answer | AgentError
+        hexid = mid.hex()
         if status == "ok":
             label, confidence, problem = _label_of(env)
             if problem is not None:
                 m.rejected.labels(reason="bad_result").inc()
-                log.warning("site %s: unusable result for %s: %s", self.site, mid, problem)
-                _settle(future, None, CloudFailedError(mid, f"malformed result: {problem}", worker))
-                return
-            ms = (time.perf_counter() - arrived) * 1000.0
-            m.cloud_results.labels(status="ok").inc()
-            m.latency.observe("cloud", ms / 1000.0)
-            answer = Answer(
-                "cloud",
-                label,
-                confidence,
-                rel,
-                exit_conf,
-                self.thresholds,
-                self.bundle_id,
-                mid,
-                ms,
-                worker,
-                "ok",
-            )
-            _settle(future, answer, None)
-        elif status == "busy":
-            m.cloud_results.labels(status="busy").inc()
-            retry = meta.get("retry_after_ms")
-            retry_ms = int(retry) if isinstance(retry, int | float) and retry >= 0 else None
-            _settle(future, None, CloudBusyError(mid, retry_ms, worker))
+                log.warning("site %s: unusable result for %s: %s", self.site, hexid, problem)
+                outcome = CloudFailedError(hexid, f"malformed result: {problem}", worker)
+            else:
+                ms = (time.perf_counter() - p.arrived) * 1000.0
+                m.cloud_results.labels(status="ok").inc()
+                m.latency.observe("cloud", ms / 1000.0)
+                outcome = Answer(
+                    "cloud",
+                    label,
+                    confidence,
+                    p.rel,
+                    p.conf,
+                    self.thresholds,
+                    self.bundle_id,
+                    hexid,
+                    ms,
+                    worker,
+                    "ok",
+                    p.tag,
+                )
         elif status == "error":
             m.cloud_results.labels(status="error").inc()
             reason = meta.get("error")
-            _settle(future, None, CloudFailedError(mid, str(reason or "unspecified error"), worker))
+            outcome = CloudFailedError(hexid, str(reason or "unspecified error"), worker)
         else:
             m.rejected.labels(reason="bad_result").inc()
-            log.warning("site %s: result for %s has unknown status %r", self.site, mid, status)
-            _settle(
-                future, None, CloudFailedError(mid, f"unknown result status {status!r}", worker)
-            )
+            log.warning("site %s: result for %s has unknown status %r", self.site, hexid, status)
+            outcome = CloudFailedError(hexid, f"unknown result status {status!r}", worker)
+        with self._plock:
+            if self._pending.pop(mid, None) is not p:
+                m.duplicates.inc()
+                return
+            fut, p.future = p.future, None
+        self._acks.put((mid, p, fut, outcome))
+
+    # ack thread: delete from the outbox, then answer
+
+    def _ack_loop(self) -> None:
+        acks = self._acks
+        while True:
+            first = acks.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < 4096:
+                try:
+                    more = acks.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            outbox = self._outbox
+            if outbox is not None:
+                for attempt in range(5):
+                    try:
+                        outbox.remove_many(mid for mid, _p, _f, _o in batch)
+                        break
+                    except sqlite3.Error:
+                        log.exception("site %s: outbox delete failed; retrying", self.site)
+                        time.sleep(0.05 * (attempt + 1))
+            for mid, p, fut, outcome in batch:
+                self._finish(mid, p, fut, outcome)
+            if stop:
+                return
+
+    # resend thread: backoff, bounds by age, gauges
+
+    def _resend_loop(self) -> None:
+        tick = 0.02
+        budget = 0.0
+        last = time.monotonic()
+        next_gauges = next_expiry = last
+        while not self._halt.wait(tick):
+            now = time.monotonic()
+            budget = min(budget + (now - last) * self._resend_rate, max(1.0, self._resend_rate / 5))
+            last = now
+            if now >= next_expiry and self._outbox is not None:
+                next_expiry = now + _EXPIRE_EVERY_S
+                try:
+                    expired = self._outbox.expire()
+                except sqlite3.Error:
+                    log.exception("site %s: outbox expiry failed", self.site)
+                    expired = []
+                if expired:
+                    self._evicted(expired)
+            if self._transport.connected and budget >= 1.0:
+                budget -= self._resend_due(now, int(budget))
+            if now >= next_gauges:
+                next_gauges = now + _GAUGE_EVERY_S
+                self._update_gauges()
+
+    def _resend_due(self, now: float, limit: int) -> int:
+        """Publish up to ``limit`` items whose retry time has come; returns how many."""
+        outbox = self._outbox
+        if outbox is None:
+            return 0
+        due: list[bytes] = []
+        with self._plock:
+            heap = self._resend_heap
+            while heap and heap[0][0] <= now and len(due) < limit:
+                at, _seq, mid = heapq.heappop(heap)
+                p = self._pending.get(mid)
+                if p is None or p.next_at != at:
+                    continue  # answered, evicted or rescheduled meanwhile
+                p.attempts += 1
+                backoff = min(
+                    self._retry_initial_s * 2 ** max(0, p.attempts - 1), self._retry_max_s
+                )
+                p.next_at = now + backoff * random.uniform(1 - _JITTER, 1 + _JITTER)
+                self._schedule(mid, p.next_at)
+                due.append(mid)
+        sent = 0
+        sent_bytes = 0
+        for mid in due:
+            try:
+                payload = outbox.payload(mid)
+            except sqlite3.Error:
+                log.exception("site %s: outbox read failed", self.site)
+                continue
+            if payload is None or not self._transport.publish(payload):
+                continue
+            sent += 1
+            sent_bytes += len(payload)
+        if sent:
+            self.metrics.resends.inc(sent)
+            self.metrics.bytes_sent.inc(sent_bytes)
+        return len(due)
+
+    def _update_gauges(self) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            return
+        m = self.metrics
+        m.outbox_items.set(len(outbox))
+        m.outbox_bytes.set(outbox.total_bytes)
+        oldest = outbox.oldest_created_s()
+        m.outbox_oldest_age.set(0.0 if oldest is None else max(0.0, time.time() - oldest))
 
     # deadlines
 
     def _deadline_loop(self) -> None:
         tick = min(0.05, max(0.001, self._timeout_s / 4))
-        take = self._transport.take
         dq = self._deadlines
         timeout_ms = self.config.cloud_timeout_ms
         while not self._halt.wait(tick):
             now = time.monotonic()
-            expired = 0
+            expired: list[tuple[Future[Answer], _Pending, bytes]] = []
             while dq and dq[0][0] <= now:
                 _deadline, mids = dq.popleft()
-                for mid in mids:
-                    waiting = take(mid)
-                    if waiting is not None:
-                        expired += 1
-                        _settle(waiting[0], None, CloudTimeoutError(mid.hex(), timeout_ms))
-            if expired:
-                self.metrics.timeouts.inc(expired)
-                log.debug("site %s: %d forwarded items timed out", self.site, expired)
+                with self._plock:
+                    for mid in mids:
+                        p = self._pending.get(mid)
+                        if p is not None and p.future is not None:
+                            expired.append((p.future, p, mid))
+                            p.future = None
+            if not expired:
+                continue
+            self.metrics.timeouts.inc(len(expired))
+            for fut, p, mid in expired:
+                self._breaker.record_timeout(now)
+                error: AgentError = (
+                    CloudBusyError(mid.hex(), None, None)
+                    if p.busy
+                    else CloudTimeoutError(mid.hex(), timeout_ms)
+                )
+                self._answer_unserved(fut, p, mid, error)
+            log.debug("site %s: %d forwarded items timed out", self.site, len(expired))
+
+
+def _check_tag(tag: str | None) -> None:
+    if tag is not None and (not isinstance(tag, str) or len(tag) > 1024):
+        raise ValueError("tag must be a string of at most 1024 characters")
 
 
 def _uuid4_bytes(n: int) -> list[bytes]:

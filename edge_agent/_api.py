@@ -38,8 +38,11 @@ from fogline.edge_agent.errors import (
     CloudBusyError,
     CloudFailedError,
     CloudTimeoutError,
+    CloudUnavailableError,
     InputError,
     NotRunningError,
+    OutboxError,
+    OutboxEvictedError,
     OverloadedError,
 )
 
@@ -68,6 +71,14 @@ class InferRequest(BaseModel):
     b64: str | None = Field(default=None, description="base64 of the raw little-endian bytes")
     shape: list[int] | None = Field(default=None, description="shape of the input")
     dtype: str | None = Field(default=None, description="element type; default: the model's")
+    tag: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="your correlation string, returned with the answer",
+    )
+    priority: int = Field(
+        default=0, description="outbox eviction priority if forwarded (lowest evicted first)"
+    )
 
 
 def _error(
@@ -167,13 +178,20 @@ def create_app(agent: Agent) -> FastAPI:
         except NotRunningError as exc:
             return _error(503, exc, {"Retry-After": "1"})
         try:
-            answer = await agent.infer(_decode(req, spec))
+            answer = await agent.infer(_decode(req, spec), tag=req.tag, priority=req.priority)
         except InputError as exc:
             return _error(422, exc)
         except CloudBusyError as exc:
             retry_s = max(1, math.ceil((exc.retry_after_ms or 1000) / 1000))
             return _error(503, exc, {"Retry-After": str(retry_s)})
-        except (NotRunningError, OverloadedError, BrokerError) as exc:
+        except (
+            NotRunningError,
+            OverloadedError,
+            BrokerError,
+            CloudUnavailableError,
+            OutboxError,
+            OutboxEvictedError,
+        ) as exc:
             return _error(503, exc, {"Retry-After": "1"})
         except CloudTimeoutError as exc:
             return _error(504, exc)

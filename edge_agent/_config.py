@@ -23,12 +23,23 @@ Example::
     [http]
     host = "127.0.0.1"
     port = 8081
+
+    [outbox]
+    path = "/var/lib/fogline/outbox-site-a.db"   # default: see OutboxConfig
+    max_items = 100000
+    max_bytes = 268435456
+    max_age_s = 604800
+
+    [breaker]
+    failure_threshold = 5
+    open_ms = 5000
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +52,15 @@ from fogline.edge_agent.errors import ConfigError
 from fogline.reference import BUNDLE_DIR
 from fogline.sync import Thresholds
 
-__all__ = ["AgentConfig", "HttpConfig", "RuntimeConfig", "load_config"]
+__all__ = [
+    "AgentConfig",
+    "BreakerConfig",
+    "HttpConfig",
+    "OutboxConfig",
+    "RuntimeConfig",
+    "default_state_dir",
+    "load_config",
+]
 
 _SITE_FORBIDDEN = frozenset("/+#\x00")
 
@@ -126,6 +145,87 @@ class HttpConfig:
             )
 
 
+def default_state_dir() -> Path:
+    """Where agents keep their outbox unless told otherwise: ``$FOGLINE_STATE_DIR``, else
+    ``$XDG_STATE_HOME/fogline``, else ``~/.local/state/fogline``."""
+    env = os.environ.get("FOGLINE_STATE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "fogline"
+
+
+def _positive_float(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(key, f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """The durable outbox (see :mod:`fogline.edge_agent._outbox`).
+
+    ``path`` defaults to ``<state dir>/outbox-<site>.db`` (:func:`default_state_dir`).
+    Bounds: ``max_items``, ``max_bytes`` (payload bytes), ``max_age_s``; past a bound the
+    lowest-priority, then oldest items are evicted, counted and logged. ``synchronous``
+    is ``full`` (fsync each transaction: survives power loss) or ``normal`` (survives a
+    process crash). Unanswered items are re-sent after ``retry_initial_ms``, doubling up
+    to ``retry_max_ms`` with +-20 % jitter; the backlog drains at no more than
+    ``resend_rate_per_s`` items/s so fresh traffic keeps flowing.
+    """
+
+    path: Path | None = None
+    max_items: int = 100_000
+    max_bytes: int = 256 * 1024 * 1024
+    max_age_s: float = 7 * 24 * 3600.0
+    synchronous: str = "full"
+    retry_initial_ms: int = 3000
+    retry_max_ms: int = 60_000
+    resend_rate_per_s: int = 500
+
+    def __post_init__(self) -> None:
+        if isinstance(self.path, str):
+            object.__setattr__(self, "path", Path(self.path))
+        if self.path is not None and not isinstance(self.path, Path):
+            raise ConfigError("outbox.path", "must be a path")
+        _int(self.max_items, "outbox.max_items", minimum=1)
+        _int(self.max_bytes, "outbox.max_bytes", minimum=1024)
+        object.__setattr__(self, "max_age_s", _positive_float(self.max_age_s, "outbox.max_age_s"))
+        if self.synchronous not in ("full", "normal"):
+            raise ConfigError(
+                "outbox.synchronous", f"must be full or normal, got {self.synchronous!r}"
+            )
+        _int(self.retry_initial_ms, "outbox.retry_initial_ms", minimum=1)
+        _int(self.retry_max_ms, "outbox.retry_max_ms", minimum=self.retry_initial_ms)
+        _int(self.resend_rate_per_s, "outbox.resend_rate_per_s", minimum=1)
+
+    def path_for(self, site: str) -> Path:
+        return self.path if self.path is not None else default_state_dir() / f"outbox-{site}.db"
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """The circuit breaker for callers waiting on the cloud (:mod:`._breaker`).
+
+    ``offline`` says what a caller gets when the cloud cannot answer in time (timeout,
+    breaker open, broker unreachable): ``degrade`` (the edge exit head's own answer, with
+    ``status = "degraded"``) or ``fail`` (an error at once). Either way the item stays in
+    the outbox and the cloud's answer, when it comes, goes to the agent's ``on_answer``.
+    """
+
+    failure_threshold: int = 5
+    open_ms: int = 5000
+    max_open_ms: int = 60_000
+    offline: str = "degrade"
+
+    def __post_init__(self) -> None:
+        _int(self.failure_threshold, "breaker.failure_threshold", minimum=1)
+        _int(self.open_ms, "breaker.open_ms", minimum=1)
+        _int(self.max_open_ms, "breaker.max_open_ms", minimum=self.open_ms)
+        if self.offline not in ("degrade", "fail"):
+            raise ConfigError("breaker.offline", f"must be degrade or fail, got {self.offline!r}")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Everything one edge agent needs. Defaults give a loopback agent on the reference bundle.
@@ -142,9 +242,10 @@ class AgentConfig:
     codec: Codec | None = None
     thresholds: Thresholds | None = None
     cloud_timeout_ms: int = 10_000
-    max_pending: int = 100_000
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
     def __post_init__(self) -> None:
         _check_site(self.site)
@@ -170,11 +271,19 @@ class AgentConfig:
         if self.thresholds is not None and not isinstance(self.thresholds, Thresholds):
             raise ConfigError("thresholds", "must be Thresholds")
         _int(self.cloud_timeout_ms, "cloud_timeout_ms", minimum=1)
-        _int(self.max_pending, "max_pending", minimum=1)
         if not isinstance(self.runtime, RuntimeConfig):
             raise ConfigError("runtime", "must be RuntimeConfig")
         if not isinstance(self.http, HttpConfig):
             raise ConfigError("http", "must be HttpConfig")
+        if not isinstance(self.outbox, OutboxConfig):
+            raise ConfigError("outbox", "must be OutboxConfig")
+        if not isinstance(self.breaker, BreakerConfig):
+            raise ConfigError("breaker", "must be BreakerConfig")
+
+    @property
+    def outbox_path(self) -> Path:
+        """The outbox file of this agent."""
+        return self.outbox.path_for(self.site)
 
     def mqtt_settings(self) -> MqttSettings:
         """The broker settings with this agent's client id."""
@@ -234,6 +343,21 @@ _RUNTIME_KEYS: dict[str, type] = {
     "max_queue": int,
 }
 _HTTP_KEYS: dict[str, type] = {"host": str, "port": int, "allow_remote": bool}
+_OUTBOX_KEYS: dict[str, type] = {
+    "max_items": int,
+    "max_bytes": int,
+    "max_age_s": float,
+    "synchronous": str,
+    "retry_initial_ms": int,
+    "retry_max_ms": int,
+    "resend_rate_per_s": int,
+}
+_BREAKER_KEYS: dict[str, type] = {
+    "failure_threshold": int,
+    "open_ms": int,
+    "max_open_ms": int,
+    "offline": str,
+}
 
 
 def _from_mapping(data: Mapping[str, Any], base_dir: Path) -> AgentConfig:
@@ -250,9 +374,7 @@ def _read(top: Section) -> AgentConfig:
     kwargs: dict[str, Any] = {"site": site}
     if (bundle_dir := top.path("bundle_dir")) is not None:
         kwargs["bundle_dir"] = bundle_dir
-    kwargs.update(
-        top.read({"client_id": str, "codec": str, "cloud_timeout_ms": int, "max_pending": int})
-    )
+    kwargs.update(top.read({"client_id": str, "codec": str, "cloud_timeout_ms": int}))
 
     broker = top.table("broker")
     if "client_id" in broker:
@@ -268,6 +390,18 @@ def _read(top: Section) -> AgentConfig:
     http_values = http.read(_HTTP_KEYS)
     http.done()
     kwargs["http"] = HttpConfig(**http_values)
+
+    outbox = top.table("outbox")
+    outbox_values = outbox.read(_OUTBOX_KEYS)
+    if (outbox_path := outbox.path("path")) is not None:
+        outbox_values["path"] = outbox_path
+    outbox.done()
+    kwargs["outbox"] = OutboxConfig(**outbox_values)
+
+    breaker = top.table("breaker")
+    breaker_values = breaker.read(_BREAKER_KEYS)
+    breaker.done()
+    kwargs["breaker"] = BreakerConfig(**breaker_values)
 
     if "thresholds" in top:
         th = top.table("thresholds")

@@ -137,18 +137,54 @@ class AgentMetrics:
             ["reason"],
             registry=r,
         )
-        self.late_results = Counter(
-            "fogline_agent_late_results",
-            "Results for no pending item (late, duplicate or unknown id); ignored.",
-            registry=r,
-        )
         self.shed = Counter(
             "fogline_agent_shed",
-            "Inputs refused because too many were queued or waiting for the cloud.",
+            "Inputs refused because too many were queued for the model.",
             registry=r,
         )
         self.pending = Gauge(
             "fogline_agent_pending", "Forwarded items waiting for the cloud.", registry=r
+        )
+        self.outbox_items = Gauge(
+            "fogline_agent_outbox_items", "Items in the durable outbox.", registry=r
+        )
+        self.outbox_bytes = Gauge(
+            "fogline_agent_outbox_bytes", "Payload bytes in the durable outbox.", registry=r
+        )
+        self.outbox_oldest_age = Gauge(
+            "fogline_agent_outbox_oldest_age_seconds",
+            "Age of the oldest item in the outbox (0 when empty).",
+            registry=r,
+        )
+        self.resends = Counter("fogline_agent_resends", "Outbox items published again.", registry=r)
+        self.evictions = Counter(
+            "fogline_agent_outbox_evictions",
+            "Items evicted from the outbox unanswered, by bound.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("max_items", "max_bytes", "max_age"):
+            self.evictions.labels(reason=reason)
+        self.circuit_state = Gauge(
+            "fogline_agent_circuit_state",
+            "Circuit breaker towards the cloud: 0 closed, 1 open, 2 half-open.",
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "fogline_agent_duplicates_suppressed",
+            "Cloud answers for items already answered; not delivered again.",
+            registry=r,
+        )
+        self.degraded = Counter(
+            "fogline_agent_degraded_answers",
+            "Forwarded items answered by the edge alone (cloud late or unreachable).",
+            registry=r,
+        )
+        self.detached = Counter(
+            "fogline_agent_detached_outcomes",
+            "Final outcomes of items no caller waited for any more, handed to on_answer.",
+            ["kind"],
+            registry=r,
         )
         self.ready = Gauge(
             "fogline_agent_ready", "1 when the model is warm and MQTT is connected.", registry=r

@@ -1,9 +1,9 @@
-"""MQTT adapter of the agent: publish feature envelopes, match result envelopes to requests.
+"""MQTT adapter of the agent: publish feature envelopes, hand result envelopes back.
 
 One :class:`~fogline._mqtt.MqttConnection` per agent (QoS 1, reconnect with backoff,
-``TCP_NODELAY``, TLS, MQTT 3.1.1 or 5). Requests wait in a dict keyed by message id; the
-first of "the result arrived" and "the deadline passed" takes the entry out with
-``dict.pop``, which is atomic, so neither side needs a lock and a request resolves once.
+``TCP_NODELAY``, TLS, MQTT 3.1.1 or 5). Correlating results with requests is the agent's
+job (it owns the outbox); this layer only checks that a message on the result topic is
+a well-formed result for this site.
 
 Anything on the result topic that is not a well-formed result for this site is counted
 by reason and logged (with exponentially thinning log lines, so a flood cannot fill the
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
 
 import paho.mqtt.client as mqtt
 
@@ -28,23 +27,19 @@ __all__ = ["Transport"]
 
 log = logging.getLogger("fogline.edge_agent")
 
-T = TypeVar("T")
 
-_QUEUED = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
+class Transport:
+    """Feature publishing and result intake for one site.
 
-
-class Transport(Generic[T]):
-    """Feature publishing and result correlation for one site.
-
-    ``on_result(envelope, token)`` is called on paho's network thread with the token given
-    to :meth:`publish` for the envelope's message id; it must be quick and must not block.
+    ``on_result(envelope)`` is called on paho's network thread for every well-formed
+    result addressed to this site; it must be quick and must not block.
     """
 
     def __init__(
         self,
         settings: MqttSettings,
         site: str,
-        on_result: Callable[[Envelope, T], None],
+        on_result: Callable[[Envelope], None],
         metrics: AgentMetrics,
     ) -> None:
         topics = settings.topics
@@ -53,7 +48,6 @@ class Transport(Generic[T]):
         self.results_topic = topics.results(site)
         self._on_result = on_result
         self._metrics = metrics
-        self._pending: dict[bytes, T] = {}
         self._last: mqtt.MQTTMessageInfo | None = None
         self._reject_counts: dict[str, int] = {}
         self._reject_lock = threading.Lock()
@@ -64,10 +58,6 @@ class Transport(Generic[T]):
     @property
     def connected(self) -> bool:
         return self._conn.is_connected
-
-    @property
-    def pending_count(self) -> int:
-        return len(self._pending)
 
     @property
     def connection(self) -> MqttConnection:
@@ -87,39 +77,18 @@ class Transport(Generic[T]):
     def stop(self) -> None:
         self._conn.stop()
 
-    def publish(self, message_id: bytes, payload: bytes, token: T) -> None:
-        """Register ``token`` under ``message_id`` and queue the envelope (QoS 1).
-
-        While disconnected paho keeps the message and sends it after reconnecting; the
-        caller's deadline covers the case where that never happens.
-        """
-        self._pending[message_id] = token
+    def publish(self, payload: bytes) -> bool:
+        """Hand an envelope to paho (QoS 1). False when paho refused it (not connected, or
+        its queue is closed): the outbox keeps the item and re-sends it later."""
         try:
             info = self._conn.publish(self.features_topic, payload, qos=1)
-        except (ValueError, OSError) as exc:
-            self._pending.pop(message_id, None)
-            raise BrokerError(f"cannot publish to {self.features_topic}: {exc}") from exc
-        if info.rc not in _QUEUED:
-            self._pending.pop(message_id, None)
-            raise BrokerError(
-                f"cannot publish to {self.features_topic}: {mqtt.error_string(info.rc)}"
-            )
+        except (ValueError, OSError, RuntimeError) as exc:
+            log.debug("site %s: publish failed: %s", self.site, exc)
+            return False
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
         self._last = info
-
-    def take(self, message_id: bytes) -> T | None:
-        """Remove and return the token waiting under ``message_id`` (None if gone)."""
-        return self._pending.pop(message_id, None)
-
-    def take_all(self) -> list[T]:
-        """Remove and return every waiting token (on shutdown)."""
-        out: list[T] = []
-        while self._pending:
-            try:
-                _mid, token = self._pending.popitem()
-            except KeyError:
-                break
-            out.append(token)
-        return out
+        return True
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until the last published envelope is acknowledged by the broker (QoS 1)."""
@@ -161,15 +130,8 @@ class Transport(Generic[T]):
         if env.site != self.site:
             self._reject("foreign_site", f"result for site {env.site!r}")
             return
-        token = self._pending.pop(env.message_id, None)
-        if token is None:
-            self._metrics.late_results.inc()
-            log.debug(
-                "site %s: result for %s matches nothing pending", self.site, env.message_id.hex()
-            )
-            return
         try:
-            self._on_result(env, token)
+            self._on_result(env)
         except Exception:
             log.exception(
                 "site %s: handling the result for %s failed", self.site, env.message_id.hex()

@@ -17,10 +17,13 @@ __all__ = [
     "CloudBusyError",
     "CloudFailedError",
     "CloudTimeoutError",
+    "CloudUnavailableError",
     "ConfigError",
     "InputError",
     "ModelError",
     "NotRunningError",
+    "OutboxError",
+    "OutboxEvictedError",
     "OverloadedError",
 ]
 
@@ -94,3 +97,27 @@ class CloudFailedError(AgentPeerError):
         self.message_id = message_id
         self.reason = reason
         self.worker = worker
+
+
+class CloudUnavailableError(AgentPeerError):
+    """The caller was not made to wait: the broker is unreachable or the circuit breaker is
+    open. The item is kept in the outbox; the cloud's answer goes to ``on_answer``."""
+
+    def __init__(self, message_id: str, why: str) -> None:
+        super().__init__(f"the cloud is unavailable for {message_id} ({why}); the item is kept")
+        self.message_id = message_id
+        self.why = why
+
+
+class OutboxError(AgentPeerError):
+    """The outbox could not store an item (disk full, unwritable file); it was not sent."""
+
+
+class OutboxEvictedError(AgentPeerError):
+    """A forwarded item was evicted from the outbox by a configured bound before the cloud
+    answered it; ``reason`` is ``max_items``, ``max_bytes`` or ``max_age``."""
+
+    def __init__(self, message_id: str, reason: str) -> None:
+        super().__init__(f"item {message_id} was evicted from the outbox ({reason})")
+        self.message_id = message_id
+        self.reason = reason

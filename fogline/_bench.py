@@ -136,7 +136,7 @@ def bench_edge(
     """Edge model speed: bare onnxruntime vs the full agent pipeline, INT8 vs FP32."""
     from fogline._frames import make_frames
     from fogline._mqtt import MqttSettings
-    from fogline.edge_agent import Agent, AgentConfig, RuntimeConfig
+    from fogline.edge_agent import Agent, AgentConfig, OutboxConfig, RuntimeConfig
     from fogline.reference import BUNDLE_DIR
     from fogline.sync import Bundle
 
@@ -152,13 +152,17 @@ def bench_edge(
     acc_fp32 = _hybrid_accuracy(bundle, fp32, cloud, frames, labels)
     del int8, fp32
 
-    with _bench_broker(broker) as (url, _shared):
+    with (
+        tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir,
+        _bench_broker(broker) as (url, _shared),
+    ):
         config = AgentConfig(
             site="bench-edge",
             bundle_dir=bundle.root,
             broker=MqttSettings.from_url(url, topic_prefix=f"fogline-bench/{os.getpid()}"),
             cloud_timeout_ms=600_000,
             runtime=RuntimeConfig(threads=threads, max_batch=batch),
+            outbox=OutboxConfig(path=Path(tmpdir) / "outbox.db", retry_initial_ms=600_000),
         )
         agent = Agent(config)
         agent.start()
@@ -269,7 +273,7 @@ def bench_e2e(
     """
     from fogline._frames import make_frames
     from fogline._mqtt import MqttSettings
-    from fogline.edge_agent import Agent, AgentConfig, Answer
+    from fogline.edge_agent import Agent, AgentConfig, Answer, OutboxConfig
     from fogline.reference import BUNDLE_DIR
     from fogline.sync import Bundle, Thresholds
 
@@ -290,6 +294,7 @@ def bench_e2e(
                 broker=MqttSettings.from_url(url, topic_prefix=prefix),
                 thresholds=Thresholds(relevance=0.0, exit_confidence=1.0),
                 cloud_timeout_ms=30_000,
+                outbox=OutboxConfig(path=tmp / "outbox.db"),
             )
         )
         agent.start()

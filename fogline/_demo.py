@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,7 +123,7 @@ def run_demo(
     from fogline._frames import make_frames
     from fogline._mqtt import MqttSettings
     from fogline.cloud_service import CloudConfig, CloudWorker, StoreConfig
-    from fogline.edge_agent import Agent, AgentConfig, Answer
+    from fogline.edge_agent import Agent, AgentConfig, Answer, OutboxConfig
     from fogline.reference import BUNDLE_DIR
     from fogline.sync import Bundle
 
@@ -151,7 +152,14 @@ def run_demo(
         )
         worker.start()
         agents = [
-            Agent(AgentConfig(site=f"site-{i + 1}", bundle_dir=bundle.root, broker=mqtt))
+            Agent(
+                AgentConfig(
+                    site=f"site-{i + 1}",
+                    bundle_dir=bundle.root,
+                    broker=mqtt,
+                    outbox=OutboxConfig(path=Path(tmp) / f"outbox-site-{i + 1}.db"),
+                )
+            )
             for i in range(sites)
         ]
         try:

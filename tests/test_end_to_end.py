@@ -98,6 +98,7 @@ def test_agents_and_a_worker_in_separate_processes_answer_every_input_through_mo
                 f'site = "{site}"\nbundle_dir = "{bundle}"\n'
                 f'[broker]\nurl = "{broker.url}"\ntopic_prefix = "{topic_prefix}"\n'
                 f"[http]\nport = {ports[site]}\n"
+                f'[outbox]\npath = "{tmp_path}/outbox-{site}.db"\n'
             )
             stack.enter_context(
                 _process(
@@ -136,6 +137,7 @@ def test_a_stopped_agent_process_exits_0_on_sigterm(
     conf.write_text(
         f'site = "s"\nbundle_dir = "{bundle}"\n[broker]\nurl = "{broker.url}"\n'
         f'topic_prefix = "{topic_prefix}"\n[http]\nport = {port}\n'
+        f'[outbox]\npath = "{tmp_path}/outbox.db"\n'
     )
     log = tmp_path / "agent.log"
     with _process([FOGLINE, "agent", "run", "--config", str(conf)], port, log) as proc:

@@ -47,7 +47,8 @@ class CloudResponder:
 
     It runs the bundle's ``cloud.onnx`` on the received features and publishes a RESULT to
     the site's result topic. ``mode`` makes it answer ``busy`` or ``error`` instead;
-    ``duplicate`` sends every result twice.
+    ``duplicate`` sends every result twice; ``busy_first`` answers the first n messages
+    ``busy``.
     """
 
     def __init__(
@@ -60,10 +61,12 @@ class CloudResponder:
         protocol: str = "3.1.1",
         mode: str = "ok",
         duplicate: bool = False,
+        busy_first: int = 0,
     ) -> None:
         self.topic_prefix = topic_prefix
         self.mode = mode
         self.duplicate = duplicate
+        self.busy_left = busy_first
         self.received: list[tuple[str, Envelope, int]] = []
         self.labels: dict[bytes, int] = {}
         self._lock = threading.Lock()
@@ -95,7 +98,10 @@ class CloudResponder:
             self.received.append((msg.topic, env, len(payload)))
         meta: dict[str, Any]
         tensors: dict[str, np.ndarray] = {}
-        if self.mode == "busy":
+        with self._lock:
+            busy = self.mode == "busy" or self.busy_left > 0
+            self.busy_left = max(0, self.busy_left - 1)
+        if busy:
             meta = {"status": "busy", "retry_after_ms": 250}
         elif self.mode == "error":
             meta = {"status": "error", "error": "backend exploded"}
@@ -233,3 +239,11 @@ def spy(broker: Any, topic_prefix: str) -> Iterator[Spy]:
     s = Spy(broker.host, broker.port, f"{topic_prefix}/#")
     yield s
     s.close()
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own state directory, so agents never share an outbox."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("FOGLINE_STATE_DIR", str(state))
+    return state

@@ -15,11 +15,13 @@ from fogline.compression import Codec, Envelope, Kind, encode_envelope
 from fogline.edge_agent import (
     Agent,
     Answer,
+    BreakerConfig,
     CloudBusyError,
     CloudFailedError,
     CloudTimeoutError,
     InputError,
     NotRunningError,
+    OutboxConfig,
 )
 from tests.edge_agent.conftest import cloud_labels, edge_outputs, frames
 
@@ -185,33 +187,70 @@ def test_a_late_or_duplicate_result_is_counted_and_ignored(
     agent = agent_factory(bundle)
     answers = [f.result(10) for f in agent.submit_batch(frames(3))]
     assert [a.source for a in answers] == ["cloud"] * 3
-    assert _wait_until(lambda: agent.stats()["late_results"] == 3)
+    assert _wait_until(lambda: agent.stats()["duplicates_suppressed"] == 3)
     assert agent.stats()["cloud_answers"] == 3
     assert agent.stats()["rejected"] == 0
 
 
-def test_without_a_cloud_forwarded_items_fail_with_a_timeout(bundle_factory, agent_factory) -> None:
-    agent = agent_factory(bundle_factory(**FORWARD_ALL), cloud_timeout_ms=200)
+def test_without_a_cloud_callers_get_a_timeout_and_the_items_stay_in_the_outbox(
+    bundle_factory, agent_factory
+) -> None:
+    agent = agent_factory(
+        bundle_factory(**FORWARD_ALL),
+        cloud_timeout_ms=200,
+        breaker=BreakerConfig(offline="fail"),
+    )
     futures = agent.submit_batch(frames(3))
     for fut in futures:
         with pytest.raises(CloudTimeoutError, match="within 200 ms"):
             fut.result(10)
     stats = agent.stats()
     assert stats["timeouts"] == 3
-    assert stats["pending"] == 0
+    assert stats["pending"] == 3
+    assert stats["outbox_items"] == 3
 
 
-def test_a_busy_cloud_becomes_a_clear_error_with_its_retry_hint(
+def test_without_a_cloud_callers_get_the_edge_answer_marked_degraded(
+    bundle_factory, agent_factory
+) -> None:
+    agent = agent_factory(bundle_factory(**FORWARD_ALL), cloud_timeout_ms=200)
+    answers = [f.result(10) for f in agent.submit_batch(frames(3))]
+    assert {a.status for a in answers} == {"degraded"}
+    assert {a.source for a in answers} == {"edge"}
+    assert {a.decision for a in answers} == {"forward"}
+    assert all(a.label is not None and a.message_id for a in answers)
+    assert agent.stats()["degraded"] == 3
+
+
+def test_a_busy_cloud_makes_the_agent_keep_the_item_and_retry_after_the_hint(
+    bundle_factory, agent_factory, responder_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    cloud = responder_factory(bundle, busy_first=2)
+    agent = agent_factory(
+        bundle, outbox=OutboxConfig(retry_initial_ms=5000), cloud_timeout_ms=20_000
+    )
+    answer = agent.submit_batch(frames(1))[0].result(15)
+    assert answer.source == "cloud"
+    assert answer.status == "ok"
+    stats = agent.stats()
+    assert stats["cloud_busy"] == 2
+    assert stats["resends"] == 2
+    assert len(cloud.received) == 3
+    assert {env.message_id for _t, env, _n in cloud.received} == {bytes.fromhex(answer.message_id)}
+    assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
+
+
+def test_a_cloud_that_stays_busy_ends_the_wait_with_a_busy_error(
     bundle_factory, agent_factory, responder_factory
 ) -> None:
     bundle = bundle_factory(**FORWARD_ALL)
     responder_factory(bundle, mode="busy")
-    agent = agent_factory(bundle)
-    with pytest.raises(CloudBusyError, match="retry after 250 ms") as info:
+    agent = agent_factory(bundle, cloud_timeout_ms=500, breaker=BreakerConfig(offline="fail"))
+    with pytest.raises(CloudBusyError, match="busy"):
         agent.submit_batch(frames(1))[0].result(10)
-    assert info.value.retry_after_ms == 250
-    assert info.value.worker == "responder-1"
-    assert agent.stats()["cloud_busy"] == 1
+    assert agent.stats()["cloud_busy"] >= 1
+    assert agent.stats()["outbox_items"] == 1
 
 
 def test_a_cloud_error_becomes_a_clear_error(
@@ -254,7 +293,9 @@ def test_single_submissions_accept_a_frame_without_its_channel_axis(
         agent.submit(np.zeros((1, 8, 8), dtype=np.float32))
 
 
-def test_stopping_fails_waiting_items_and_refuses_new_ones(bundle_factory, agent_factory) -> None:
+def test_stopping_fails_waiting_callers_keeps_their_items_and_refuses_new_ones(
+    bundle_factory, agent_factory
+) -> None:
     agent = agent_factory(bundle_factory(**FORWARD_ALL), cloud_timeout_ms=60_000)
     futures = agent.submit_batch(frames(2))
     agent.stop()

@@ -13,7 +13,7 @@ import uvicorn
 
 from fogline._broker import free_port
 from fogline._mqtt import MqttSettings
-from fogline.edge_agent import Agent, AgentConfig, RuntimeConfig, create_app
+from fogline.edge_agent import Agent, AgentConfig, BreakerConfig, RuntimeConfig, create_app
 from tests.conftest import make_tiny_bundle
 from tests.edge_agent.conftest import cloud_labels, frames
 
@@ -150,13 +150,33 @@ def test_a_body_that_is_not_json_is_refused(dropping_api: httpx.Client) -> None:
     assert "not valid JSON" in r.json()["error"]
 
 
-def test_a_cloud_timeout_is_a_504(bundle_factory, agent_factory, serve) -> None:
-    agent = agent_factory(bundle_factory(relevance=0.0, exit_confidence=1.0), cloud_timeout_ms=150)
+def test_a_cloud_timeout_is_a_504_when_the_agent_must_not_degrade(
+    bundle_factory, agent_factory, serve
+) -> None:
+    agent = agent_factory(
+        bundle_factory(relevance=0.0, exit_confidence=1.0),
+        cloud_timeout_ms=150,
+        breaker=BreakerConfig(offline="fail"),
+    )
     http = serve(agent)
     r = http.post("/v1/infer", json={"data": frames(1)[0].tolist()})
     assert r.status_code == 504
     assert r.json()["type"] == "CloudTimeoutError"
     assert "within 150 ms" in r.json()["error"]
+
+
+def test_a_cloud_timeout_gives_the_degraded_edge_answer_by_default(
+    bundle_factory, agent_factory, serve
+) -> None:
+    agent = agent_factory(bundle_factory(relevance=0.0, exit_confidence=1.0), cloud_timeout_ms=150)
+    http = serve(agent)
+    r = http.post("/v1/infer", json={"data": frames(1)[0].tolist(), "tag": "cam-7"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "degraded"
+    assert body["decision"] == "forward"
+    assert body["source"] == "edge"
+    assert body["tag"] == "cam-7"
 
 
 def test_health_readiness_and_metrics(broker, bundle_factory, agent_factory, serve) -> None:
