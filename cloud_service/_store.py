@@ -171,19 +171,25 @@ class ResultStore:
             ).one_or_none()
         if row is None:
             return None
-        m = row._mapping
-        return StoredResult(
-            site=m["site"],
-            message_id=m["message_id"],
-            bundle=m["bundle"],
-            label=int(m["label"]),
-            confidence=float(m["confidence"]),
-            output=tuple(float(x) for x in json.loads(m["output"])),
-            worker=m["worker"],
-            created_us=int(m["created_us"]),
-            received_us=int(m["received_us"]),
-            completed_us=int(m["completed_us"]),
-        )
+        return _from_row(row._mapping)
+
+    def get_many(
+        self, keys: Sequence[tuple[str, str | bytes]]
+    ) -> dict[tuple[str, str], StoredResult]:
+        """The stored results among ``(site, message_id)`` keys, by ``(site, hex id)``; one
+        query. Used to answer re-sent items without running them again."""
+        if not keys:
+            return {}
+        wanted = {(site, normalize_message_id(mid)) for site, mid in keys}
+        t = self.table
+        cond = sa.tuple_(t.c.site, t.c.message_id).in_(sorted(wanted))
+        with self._errors("read results"), self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t).where(cond)).all()
+        out: dict[tuple[str, str], StoredResult] = {}
+        for row in rows:
+            r = _from_row(row._mapping)
+            out[(r.site, r.message_id)] = r
+        return out
 
     def count(self) -> int:
         with self._errors("count results"), self.engine.connect() as conn:
@@ -193,6 +199,21 @@ class ResultStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _from_row(m: Any) -> StoredResult:
+    return StoredResult(
+        site=m["site"],
+        message_id=m["message_id"],
+        bundle=m["bundle"],
+        label=int(m["label"]),
+        confidence=float(m["confidence"]),
+        output=tuple(float(x) for x in json.loads(m["output"])),
+        worker=m["worker"],
+        created_us=int(m["created_us"]),
+        received_us=int(m["received_us"]),
+        completed_us=int(m["completed_us"]),
+    )
 
 
 def _row(r: StoredResult) -> dict[str, Any]:

@@ -12,6 +12,15 @@ Data path (threads in brackets)::
 
 Results are published before they are stored, so a database round trip never sits on
 the answer's path; the store catches up within a batch or two.
+
+Delivery: MQTT acknowledgements are manual. A message is acknowledged only once its
+result is stored (or once it is answered for good without a result: rejected, refused
+as busy, failed), so the broker never counts a message as delivered while its result
+could still be lost with this process. Processing is idempotent by (site, message id): a
+re-sent item is answered from this worker's recent results, from another item in flight,
+or from the store, and is neither run nor stored twice. End to end, the agent's outbox
+re-sends what the cloud never answered; with Mosquitto's clean sessions that is what
+recovers messages in flight to a worker that died (see docs/cloud.md).
 """
 
 from __future__ import annotations
@@ -22,14 +31,15 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from paho.mqtt.client import MQTTMessageInfo
 
-from fogline._mqtt import MqttConnection, MqttError
+from fogline._mqtt import Inbound, MqttConnection, MqttError
 from fogline.cloud_service._backends import Backend, BackendChoice, select_backend
 from fogline.cloud_service._batcher import Batch, BatchPolicy, BatchRunner
 from fogline.cloud_service._config import CloudConfig
@@ -61,10 +71,31 @@ log = logging.getLogger("fogline.cloud")
 BackendLoader = Callable[[Bundle], Backend]
 
 
+_Key = tuple[str, bytes]
+_RECENT_RESULTS = 50_000
+
+
 @dataclass(frozen=True)
 class _Item:
     env: Envelope
     received_us: int
+    inbound: Inbound | None = None
+    # Copies of this item that arrived while it was queued or running.
+    twins: list[Inbound] = field(default_factory=list)
+
+    @property
+    def key(self) -> _Key:
+        return (self.env.site, self.env.message_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Recent:
+    """A result this worker published, kept to answer re-sends of the same item."""
+
+    label: int
+    confidence: float
+    output: np.ndarray
+    output_name: str
 
 
 @dataclass(frozen=True)
@@ -77,34 +108,45 @@ class _Served:
     output: str
 
 
+_Write = tuple[list[StoredResult], list[Inbound]]
+
+
 class _StoreWriter:
     """Writes results on its own thread, gathering them for up to ``linger_s`` so a busy
-    worker makes a few large transactions per second instead of one per batch."""
+    worker makes a few large transactions per second instead of one per batch; then
+    acknowledges the MQTT messages whose results the transaction stored.
+
+    A failing store is retried with backoff until it works or the worker stops: the
+    messages stay unacknowledged meanwhile, which also stops the broker from sending this
+    worker more than its in-flight window."""
 
     def __init__(
         self,
         store: ResultStore,
         metrics: CloudMetrics,
+        ack: Callable[[list[Inbound]], None],
         *,
         linger_s: float = 0.05,
         max_rows: int = 5000,
     ) -> None:
         self._store = store
         self._metrics = metrics
+        self._ack = ack
         self._linger_s = linger_s
         self._max_rows = max_rows
-        self._queue: queue.SimpleQueue[list[StoredResult] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._pending = 0
+        self._stopping = threading.Event()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="fogline-store", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, rows: list[StoredResult]) -> None:
+    def put(self, rows: list[StoredResult], acks: list[Inbound]) -> None:
         with self._cond:
             self._pending += len(rows)
-        self._queue.put(rows)
+        self._queue.put((rows, acks))
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until everything handed over so far is written (or failed)."""
@@ -115,6 +157,9 @@ class _StoreWriter:
         self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
 
     def _run(self) -> None:
         stopping = False
@@ -122,7 +167,7 @@ class _StoreWriter:
             first = self._queue.get()
             if first is None:
                 break
-            rows = list(first)
+            rows, acks = list(first[0]), list(first[1])
             deadline = time.monotonic() + self._linger_s
             while len(rows) < self._max_rows:
                 try:
@@ -132,23 +177,32 @@ class _StoreWriter:
                 if more is None:
                     stopping = True
                     break
-                rows.extend(more)
-            self._write(rows)
+                rows.extend(more[0])
+                acks.extend(more[1])
+            self._write(rows, acks)
 
-    def _write(self, rows: list[StoredResult]) -> None:
-        error: StoreError | None = None
-        for attempt in range(3):
+    def _write(self, rows: list[StoredResult], acks: list[Inbound]) -> None:
+        attempt = 0
+        while True:
             try:
                 self._store.put_many(rows)
-                error = None
                 break
             except StoreError as exc:
-                error = exc
-                if attempt < 2:
-                    time.sleep(0.1 * (attempt + 1))
-        if error is not None:
-            self._metrics.store_errors.inc()
-            log.error("dropped %d results the store refused: %s", len(rows), error)
+                self._metrics.store_errors.inc()
+                attempt += 1
+                if self._stopping.is_set():
+                    log.error(  # noqa: TRY400 - the error is the message; no traceback
+                        "stopping with %d results the store refused (%s); their messages stay "
+                        "unacknowledged",
+                        len(rows),
+                        exc,
+                    )
+                    acks = []
+                    break
+                log.warning("the store refused %d results (%s); retrying", len(rows), exc)
+                self._stopping.wait(min(0.1 * 2**attempt, 5.0))
+        if acks:
+            self._ack(acks)
         with self._cond:
             self._pending -= len(rows)
             self._cond.notify_all()
@@ -216,6 +270,12 @@ class CloudWorker:
         self._mqtt: MqttConnection | None = None
         self._last_publish: MQTTMessageInfo | None = None
         self._reject_log = _RateLimitedLog()
+        # Idempotency: results published recently, and items queued or running (whose
+        # copies wait for them), both keyed by (site, message id).
+        self._dlock = threading.Lock()
+        self._recent: OrderedDict[_Key, _Recent] = OrderedDict()
+        self._in_flight: dict[_Key, _Item] = {}
+        self._unacked = 0
         self._lock = threading.Lock()
         self._started = False
         self._running = False
@@ -243,7 +303,7 @@ class CloudWorker:
             self._load_bundles()
             if self._store is None:
                 self._store = ResultStore(self.config.store.url)
-            self._writer = _StoreWriter(self._store, self.metrics)
+            self._writer = _StoreWriter(self._store, self.metrics, self._ack)
             self._writer.start()
             self._runner.start()
             self._accepting = True
@@ -271,6 +331,9 @@ class CloudWorker:
         if mqtt is not None and mqtt.is_connected:
             mqtt.client.unsubscribe(self._subscription)
         self._runner.stop(timeout_s)
+        # Store what was answered, then acknowledge it, and only then disconnect.
+        if self._writer is not None:
+            self._writer.stop(timeout_s)
         if mqtt is not None:
             last = self._last_publish
             if last is not None and mqtt.is_connected:
@@ -278,8 +341,6 @@ class CloudWorker:
                 with contextlib.suppress(RuntimeError, ValueError):
                     last.wait_for_publish(min(timeout_s, 2.0))
             mqtt.stop()
-        if self._writer is not None:
-            self._writer.stop(timeout_s)
         if self._store is not None and self._owns_store:
             self._store.close()
         if self._running:
@@ -341,6 +402,7 @@ class CloudWorker:
             "backend_reason": self.backend_choice.reason if self.backend_choice else None,
             "mqtt_connected": bool(self._mqtt and self._mqtt.is_connected),
             "queue_depth": self._runner.depth,
+            "unacknowledged": self._unacked,
         }
 
     # start-up pieces
@@ -399,8 +461,8 @@ class CloudWorker:
     def _connect(self, wait: bool) -> None:
         self._mqtt = MqttConnection(
             self.config.mqtt_settings,
-            self._on_message,
             subscriptions=((self._subscription, 1),),
+            on_inbound=self._on_message,
         )
         try:
             self._mqtt.start(wait=wait)
@@ -409,58 +471,105 @@ class CloudWorker:
 
     # ingest (paho network thread)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, inbound: Inbound) -> None:
         # Runs on paho's network thread: an exception here would stop all MQTT traffic.
+        with self._dlock:
+            self._unacked += 1
+        self.metrics.acks_pending.set(self._unacked)
+        if inbound.dup:
+            self.metrics.redeliveries.inc()
         try:
-            self._ingest(topic, payload)
+            done = self._ingest(topic, payload, inbound)
         except Exception:
             self.metrics.rejected.labels("internal").inc()
             log.exception("could not handle a message on %s", topic)
+            done = True
+        if done:
+            self._ack([inbound])
 
-    def _ingest(self, topic: str, payload: bytes) -> None:
+    def _ingest(self, topic: str, payload: bytes, inbound: Inbound) -> bool:
+        """Handle one message; True when it is finished with (acknowledge it now), False
+        when an item now owns its acknowledgement."""
         received_us = now_us()
         self.metrics.received.inc()
         try:
             env = decode_envelope(payload)
         except EnvelopeError as exc:
             self._reject(exc.reason, f"rejected a message on {topic}: {exc}")
-            return
+            return True
         if env.kind is not Kind.FEATURES:
             self._reject("wrong_kind", f"rejected a {env.kind.name} message on {topic}")
-            return
+            return True
         try:
             site = self.topics.site_of(topic)
         except ValueError:
             self._reject("bad_topic", f"rejected a message on unexpected topic {topic}")
-            return
+            return True
         if site != env.site:
             self._reject(
                 "site_mismatch",
                 f"rejected a message for site {env.site!r} published on site {site!r}'s topic",
             )
-            return
+            return True
         served = self._served.get(env.bundle)
         if served is None:
             self._reply(env, {"status": "error", "error": str(UnknownBundleError(env.bundle))})
-            return
+            return True
         problem = _check_features(env.tensors, served.inputs)
         if problem is not None:
             self._reply(env, {"status": "error", "error": f"bundle {env.bundle}: {problem}"})
-            return
+            return True
+        key: _Key = (env.site, env.message_id)
+        item = _Item(env, received_us, inbound)
+        with self._dlock:
+            recent = self._recent.get(key)
+            twin_of = None if recent is not None else self._in_flight.get(key)
+            if twin_of is not None:
+                twin_of.twins.append(inbound)
+            elif recent is None:
+                self._in_flight[key] = item
+        if recent is not None:
+            self.metrics.duplicates.labels("memory").inc()
+            self._reply_with(
+                env, recent.label, recent.confidence, recent.output_name, recent.output
+            )
+            return True
+        if twin_of is not None:
+            self.metrics.duplicates.labels("in_flight").inc()
+            return False
+        busy_ms: int | None = None
         if not self._accepting:
-            self._reply(
-                env, {"status": "busy", "retry_after_ms": self.config.batching.busy_retry_after_ms}
-            )
-            return
-        try:
-            self._runner.submit(env.bundle, _Item(env, received_us))
-        except QueueFullError as exc:
-            self._reply(env, {"status": "busy", "retry_after_ms": exc.retry_after_ms})
-        except RuntimeError:  # stopped between the check above and here
-            self._reply(
-                env, {"status": "busy", "retry_after_ms": self.config.batching.busy_retry_after_ms}
-            )
+            busy_ms = self.config.batching.busy_retry_after_ms
+        else:
+            try:
+                self._runner.submit(env.bundle, item)
+            except QueueFullError as exc:
+                busy_ms = exc.retry_after_ms
+            except RuntimeError:  # stopped between the check above and here
+                busy_ms = self.config.batching.busy_retry_after_ms
         self.metrics.queue_depth.set(self._runner.depth)
+        if busy_ms is None:
+            return False
+        with self._dlock:
+            self._in_flight.pop(key, None)
+            twins = list(item.twins)
+        self._reply(env, {"status": "busy", "retry_after_ms": busy_ms})
+        self._ack(twins)
+        return True
+
+    def _ack(self, inbounds: list[Inbound]) -> None:
+        """Acknowledge messages to the broker (safe from any thread)."""
+        if not inbounds:
+            return
+        with self._dlock:
+            self._unacked -= len(inbounds)
+            unacked = self._unacked
+        self.metrics.acks_pending.set(max(0, unacked))
+        mqtt = self._mqtt
+        if mqtt is None:
+            return
+        for inbound in inbounds:
+            mqtt.ack(inbound)
 
     def _reject(self, reason: str, message: str) -> None:
         self.metrics.rejected.labels(reason).inc()
@@ -474,15 +583,61 @@ class CloudWorker:
         start_s = time.monotonic()
         for t in batch.enqueued_s:
             self.metrics.queue_seconds.observe(max(0.0, start_s - t))
+        todo = self._answer_from_store(served, batch.items)
         groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
-        for i, item in enumerate(batch.items):
+        for i in todo:
+            item = batch.items[i]
             shapes = tuple(item.env.tensors[n].shape for n in served.inputs)
             groups.setdefault(shapes, []).append(i)
         stored: list[StoredResult] = []
+        acks: list[Inbound] = []
         for idxs in groups.values():
-            self._run_group(served, batch, idxs, start_s, stored)
-        if stored and self._writer is not None:
-            self._writer.put(stored)
+            self._run_group(served, batch, idxs, start_s, stored, acks)
+        if self._writer is not None and (stored or acks):
+            self._writer.put(stored, acks)
+        else:
+            self._ack(acks)
+
+    def _answer_from_store(self, served: _Served, items: Sequence[_Item]) -> list[int]:
+        """Answer the items another worker (or an earlier run of this one) already stored;
+        the indices of the others. A store that cannot be read costs a duplicate run, not
+        an answer: the insert ignores a key that is already there."""
+        store = self._store
+        if store is None:
+            return list(range(len(items)))
+        try:
+            found = store.get_many([(it.env.site, it.env.message_id) for it in items])
+        except StoreError as exc:
+            log.warning("cannot look up earlier results (%s); running the batch", exc)
+            return list(range(len(items)))
+        if not found:
+            return list(range(len(items)))
+        todo: list[int] = []
+        for i, item in enumerate(items):
+            hit = found.get((item.env.site, item.env.message_id.hex()))
+            if hit is None:
+                todo.append(i)
+                continue
+            self.metrics.duplicates.labels("store").inc()
+            output = np.asarray(hit.output, dtype=np.float32).reshape(1, -1)
+            self._reply_with(item.env, hit.label, hit.confidence, served.output, output)
+            self._ack(
+                self._finish_item(item, _Recent(hit.label, hit.confidence, output, served.output))
+            )
+        return todo
+
+    def _finish_item(self, item: _Item, recent: _Recent | None) -> list[Inbound]:
+        """Retire an answered item: remember its result, release its copies. Returns the
+        acknowledgements it owns (its own and its copies'); acknowledged at once when its
+        result needs no storing (``recent`` from the store)."""
+        key = item.key
+        with self._dlock:
+            self._in_flight.pop(key, None)
+            if recent is not None:
+                self._recent[key] = recent
+                if len(self._recent) > _RECENT_RESULTS:
+                    self._recent.popitem(last=False)
+            return [i for i in (item.inbound, *item.twins) if i is not None]
 
     def _run_group(
         self,
@@ -491,6 +646,7 @@ class CloudWorker:
         idxs: list[int],
         start_s: float,
         stored: list[StoredResult],
+        acks: list[Inbound],
     ) -> None:
         items = [batch.items[i] for i in idxs]
         try:
@@ -509,10 +665,11 @@ class CloudWorker:
         except (BackendError, ValueError, KeyError, TypeError) as exc:
             if len(idxs) > 1:  # find the item that broke the batch; answer the others
                 for i in idxs:
-                    self._run_group(served, batch, [i], start_s, stored)
+                    self._run_group(served, batch, [i], start_s, stored, acks)
                 return
             log.warning("inference failed for one item of %s: %s", served.bundle.id, exc)
             self._reply(items[0].env, {"status": "error", "error": f"inference failed: {exc}"})
+            self._ack(self._finish_item(items[0], None))
             return
         self.metrics.batch_size.observe(len(items))
         self.metrics.compute_seconds.observe(compute_s)
@@ -539,6 +696,9 @@ class CloudWorker:
         self._publish(outgoing)
         for k, (item, label, confidence) in enumerate(answers):
             env = item.env
+            acks.extend(
+                self._finish_item(item, _Recent(label, confidence, rows[k].copy(), served.output))
+            )
             stored.append(
                 StoredResult(
                     site=env.site,
@@ -591,6 +751,23 @@ class CloudWorker:
     ) -> None:
         """Publish a RESULT for ``request`` to its site's results topic."""
         self._publish([self._result(request, meta, tensors)])
+
+    def _reply_with(
+        self,
+        request: Envelope,
+        label: int,
+        confidence: float,
+        output_name: str,
+        output: np.ndarray,
+    ) -> None:
+        """Answer a re-sent item with the result it already has."""
+        meta: dict[str, Any] = {
+            "status": "ok",
+            "label": label,
+            "confidence": confidence,
+            "duplicate": True,
+        }
+        self._reply(request, meta, {output_name: output.reshape(-1)})
 
 
 def _batch_rows(out: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:

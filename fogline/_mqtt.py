@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
+    "Inbound",
     "MqttConnection",
     "MqttError",
     "MqttSettings",
@@ -155,10 +156,28 @@ def parse_broker_url(url: str) -> dict[str, Any]:
 MessageHandler = Callable[[str, bytes], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """Delivery details of a message received with manual acknowledgements: pass it to
+    :meth:`MqttConnection.ack` once the message is safely handled. ``dup`` is the broker's
+    redelivery flag."""
+
+    mid: int
+    qos: int
+    dup: bool
+    generation: int
+
+
+InboundHandler = Callable[[str, bytes, Inbound], None]
+
+
 class MqttConnection:
     """One paho client with reconnects, ``TCP_NODELAY`` and re-subscription after reconnect.
 
-    ``on_message(topic, payload)`` runs on paho's network thread; keep it short.
+    ``on_message(topic, payload)`` runs on paho's network thread; keep it short. With
+    ``on_inbound`` instead, acknowledgements are manual: the broker gets the PUBACK only
+    when :meth:`ack` is called, so a message still being processed when the process dies
+    counts as undelivered.
     """
 
     def __init__(
@@ -166,9 +185,15 @@ class MqttConnection:
         settings: MqttSettings,
         on_message: MessageHandler | None = None,
         subscriptions: tuple[tuple[str, int], ...] = (),
+        *,
+        on_inbound: InboundHandler | None = None,
     ) -> None:
+        if on_message is not None and on_inbound is not None:
+            raise ValueError("give on_message or on_inbound, not both")
         self.settings = settings
         self._on_message = on_message
+        self._on_inbound = on_inbound
+        self._generation = 0
         self._subscriptions = list(subscriptions)
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -187,6 +212,8 @@ class MqttConnection:
         client = mqtt.Client(**kwargs)
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
+        if on_inbound is not None:
+            client.manual_ack_set(True)
         client.reconnect_delay_set(
             min_delay=max(1, int(settings.reconnect_min_s)),
             max_delay=max(1, int(settings.reconnect_max_s)),
@@ -262,6 +289,17 @@ class MqttConnection:
         """Queue a message; paho keeps QoS>0 messages across reconnects."""
         return self._client.publish(topic, payload, qos=qos)
 
+    def ack(self, inbound: Inbound) -> bool:
+        """Acknowledge a message received through ``on_inbound``. A message from before
+        the last reconnect is not acknowledged (its packet id may name another message
+        now; the broker redelivers it instead). Returns whether the PUBACK was queued."""
+        if inbound.qos == 0 or inbound.generation != self._generation:
+            return False
+        if not self._connected.is_set():
+            return False
+        rc = self._client.ack(inbound.mid, inbound.qos)
+        return rc == mqtt.MQTT_ERR_SUCCESS
+
     # paho callbacks (network thread)
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -276,6 +314,7 @@ class MqttConnection:
         if reason.is_failure:
             return
         self.connects += 1
+        self._generation += 1
         with self._lock:
             subs = list(self._subscriptions)
             self._pending_subs.clear()
@@ -303,5 +342,8 @@ class MqttConnection:
         self._subscribed.clear()
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if self._on_message is not None:
+        if self._on_inbound is not None:
+            inbound = Inbound(msg.mid, msg.qos, bool(msg.dup), self._generation)
+            self._on_inbound(msg.topic, bytes(msg.payload), inbound)
+        elif self._on_message is not None:
             self._on_message(msg.topic, bytes(msg.payload))

@@ -166,3 +166,16 @@ def test_the_results_table_has_the_documented_columns(tmp_path: Path) -> None:
         "received_us",
         "completed_us",
     }
+
+
+def test_several_results_are_looked_up_in_one_call_by_site_and_id(store: ResultStore) -> None:
+    a, b = result("site-a"), result("site-b")
+    store.put_many([a, b])
+    missing = uuid.uuid4().bytes
+    found = store.get_many(
+        [("site-a", bytes.fromhex(a.message_id)), ("site-b", b.message_id), ("site-a", missing)]
+    )
+    assert found == {("site-a", a.message_id): a, ("site-b", b.message_id): b}
+    # The same id under another site is another item.
+    assert store.get_many([("site-c", a.message_id)]) == {}
+    assert store.get_many([]) == {}
