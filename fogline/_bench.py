@@ -353,3 +353,48 @@ def bench_e2e(
         "broker": "external" if broker else ("mosquitto" if shared else "embedded"),
     }
     _emit(result, as_json, "fogline bench e2e")
+
+
+@app.command("faults")
+def bench_faults(
+    items: int = typer.Option(5000, min=100, help="Items to offer (every one is forwarded)."),
+    rate: float = typer.Option(
+        250.0, min=0.0, help="Offered rate, items/s (0: as fast as possible)."
+    ),
+    broker_down_s: float = typer.Option(10.0, min=0.0, help="How long the broker stays down."),
+    workers: int = typer.Option(2, min=1, help="Cloud worker processes."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Scripted faults through real processes: the broker killed at 30 % of the items and
+    restarted after --broker-down-s, a worker SIGKILLed at 60 %, the agent SIGKILLed and
+    restarted on its outbox at 80 %. Prints offered, answered, lost, duplicates, evicted
+    and the longest recovery (fault to every earlier item answered)."""
+    from fogline._broker import mosquitto_binary
+    from fogline._faults import FaultPlan, run_scenario
+
+    if mosquitto_binary() is None:
+        from fogline._cli import fail
+
+        fail("fogline bench faults needs the mosquitto binary (apt install mosquitto)")
+    plan = FaultPlan(items=items, rate_per_s=rate, broker_down_s=broker_down_s, workers=workers)
+    with tempfile.TemporaryDirectory(prefix="fogline-faults-") as tmp:
+        report = run_scenario(plan, Path(tmp), progress=not as_json)
+    out = report.to_dict()
+    faults = out.pop("faults")
+    result: dict[str, Any] = {
+        "offered": out["offered"],
+        "answered": out["answered"],
+        "lost": out["lost"],
+        "duplicates": out["duplicates"],
+        "evicted": out["evicted"],
+        "max_recovery_s": out["max_recovery_s"],
+        "failed": out["failed"],
+        "evicted_counter": out["evicted_counter"],
+        "busy_replies": out["busy_replies"],
+        "resends": out["resends"],
+        "elapsed_s": out["elapsed_s"],
+        "recovery_s": {f["kind"]: f["recovery_s"] for f in faults},
+    }
+    _emit(result, as_json, "fogline bench faults")
+    if result["lost"] or result["duplicates"]:
+        raise typer.Exit(1)
