@@ -18,9 +18,13 @@ from fogline.cloud_service.errors import (
     CloudError,
     CloudServiceError,
     ConfigError,
+    DeadlineExceededError,
+    InferenceInputError,
+    ModelNotReadyError,
     QueueFullError,
     StoreError,
     UnknownBundleError,
+    UnknownModelError,
 )
 
 if TYPE_CHECKING:
@@ -36,10 +40,16 @@ if TYPE_CHECKING:
         BatchingConfig,
         CloudConfig,
         HttpConfig,
+        LaneConfig,
+        LaneConfigs,
+        ModelConfig,
         StoreConfig,
         TensorRTConfig,
+        VersionPolicy,
     )
     from fogline.cloud_service._metrics import CloudMetrics
+    from fogline.cloud_service._repository import ModelRepository
+    from fogline.cloud_service._serving import Lane, ModelMetadata, ModelProvider, TensorSpec
     from fogline.cloud_service._store import ResultStore, StoredResult
     from fogline.cloud_service._worker import CloudWorker
 
@@ -60,6 +70,15 @@ _LAZY = {
     "HttpConfig": "_config",
     "StoreConfig": "_config",
     "TensorRTConfig": "_config",
+    "LaneConfig": "_config",
+    "LaneConfigs": "_config",
+    "ModelConfig": "_config",
+    "VersionPolicy": "_config",
+    "ModelRepository": "_repository",
+    "Lane": "_serving",
+    "ModelMetadata": "_serving",
+    "ModelProvider": "_serving",
+    "TensorSpec": "_serving",
     "CloudMetrics": "_metrics",
     "ResultStore": "_store",
     "StoredResult": "_store",
@@ -97,7 +116,17 @@ __all__ = [
     "CloudServiceError",
     "CloudWorker",
     "ConfigError",
+    "DeadlineExceededError",
     "HttpConfig",
+    "InferenceInputError",
+    "Lane",
+    "LaneConfig",
+    "LaneConfigs",
+    "ModelConfig",
+    "ModelMetadata",
+    "ModelNotReadyError",
+    "ModelProvider",
+    "ModelRepository",
     "OnnxRuntimeBackend",
     "QueueFullError",
     "ResultStore",
@@ -105,7 +134,10 @@ __all__ = [
     "StoreError",
     "StoredResult",
     "TensorRTConfig",
+    "TensorSpec",
     "UnknownBundleError",
+    "UnknownModelError",
+    "VersionPolicy",
     "create_app",
     "select_backend",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +27,12 @@ __all__ = [
     "BatchingConfig",
     "CloudConfig",
     "HttpConfig",
+    "LaneConfig",
+    "LaneConfigs",
+    "ModelConfig",
     "StoreConfig",
     "TensorRTConfig",
+    "VersionPolicy",
     "default_engine_cache_dir",
 ]
 
@@ -115,6 +119,23 @@ class TensorRTConfig:
 
     engine_cache_dir: Path = field(default_factory=default_engine_cache_dir)
     fp16: bool = False
+    device_id: int = 0
+    execution_contexts: int = 2
+    opt_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int):
+            raise ConfigError("tensorrt.device_id must be an integer")
+        if self.device_id < 0:
+            raise ConfigError(f"tensorrt.device_id must be >= 0, got {self.device_id}")
+        if self.execution_contexts < 1:
+            raise ConfigError(
+                f"tensorrt.execution_contexts must be at least 1, got {self.execution_contexts}"
+            )
+        if self.opt_batch_size is not None and self.opt_batch_size < 1:
+            raise ConfigError(
+                f"tensorrt.opt_batch_size must be at least 1, got {self.opt_batch_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -232,7 +253,16 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, type]]] = {
     ),
     "store": (StoreConfig, {"url": str}),
     "http": (HttpConfig, {"host": str, "port": int}),
-    "tensorrt": (TensorRTConfig, {"engine_cache_dir": str, "fp16": bool}),
+    "tensorrt": (
+        TensorRTConfig,
+        {
+            "engine_cache_dir": str,
+            "fp16": bool,
+            "device_id": int,
+            "execution_contexts": int,
+            "opt_batch_size": int,
+        },
+    ),
 }
 
 
@@ -269,3 +299,246 @@ def _read(top: Section) -> CloudConfig:
         kwargs[name] = sec.build(klass, values)
     top.done()
     return top.build(CloudConfig, kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Model repository: per-model serving settings, read from ``<repo>/<model>/config.toml``.
+
+
+@dataclass(frozen=True)
+class LaneConfig:
+    """One lane of one model: at most ``max_queue_items`` requests wait in it (more are
+    answered "busy"); a request that has not started within ``timeout_ms`` (unless it asks
+    for its own timeout) is rejected unserved; ``weight`` is the lane's share of batch slots
+    while several lanes have work waiting."""
+
+    max_queue_items: int
+    timeout_ms: float
+    weight: int
+
+    def __post_init__(self) -> None:
+        if self.max_queue_items < 1:
+            raise ValueError(f"max_queue_items must be at least 1, got {self.max_queue_items}")
+        if not 0 < self.timeout_ms <= 86_400_000:
+            raise ValueError(
+                f"timeout_ms must lie in (0, 86400000] (one day), got {self.timeout_ms}"
+            )
+        if not 1 <= self.weight <= 1000:
+            raise ValueError(f"weight must lie in 1..1000, got {self.weight}")
+
+
+def _interactive_lane() -> LaneConfig:
+    return LaneConfig(max_queue_items=1024, timeout_ms=2_000.0, weight=8)
+
+
+def _stream_lane() -> LaneConfig:
+    return LaneConfig(max_queue_items=4096, timeout_ms=5_000.0, weight=3)
+
+
+def _bulk_lane() -> LaneConfig:
+    return LaneConfig(max_queue_items=1024, timeout_ms=600_000.0, weight=1)
+
+
+@dataclass(frozen=True)
+class LaneConfigs:
+    """The three lanes of a model (see :class:`fogline.cloud_service._serving.Lane`).
+
+    Defaults: interactive 1024 requests, 2 s, weight 8; stream 4096, 5 s, weight 3; bulk
+    1024, 10 min, weight 1. Under full load of all three, batches go 8:3:1.
+    """
+
+    interactive: LaneConfig = field(default_factory=_interactive_lane)
+    stream: LaneConfig = field(default_factory=_stream_lane)
+    bulk: LaneConfig = field(default_factory=_bulk_lane)
+
+    def __getitem__(self, lane: str) -> LaneConfig:
+        """The settings of ``lane`` (a :class:`Lane` or its value)."""
+        if lane not in ("interactive", "stream", "bulk"):
+            raise KeyError(lane)
+        value: LaneConfig = getattr(self, str(lane))
+        return value
+
+
+VersionPolicyKind = Literal["latest", "all", "specific"]
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which numbered version folders of a model are served: the ``latest`` N (default 1),
+    ``all``, or a ``specific`` list."""
+
+    kind: VersionPolicyKind = "latest"
+    latest: int = 1
+    versions: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("latest", "all", "specific"):
+            raise ValueError(f"kind must be latest, all or specific, got {self.kind!r}")
+        if self.kind == "latest" and self.latest < 1:
+            raise ValueError(f"latest must be at least 1, got {self.latest}")
+        if self.kind == "specific":
+            if not self.versions:
+                raise ValueError("versions must name at least one version")
+            if any(v < 1 for v in self.versions):
+                raise ValueError(f"versions must be positive integers, got {list(self.versions)}")
+            object.__setattr__(self, "versions", tuple(sorted(set(self.versions))))
+
+    def select(self, available: Sequence[int]) -> tuple[int, ...]:
+        """The versions to serve out of ``available``, ascending.
+
+        Raises ``ValueError`` when a ``specific`` version is not available.
+        """
+        have = sorted(set(available))
+        if self.kind == "all":
+            return tuple(have)
+        if self.kind == "latest":
+            return tuple(have[-self.latest :])
+        missing = [v for v in self.versions if v not in have]
+        if missing:
+            raise ValueError(
+                f"version_policy names version(s) {', '.join(map(str, missing))}, which have "
+                f"no folder (available: {', '.join(map(str, have)) or 'none'})"
+            )
+        return self.versions
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How one model is served.
+
+    ``max_batch_size`` is in rows (the first axis): ``None`` means 32 when the model's first
+    axis is dynamic and 0 otherwise; 0 turns batching off (requests run one by one, shapes as
+    the model declares them). A batch is formed as soon as a ``preferred_batch_sizes`` size
+    (the largest reachable) or ``max_batch_size`` rows are waiting, or when the oldest
+    request has waited ``max_queue_delay_ms`` (default 0: whatever waits when the model is
+    free runs together). ``busy_retry_after_ms`` is the back-off asked of a refused sender.
+    """
+
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    busy_retry_after_ms: int = 100
+    lanes: LaneConfigs = field(default_factory=LaneConfigs)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size is not None and not 0 <= self.max_batch_size <= 65_536:
+            raise ValueError(f"max_batch_size must lie in 0..65536, got {self.max_batch_size}")
+        if not 0 <= self.max_queue_delay_ms <= 10_000:
+            raise ValueError(
+                f"max_queue_delay_ms must lie in [0, 10000], got {self.max_queue_delay_ms}"
+            )
+        sizes = tuple(self.preferred_batch_sizes)
+        if any(s < 1 for s in sizes) or len(set(sizes)) != len(sizes):
+            raise ValueError(
+                f"preferred_batch_sizes must be distinct positive sizes, got {list(sizes)}"
+            )
+        if sizes and self.max_batch_size is not None and max(sizes) > self.max_batch_size:
+            raise ValueError(
+                f"preferred_batch_sizes must not exceed max_batch_size "
+                f"({self.max_batch_size}), got {list(sizes)}"
+            )
+        object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(sizes)))
+        if self.busy_retry_after_ms < 1:
+            raise ValueError(
+                f"busy_retry_after_ms must be at least 1, got {self.busy_retry_after_ms}"
+            )
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> ModelConfig:
+        """Read a model's ``config.toml``; raises :class:`ConfigError` naming the bad key.
+
+        Layout (every key optional)::
+
+            max_batch_size = 16
+            max_queue_delay_ms = 1.0
+            preferred_batch_sizes = [4, 8]
+            busy_retry_after_ms = 100
+
+            [version_policy]        # exactly one of these
+            latest = 2              # all = true    specific = [1, 3]
+
+            [lanes.interactive]     # and [lanes.stream], [lanes.bulk]
+            max_queue_items = 256
+            timeout_ms = 1000
+            weight = 8
+        """
+        path = Path(path)
+        try:
+            data = load_toml(path)
+        except ConfigValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config") -> ModelConfig:
+        """Build from parsed TOML (or any mapping of the same shape)."""
+        try:
+            return _read_model(Section(data))
+        except ConfigValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def _read_model(top: Section) -> ModelConfig:
+    kwargs: dict[str, Any] = top.read(
+        {"max_batch_size": int, "max_queue_delay_ms": float, "busy_retry_after_ms": int}
+    )
+    sizes = top.get("preferred_batch_sizes", list)
+    if sizes is not None:
+        for i, size in enumerate(sizes):
+            if not isinstance(size, int) or isinstance(size, bool):
+                top.fail(f"preferred_batch_sizes[{i}]", f"must be an integer, got {size!r}")
+        kwargs["preferred_batch_sizes"] = tuple(sizes)
+    if "version_policy" in top:
+        kwargs["version_policy"] = _read_version_policy(top.table("version_policy"))
+    if "lanes" in top:
+        lanes = top.table("lanes")
+        defaults = LaneConfigs()
+        chosen: dict[str, LaneConfig] = {}
+        for lane in ("interactive", "stream", "bulk"):
+            if lane not in lanes:
+                continue
+            sec = lanes.table(lane)
+            base = defaults[lane]
+            values: dict[str, Any] = {
+                "max_queue_items": base.max_queue_items,
+                "timeout_ms": base.timeout_ms,
+                "weight": base.weight,
+            }
+            values.update(sec.read({"max_queue_items": int, "timeout_ms": float, "weight": int}))
+            sec.done()
+            chosen[lane] = sec.build(LaneConfig, values)
+        lanes.done()
+        kwargs["lanes"] = LaneConfigs(**chosen)
+    top.done()
+    return top.build(ModelConfig, kwargs)
+
+
+def _read_version_policy(sec: Section) -> VersionPolicy:
+    given = [k for k in ("latest", "all", "specific") if k in sec]
+    if len(given) != 1:
+        raise ConfigValueError(
+            sec.prefix,
+            "must set exactly one of latest = N, all = true, specific = [versions]",
+            whole_table=True,
+        )
+    policy: VersionPolicy
+    if given[0] == "latest":
+        latest = sec.get("latest", int)
+        if latest is None or latest < 1:
+            sec.fail("latest", f"must be a positive integer, got {latest!r}")
+        policy = VersionPolicy("latest", latest=latest)
+    elif given[0] == "all":
+        if sec.get("all", bool) is not True:
+            sec.fail("all", "must be true (leave it out otherwise)")
+        policy = VersionPolicy("all")
+    else:
+        versions = sec.get("specific", list) or []
+        for i, v in enumerate(versions):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                sec.fail(f"specific[{i}]", f"must be a positive integer version, got {v!r}")
+        if not versions:
+            sec.fail("specific", "must name at least one version")
+        policy = VersionPolicy("specific", versions=tuple(versions))
+    sec.done()
+    return policy

@@ -420,6 +420,9 @@ class CloudWorker:
                     threads=cfg.threads,
                     engine_cache_dir=cfg.tensorrt.engine_cache_dir,
                     fp16=cfg.tensorrt.fp16,
+                    device_id=cfg.tensorrt.device_id,
+                    execution_contexts=cfg.tensorrt.execution_contexts,
+                    opt_batch_size=cfg.tensorrt.opt_batch_size,
                 )
 
             loader: BackendLoader = load

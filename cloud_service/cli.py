@@ -15,10 +15,14 @@ from typing import Annotated
 import typer
 
 from fogline._cli import fail, settle_heap
+from fogline.cloud_service._batch_job import batch_command
+from fogline.cloud_service._doctor import doctor_command
 
 __all__ = ["app"]
 
 app = typer.Typer(no_args_is_help=True, help="Run the cloud worker and its HTTP API.")
+app.command("doctor")(doctor_command)
+app.command("batch")(batch_command)
 
 
 @app.command("serve")

@@ -816,11 +816,18 @@ class Agent:
         waiting: list[bytes] = []
         unserved: list[tuple[Future[Answer], _Pending, bytes]] = []
         breaker = self._breaker
+        gone = {e.item.message_id for e in evicted}
         with self._plock:
             for (mid, _payload, _prio, tag), i in zip(entries, kept, strict=True):
-                wait = connected and (breaker.state == "closed" or breaker.allow_wait(now_m))
+                # An item evicted as it was stored keeps its caller, who learns of it below.
+                doomed = mid in gone
+                wait = (
+                    not doomed
+                    and connected
+                    and (breaker.state == "closed" or breaker.allow_wait(now_m))
+                )
                 p = _Pending(
-                    futures[i] if wait else None,
+                    futures[i] if wait or doomed else None,
                     arrived[i],
                     None if rel is None else rel[i],
                     None if conf is None else conf[i],
@@ -832,11 +839,10 @@ class Agent:
                 self._schedule(mid, p.next_at)
                 if wait:
                     waiting.append(mid)
-                else:
+                elif not doomed:
                     unserved.append((futures[i], p, mid))
         if evicted:
             self._evicted(evicted)
-        gone = {e.item.message_id for e in evicted}
         sent = 0
         if connected:
             publish = self._transport.publish

@@ -209,10 +209,10 @@ class Outbox:
                     " VALUES (?, ?, ?, ?, ?)",
                     rows,
                 )
-                incoming = {r[0] for r in entries}
-                old_gone = [(mid,) for mid in gone if mid not in incoming]
-                if old_gone:
-                    self._db.executemany("DELETE FROM outbox WHERE message_id = ?", old_gone)
+                if gone:
+                    self._db.executemany(
+                        "DELETE FROM outbox WHERE message_id = ?", [(mid,) for mid in gone]
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

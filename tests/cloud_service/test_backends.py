@@ -9,9 +9,27 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fogline.cloud_service import Backend, BackendError, OnnxRuntimeBackend, select_backend
-from fogline.cloud_service._backends import choose_providers, dummy_shape
+from fogline.cloud_service import (
+    Backend,
+    BackendChoice,
+    BackendError,
+    OnnxRuntimeBackend,
+    select_backend,
+)
+from fogline.cloud_service._backends import (
+    Availability,
+    choose_providers,
+    dummy_shape,
+    ort_provider_options,
+)
 from fogline.cloud_service._tensorrt import engine_cache_key
+
+ALL_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "AzureExecutionProvider",
+    "CPUExecutionProvider",
+)
 
 
 def reference(model: Path, features: np.ndarray) -> np.ndarray:
@@ -62,6 +80,157 @@ def test_providers_are_ordered_best_first_with_cpu_last() -> None:
         "CUDAExecutionProvider",
         "CPUExecutionProvider",
     ]
+
+
+def test_without_a_cuda_device_the_gpu_providers_are_left_out() -> None:
+    assert choose_providers(ALL_PROVIDERS, gpu=False) == ["CPUExecutionProvider"]
+    assert choose_providers(ALL_PROVIDERS, gpu=True) == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+
+
+def test_tensorrt_provider_options_carry_cache_precision_profile_and_device(
+    tmp_path: Path,
+) -> None:
+    trt, cuda, cpu = ort_provider_options(
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        inputs={"features": ("N", 16), "mask": (-1, 4, 2), "scale": (1,), "step": ()},
+        max_batch_size=32,
+        opt_batch_size=8,
+        engine_cache_dir=tmp_path,
+        fp16=True,
+        device_id=1,
+    )
+    assert trt == {
+        "device_id": "1",
+        "trt_fp16_enable": "True",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(tmp_path),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(tmp_path),
+        "trt_profile_min_shapes": "features:1x16,mask:1x4x2",
+        "trt_profile_opt_shapes": "features:8x16,mask:8x4x2",
+        "trt_profile_max_shapes": "features:32x16,mask:32x4x2",
+    }
+    assert cuda == {"device_id": "1"}
+    assert cpu == {}
+
+
+def test_provider_profiles_default_to_the_largest_batch_and_skip_unnamable_inputs() -> None:
+    (trt,) = ort_provider_options(
+        ["TensorrtExecutionProvider"], inputs={"features": ("N", 16)}, max_batch_size=4
+    )
+    assert trt["trt_profile_opt_shapes"] == "features:4x16"
+    assert trt["trt_fp16_enable"] == "False"
+    assert "trt_engine_cache_enable" not in trt  # no cache directory, no cache
+    for inputs in ({"image": ("N", 3, "H", "W")}, {"a:b": ("N", 2)}, {"fixed": (2, 16)}):
+        (trt,) = ort_provider_options(
+            ["TensorrtExecutionProvider"], inputs=inputs, max_batch_size=4
+        )
+        assert not any(k.startswith("trt_profile") for k in trt), inputs
+
+
+def test_provider_options_refuse_impossible_settings() -> None:
+    with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
+        ort_provider_options([], inputs={}, max_batch_size=0)
+    with pytest.raises(ValueError, match=r"opt_batch_size must lie in 1..8"):
+        ort_provider_options([], inputs={}, max_batch_size=8, opt_batch_size=9)
+    with pytest.raises(ValueError, match="device_id must be 0 or more"):
+        ort_provider_options([], inputs={}, max_batch_size=8, device_id=-1)
+
+
+def test_gpu_providers_missing_from_this_build_fall_back_to_the_cpu_and_still_answer(
+    tiny_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if {"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(ort.get_available_providers()):
+        pytest.skip("this onnxruntime build has GPU providers")
+    with (
+        caplog.at_level("WARNING", "fogline.cloud.backends"),
+        pytest.warns(UserWarning, match="not in available provider names"),
+    ):
+        backend = OnnxRuntimeBackend(
+            tiny_bundle / "cloud.onnx",
+            providers=list(choose_providers(ALL_PROVIDERS)),
+            engine_cache_dir=tmp_path / "engines",
+            fp16=True,
+            max_batch_size=4,
+        )
+    assert backend.providers == ("CPUExecutionProvider",)
+    assert "could not start TensorrtExecutionProvider, CUDAExecutionProvider" in caplog.text
+    # the provider's cache folder is keyed by the onnxruntime (and TensorRT) version
+    (folder,) = (tmp_path / "engines" / "onnxruntime").iterdir()
+    assert folder.name.startswith(f"ort-{ort.__version__}-trt-")
+    x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
+    np.testing.assert_allclose(
+        backend.run({"features": x})["probs"], reference(tiny_bundle / "cloud.onnx", x), rtol=1e-6
+    )
+
+
+def test_asking_only_for_the_cpu_creates_no_engine_cache(tiny_bundle: Path, tmp_path: Path) -> None:
+    choice = BackendChoice("onnxruntime", "test", ("CPUExecutionProvider",))
+    backend = choice.load(
+        tiny_bundle / "cloud.onnx", max_batch_size=4, engine_cache_dir=tmp_path / "engines"
+    )
+    assert isinstance(backend, OnnxRuntimeBackend)
+    assert backend.providers == ("CPUExecutionProvider",)
+    assert not (tmp_path / "engines").exists()
+
+
+def host(
+    *,
+    tensorrt: str | None = "the tensorrt package is not installed",
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    cuda: str | None = None,
+) -> Availability:
+    return Availability(tensorrt_problem=tensorrt, providers=providers, cuda_device=cuda)
+
+
+def test_auto_takes_native_tensorrt_wherever_it_can_run() -> None:
+    choice = select_backend("auto", availability=host(tensorrt=None, cuda="NVIDIA L4"))
+    assert choice.kind == "tensorrt"
+    assert "NVIDIA L4" in choice.reason
+
+
+def test_auto_takes_onnxruntime_gpu_providers_when_only_they_can_run() -> None:
+    choice = select_backend(
+        "auto",
+        availability=host(
+            tensorrt="the tensorrt package is not installed",
+            providers=ALL_PROVIDERS,
+            cuda="NVIDIA L4",
+        ),
+    )
+    assert choice.kind == "onnxruntime"
+    assert choice.providers == (
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    )
+    assert "native TensorRT unavailable (the tensorrt package is not installed)" in choice.reason
+
+
+def test_auto_leaves_gpu_providers_out_without_a_device_and_says_so() -> None:
+    choice = select_backend(
+        "auto", availability=host(tensorrt="no CUDA device", providers=ALL_PROVIDERS)
+    )
+    assert choice.providers == ("CPUExecutionProvider",)
+    assert (
+        "TensorrtExecutionProvider, CUDAExecutionProvider left out: no CUDA device visible"
+        in choice.reason
+    )
+
+
+def test_a_configured_backend_is_honoured_or_refused_with_the_reason() -> None:
+    gpu_host = host(providers=ALL_PROVIDERS, cuda="NVIDIA L4")
+    choice = select_backend("onnxruntime", availability=gpu_host)
+    assert (choice.kind, choice.providers[0]) == ("onnxruntime", "TensorrtExecutionProvider")
+    assert select_backend("tensorrt", availability=host(tensorrt=None, cuda="L4")).kind == (
+        "tensorrt"
+    )
+    with pytest.raises(BackendError, match="requested but unavailable: no CUDA device"):
+        select_backend("tensorrt", availability=host(tensorrt="no CUDA device"))
 
 
 def test_warmup_shapes_fill_symbolic_axes() -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from fogline.compression import Codec
-from fogline.edge_agent import AgentConfig, ConfigError, HttpConfig, RuntimeConfig, load_config
+from fogline.edge_agent import (
+    AgentConfig,
+    BreakerConfig,
+    ConfigError,
+    HttpConfig,
+    OutboxConfig,
+    RuntimeConfig,
+    load_config,
+)
 from fogline.reference import BUNDLE_DIR
 from fogline.sync import Thresholds
 
@@ -183,3 +191,116 @@ def test_configs_built_in_code_are_validated_too() -> None:
         RuntimeConfig(max_batch=0)
     cfg = AgentConfig(site="a").replace(site="b", client_id="")
     assert cfg.client_id == "fogline-agent-b"
+
+
+def test_outbox_and_breaker_tables_are_read_with_paths_from_the_file(tmp_path: Path) -> None:
+    cfg = load_config(
+        _write(
+            tmp_path,
+            """
+site = "plant-7"
+
+[outbox]
+path = "state/outbox.db"
+max_items = 500
+max_bytes = 1048576
+max_age_s = 3600
+synchronous = "normal"
+retry_initial_ms = 250
+retry_max_ms = 4000
+resend_rate_per_s = 50
+
+[breaker]
+failure_threshold = 3
+open_ms = 1000
+max_open_ms = 8000
+offline = "fail"
+""",
+        )
+    )
+    assert cfg.outbox == OutboxConfig(
+        path=tmp_path / "state" / "outbox.db",
+        max_items=500,
+        max_bytes=1_048_576,
+        max_age_s=3600.0,
+        synchronous="normal",
+        retry_initial_ms=250,
+        retry_max_ms=4000,
+        resend_rate_per_s=50,
+    )
+    assert cfg.outbox_path == tmp_path / "state" / "outbox.db"
+    assert cfg.breaker == BreakerConfig(
+        failure_threshold=3, open_ms=1000, max_open_ms=8000, offline="fail"
+    )
+
+
+def test_without_an_outbox_path_each_site_gets_its_own_file_in_the_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FOGLINE_STATE_DIR", str(tmp_path / "st"))
+    cfg = load_config(None, {"site": "north"})
+    assert cfg.outbox == OutboxConfig()
+    assert cfg.breaker == BreakerConfig()
+    assert cfg.outbox_path == tmp_path / "st" / "outbox-north.db"
+    assert cfg.replace(site="south").outbox_path == tmp_path / "st" / "outbox-south.db"
+    monkeypatch.delenv("FOGLINE_STATE_DIR")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert cfg.outbox_path == tmp_path / "xdg" / "fogline" / "outbox-north.db"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("[outbox]\nmax_items = 0", "outbox.max_items", "at least 1"),
+        ("[outbox]\nmax_items = 1.5", "outbox.max_items", "must be an integer"),
+        ("[outbox]\nmax_bytes = 100", "outbox.max_bytes", "at least 1024"),
+        ("[outbox]\nmax_bytes = true", "outbox.max_bytes", "must be an integer"),
+        ("[outbox]\nmax_age_s = 0", "outbox.max_age_s", "must be a positive number"),
+        ("[outbox]\nmax_age_s = -5.0", "outbox.max_age_s", "must be a positive number"),
+        ("[outbox]\nmax_age_s = nan", "outbox.max_age_s", "must be a positive number"),
+        ('[outbox]\nmax_age_s = "7d"', "outbox.max_age_s", "must be"),
+        ('[outbox]\nsynchronous = "off"', "outbox.synchronous", "must be full or normal"),
+        ("[outbox]\nsynchronous = 1", "outbox.synchronous", "must be"),
+        ("[outbox]\nretry_initial_ms = 0", "outbox.retry_initial_ms", "at least 1"),
+        (
+            "[outbox]\nretry_initial_ms = 500\nretry_max_ms = 100",
+            "outbox.retry_max_ms",
+            "at least 500",
+        ),
+        ("[outbox]\nresend_rate_per_s = 0", "outbox.resend_rate_per_s", "at least 1"),
+        ("[outbox]\npath = 3", "outbox.path", "must be"),
+        ("[outbox]\nmax_pending = 10", "outbox.max_pending", "is not a known key"),
+        ("outbox = 3", "outbox", "must be a table"),
+        ("max_pending = 100", "max_pending", "is not a known key"),
+        ("[breaker]\nfailure_threshold = 0", "breaker.failure_threshold", "at least 1"),
+        ('[breaker]\nfailure_threshold = "5"', "breaker.failure_threshold", "must be"),
+        ("[breaker]\nopen_ms = 0", "breaker.open_ms", "at least 1"),
+        ("[breaker]\nopen_ms = 5000\nmax_open_ms = 1000", "breaker.max_open_ms", "at least 5000"),
+        ('[breaker]\noffline = "panic"', "breaker.offline", "must be degrade or fail"),
+        ("[breaker]\noffline = false", "breaker.offline", "must be"),
+        ("[breaker]\nthreshold = 3", "breaker.threshold", "is not a known key"),
+        ("breaker = []", "breaker", "must be a table"),
+    ],
+)
+def test_a_bad_outbox_or_breaker_value_is_reported_with_its_key(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, f'site = "a"\n{text}\n'))
+    assert info.value.key == key
+    assert problem in str(info.value)
+    assert str(info.value).startswith(f"{key}: ")
+
+
+def test_outbox_and_breaker_configs_built_in_code_are_validated_too() -> None:
+    with pytest.raises(ConfigError, match=r"outbox\.max_items"):
+        OutboxConfig(max_items=0)
+    with pytest.raises(ConfigError, match=r"outbox\.path: must be a path"):
+        OutboxConfig(path=3)  # type: ignore[arg-type]
+    assert OutboxConfig(path="x/outbox.db").path == Path("x/outbox.db")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"breaker\.offline"):
+        BreakerConfig(offline="ignore")
+    with pytest.raises(ConfigError, match=r"^outbox: must be OutboxConfig"):
+        AgentConfig(site="a", outbox={"max_items": 3})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^breaker: must be BreakerConfig"):
+        AgentConfig(site="a", breaker=None)  # type: ignore[arg-type]

@@ -1,0 +1,468 @@
+"""Nothing lost: the agent's outbox, re-sends, evictions and circuit breaker against a real
+Mosquitto, a stand-in cloud that comes and goes, and an agent process killed with SIGKILL."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fogline._mqtt import MqttSettings
+from fogline.edge_agent import (
+    Agent,
+    AgentConfig,
+    Answer,
+    BreakerConfig,
+    CloudTimeoutError,
+    CloudUnavailableError,
+    Delivery,
+    OutboxConfig,
+    OutboxEvictedError,
+    RuntimeConfig,
+)
+from tests.conftest import Broker
+from tests.edge_agent.conftest import frames
+
+pytestmark = pytest.mark.integration
+
+FORWARD_ALL = {"relevance": 0.0, "exit_confidence": 1.0}
+# Re-sends come quickly in tests: 250 ms, doubling up to 1 s.
+FAST_RETRY = {"retry_initial_ms": 250, "retry_max_ms": 1000}
+
+
+class Deliveries:
+    """Collects what ``on_answer`` receives (from the agent's threads)."""
+
+    def __init__(self) -> None:
+        self._items: list[Delivery] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, delivery: Delivery) -> None:
+        with self._cond:
+            self._items.append(delivery)
+            self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout_s: float = 20.0) -> list[Delivery]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._items) >= n, timeout_s):
+                raise AssertionError(f"{len(self._items)} deliveries of {n} after {timeout_s} s")
+            return list(self._items)
+
+    def snapshot(self) -> list[Delivery]:
+        with self._cond:
+            return list(self._items)
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+AgentMaker = Callable[..., Agent]
+
+
+@pytest.fixture
+def make_agent(broker: Broker, topic_prefix: str) -> Iterator[AgentMaker]:
+    """Start agents on the test broker with an ``on_answer`` callback; stopped at teardown.
+
+    Agents of one site share their outbox file (the test's own state directory), so a
+    second agent for the same site is the first one restarted."""
+    agents: list[Agent] = []
+
+    def make(
+        bundle: Path,
+        *,
+        on_answer: Callable[[Delivery], None] | None = None,
+        site: str = "site-a",
+        outbox: OutboxConfig | None = None,
+        wait_connected: bool = True,
+        **overrides: Any,
+    ) -> Agent:
+        settings = MqttSettings(
+            host=broker.host,
+            port=broker.port,
+            topic_prefix=topic_prefix,
+            reconnect_min_s=1,
+            reconnect_max_s=1,
+            connect_timeout_s=10,
+        )
+        config = AgentConfig(
+            site=site,
+            bundle_dir=bundle,
+            broker=settings,
+            runtime=RuntimeConfig(max_batch=16, warmup_runs=1),
+            outbox=outbox or OutboxConfig(**FAST_RETRY),
+            **overrides,
+        )
+        agent = Agent(config, on_answer=on_answer)
+        agents.append(agent)
+        agent.start(wait_connected=wait_connected)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
+
+
+def _answers_once_each(deliveries: list[Delivery], tags: list[str]) -> dict[str, Answer]:
+    """Every tag got exactly one delivery, and it is the cloud's answer."""
+    counts = Counter(d.tag for d in deliveries)
+    assert counts == Counter(tags), counts
+    assert len({d.message_id for d in deliveries}) == len(tags)
+    out: dict[str, Answer] = {}
+    for d in deliveries:
+        assert d.error is None, d.error
+        assert d.answer is not None
+        assert d.answer.source == "cloud"
+        assert d.answer.status == "ok"
+        assert d.answer.tag == d.tag
+        assert d.answer.message_id == d.message_id
+        assert d.answer.label is not None
+        out[d.tag or ""] = d.answer
+    return out
+
+
+def _no_late_duplicates(agent: Agent, deliveries: Deliveries, expected: int) -> None:
+    """Re-sends still in flight may bring more cloud answers: none may reach on_answer."""
+    agent.flush(5)
+    time.sleep(0.5)
+    assert len(deliveries.snapshot()) == expected
+    assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
+    assert agent.drained()
+
+
+def test_a_restarted_agent_resends_the_unanswered_items_and_delivers_each_once(
+    bundle_factory, make_agent, responder_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    first = make_agent(bundle, cloud_timeout_ms=200)
+    tags = [f"item-{i}" for i in range(10)]
+    degraded = [f.result(10) for f in first.submit_batch(frames(10), tags=tags)]
+    assert {a.status for a in degraded} == {"degraded"}
+    assert first.stats()["outbox_items"] == 10
+    first.stop()
+
+    deliveries = Deliveries()
+    second = make_agent(bundle, on_answer=deliveries)
+    assert second.config.outbox_path == first.config.outbox_path
+    assert second.stats()["outbox_items"] == 10
+    assert second.stats()["pending"] == 10
+    m = second.metrics
+    assert m.value("fogline_agent_outbox_items") == 10
+    assert m.value("fogline_agent_outbox_bytes") > 0
+    assert m.value("fogline_agent_outbox_oldest_age_seconds") > 0
+    assert deliveries.snapshot() == []  # nobody answers yet
+
+    cloud = responder_factory(bundle)
+    got = _answers_once_each(deliveries.wait_for(10), tags)
+    assert {a.message_id for a in got.values()} == {a.message_id for a in degraded}
+    for answer in got.values():
+        assert answer.label == cloud.labels[bytes.fromhex(answer.message_id or "")]
+    _no_late_duplicates(second, deliveries, 10)
+    assert second.stats()["resends"] >= 10
+    assert second.metrics.value("fogline_agent_detached_outcomes_total", {"kind": "answer"}) == 10
+
+
+def test_while_the_broker_is_down_callers_get_degraded_answers_and_nothing_is_lost(
+    broker, bundle_factory, make_agent, responder_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    responder_factory(bundle)
+    deliveries = Deliveries()
+    agent = make_agent(bundle, on_answer=deliveries)
+    assert agent.submit_batch(frames(1))[0].result(10).source == "cloud"
+
+    broker.stop()
+    assert _wait_until(lambda: not agent.connected)
+    tags = [f"offline-{i}" for i in range(6)]
+    answers = [f.result(10) for f in agent.submit_batch(frames(6, seed=1), tags=tags)]
+    # Answered at once by the edge: no caller waited for the cloud, none timed out.
+    assert [a.status for a in answers] == ["degraded"] * 6
+    assert [a.source for a in answers] == ["edge"] * 6
+    assert [a.tag for a in answers] == tags
+    stats = agent.stats()
+    assert stats["timeouts"] == 0
+    assert stats["degraded"] == 6
+    assert stats["outbox_items"] == 6
+
+    broker.start()
+    got = _answers_once_each(deliveries.wait_for(6, timeout_s=30), tags)
+    by_tag = {a.tag: a for a in answers}
+    for tag, answer in got.items():
+        assert answer.message_id == by_tag[tag].message_id
+    _no_late_duplicates(agent, deliveries, 6)
+    assert agent.circuit_state == "closed"
+
+
+def test_while_the_broker_is_down_a_failing_agent_says_the_cloud_is_unavailable(
+    broker, bundle_factory, make_agent, responder_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    deliveries = Deliveries()
+    agent = make_agent(bundle, on_answer=deliveries, breaker=BreakerConfig(offline="fail"))
+    broker.stop()
+    assert _wait_until(lambda: not agent.connected)
+    futures = agent.submit_batch(frames(3), tags=["a", "b", "c"])
+    for fut in futures:
+        with pytest.raises(CloudUnavailableError, match="not connected to the broker"):
+            fut.result(10)
+    assert agent.stats()["outbox_items"] == 3
+
+    broker.start()
+    responder_factory(bundle)
+    _answers_once_each(deliveries.wait_for(3, timeout_s=30), ["a", "b", "c"])
+    _no_late_duplicates(agent, deliveries, 3)
+
+
+def _evicted_by(futures: list[Future[Answer]]) -> int:
+    n = 0
+    for fut in futures:
+        if isinstance(fut.exception(10), OutboxEvictedError):
+            n += 1
+    return n
+
+
+def test_evictions_by_max_items_are_counted_and_the_rest_is_answered(
+    bundle_factory, make_agent, responder_factory, caplog
+) -> None:
+    caplog.set_level(logging.WARNING, logger="fogline.edge_agent")
+    bundle = bundle_factory(**FORWARD_ALL)
+    deliveries = Deliveries()
+    agent = make_agent(
+        bundle,
+        on_answer=deliveries,
+        cloud_timeout_ms=200,
+        outbox=OutboxConfig(max_items=5, **FAST_RETRY),
+        # Keep callers waiting for the cloud, so evictions reach their futures too.
+        breaker=BreakerConfig(failure_threshold=1000),
+    )
+    old = agent.submit_batch(frames(4, seed=1), tags=[f"old-{i}" for i in range(4)])
+    assert {f.result(10).status for f in old} == {"degraded"}  # now detached
+    fresh = agent.submit_batch(frames(4, seed=2), tags=[f"fresh-{i}" for i in range(4)])
+    # 8 items, 5 fit: the three oldest of equal priority went, to on_answer.
+    evicted_deliveries = deliveries.wait_for(3)
+    assert sorted(d.tag or "" for d in evicted_deliveries) == ["old-0", "old-1", "old-2"]
+    for d in evicted_deliveries:
+        assert isinstance(d.error, OutboxEvictedError)
+        assert d.error.reason == "max_items"
+        assert d.answer is None
+    assert {f.result(10).status for f in fresh} == {"degraded"}
+    # Lower priority than everything held: these are evicted at once, to their callers.
+    low = agent.submit_batch(frames(2, seed=3), tags=["low-0", "low-1"], priority=-1)
+    assert _evicted_by(low) == 2
+    for fut in low:
+        exc = fut.exception(0)
+        assert isinstance(exc, OutboxEvictedError)
+        assert exc.reason == "max_items"
+
+    evicted_outcomes = _evicted_by(low) + sum(
+        isinstance(d.error, OutboxEvictedError) for d in deliveries.snapshot()
+    )
+    stats = agent.stats()
+    assert stats["evicted"] == evicted_outcomes == 5
+    m = agent.metrics
+    assert m.value("fogline_agent_outbox_evictions_total", {"reason": "max_items"}) == 5
+    assert m.value("fogline_agent_outbox_evictions_total", {"reason": "max_bytes"}) == 0
+    assert stats["outbox_items"] == 5
+    logged = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
+    assert logged
+    assert all("bound max_items reached" in line for line in logged)
+    assert sum(int(line.split("evicted ")[1].split()[0]) for line in logged) == 5
+
+    responder_factory(bundle)
+    all_deliveries = deliveries.wait_for(8)
+    answered = [d for d in all_deliveries if d.answer is not None]
+    _answers_once_each(answered, ["old-3", *(f"fresh-{i}" for i in range(4))])
+    assert len(all_deliveries) == 3 + 5
+    _no_late_duplicates(agent, deliveries, 8)
+    assert agent.stats()["evicted"] == 5
+
+
+def test_an_item_evicted_as_it_is_stored_while_offline_is_reported_evicted_to_its_caller(
+    broker, bundle_factory, make_agent
+) -> None:
+    deliveries = Deliveries()
+    agent = make_agent(
+        bundle_factory(**FORWARD_ALL),
+        on_answer=deliveries,
+        outbox=OutboxConfig(max_items=2, **FAST_RETRY),
+        breaker=BreakerConfig(offline="fail"),
+    )
+    broker.stop()
+    assert _wait_until(lambda: not agent.connected)
+    for fut in agent.submit_batch(frames(2), priority=5):
+        assert isinstance(fut.exception(10), CloudUnavailableError)
+    low = agent.submit_batch(frames(1, seed=4), tags=["low"], priority=0)[0]
+    assert agent.stats()["evicted"] == 1
+    exc = low.exception(10)
+    assert isinstance(exc, OutboxEvictedError), exc
+    assert deliveries.snapshot() == []  # its one outcome went to its caller
+
+
+def test_items_older_than_max_age_are_evicted_and_their_callers_told(
+    bundle_factory, make_agent
+) -> None:
+    deliveries = Deliveries()
+    agent = make_agent(
+        bundle_factory(**FORWARD_ALL),
+        on_answer=deliveries,
+        cloud_timeout_ms=60_000,
+        outbox=OutboxConfig(max_age_s=0.3, **FAST_RETRY),
+    )
+    futures = agent.submit_batch(frames(2), tags=["aged-0", "aged-1"])
+    for fut in futures:
+        exc = fut.exception(20)
+        assert isinstance(exc, OutboxEvictedError)
+        assert exc.reason == "max_age"
+    assert agent.stats()["evicted"] == 2
+    assert agent.metrics.value("fogline_agent_outbox_evictions_total", {"reason": "max_age"}) == 2
+    assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
+    assert agent.drained()
+    assert deliveries.snapshot() == []  # the waiting callers got the outcome
+
+
+def test_the_breaker_opens_after_repeated_timeouts_and_closes_when_the_cloud_answers(
+    bundle_factory, make_agent, responder_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    deliveries = Deliveries()
+    agent = make_agent(
+        bundle,
+        on_answer=deliveries,
+        cloud_timeout_ms=200,
+        breaker=BreakerConfig(
+            failure_threshold=2, open_ms=60_000, max_open_ms=60_000, offline="fail"
+        ),
+    )
+
+    def gauge() -> float:
+        return agent.metrics.value("fogline_agent_circuit_state")
+
+    assert agent.circuit_state == "closed"
+    assert gauge() == 0
+    for tag in ("t-0", "t-1"):
+        with pytest.raises(CloudTimeoutError):
+            agent.submit_batch(frames(1, seed=len(tag)), tags=[tag])[0].result(10)
+    assert agent.circuit_state == "open"
+    assert gauge() == 1
+
+    # Open: later callers do not wait for the cloud at all.
+    for tag in ("u-0", "u-1", "u-2"):
+        with pytest.raises(CloudUnavailableError, match="circuit breaker open"):
+            agent.submit_batch(frames(1), tags=[tag])[0].result(10)
+    assert agent.stats()["timeouts"] == 2
+    assert agent.stats()["outbox_items"] == 5
+
+    responder_factory(bundle)
+    # The re-sent items' answers close the breaker and reach on_answer.
+    _answers_once_each(deliveries.wait_for(5), ["t-0", "t-1", "u-0", "u-1", "u-2"])
+    assert agent.circuit_state == "closed"
+    assert gauge() == 0
+    answer = agent.submit_batch(frames(1, seed=9), tags=["after"])[0].result(10)
+    assert (answer.source, answer.status, answer.tag) == ("cloud", "ok", "after")
+    _no_late_duplicates(agent, deliveries, 5)
+
+
+_KILLED_AGENT = """
+import sys, time
+import numpy as np
+from fogline._mqtt import MqttSettings
+from fogline.edge_agent import Agent, AgentConfig, OutboxConfig, RuntimeConfig
+
+host, port, prefix, bundle, outbox, site, n = sys.argv[1:8]
+config = AgentConfig(
+    site=site,
+    bundle_dir=bundle,
+    broker=MqttSettings(host=host, port=int(port), topic_prefix=prefix),
+    cloud_timeout_ms=60_000,
+    runtime=RuntimeConfig(max_batch=16, warmup_runs=1),
+    outbox=OutboxConfig(path=outbox),
+)
+agent = Agent(config).start()
+batch = np.random.default_rng(7).integers(0, 256, (int(n), 1, 8, 8), dtype=np.uint8)
+agent.submit_batch(batch[: int(n) // 2], tags=[f"killed-{i}" for i in range(int(n) // 2)])
+agent.submit_batch(batch[int(n) // 2 :], tags=[f"killed-{i}" for i in range(int(n) // 2, int(n))])
+print("stored", flush=True)
+time.sleep(600)
+"""
+
+
+def _wait_for_line(proc: subprocess.Popen[str], expected: str, timeout_s: float = 60.0) -> None:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    if not ready:
+        raise AssertionError(f"the agent process printed nothing within {timeout_s} s")
+    line = proc.stdout.readline().strip()
+    if line != expected:
+        proc.wait(10)
+        raise AssertionError(f"the agent process printed {line!r}, exit {proc.returncode}")
+
+
+def test_an_agent_killed_with_sigkill_loses_nothing_and_its_successor_answers_each_once(
+    tmp_path, broker, topic_prefix, bundle_factory, make_agent, responder_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    outbox_path = tmp_path / "killed" / "outbox.db"
+    n = 24
+    err_path = tmp_path / "agent.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _KILLED_AGENT,
+                broker.host,
+                str(broker.port),
+                topic_prefix,
+                str(bundle),
+                str(outbox_path),
+                "site-k",
+                str(n),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        try:
+            try:
+                _wait_for_line(proc, "stored")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{err_path.read_text()[-3000:]}") from None
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(10) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+    deliveries = Deliveries()
+    agent = make_agent(
+        bundle,
+        site="site-k",
+        on_answer=deliveries,
+        outbox=OutboxConfig(path=outbox_path, **FAST_RETRY),
+    )
+    assert agent.stats()["outbox_items"] == n
+    responder_factory(bundle)
+    tags = [f"killed-{i}" for i in range(n)]
+    _answers_once_each(deliveries.wait_for(n), tags)
+    _no_late_duplicates(agent, deliveries, n)
+    assert agent.stats()["evicted"] == 0

@@ -1,0 +1,290 @@
+"""The durable outbox on real SQLite files: recovery, bounds, eviction order, kill -9."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from fogline.edge_agent._outbox import (
+    Eviction,
+    Outbox,
+    OutboxFullError,
+    OutboxItem,
+    OutboxLimits,
+)
+
+
+def _mid(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def _ids(items: Iterable[OutboxItem]) -> list[int]:
+    return [int.from_bytes(it.message_id, "big") for it in items]
+
+
+def _evicted(evictions: Iterable[Eviction]) -> list[tuple[int, str]]:
+    """Evictions as (item number, reason), in the order the outbox made them."""
+    return [(int.from_bytes(e.item.message_id, "big"), e.reason) for e in evictions]
+
+
+def test_items_survive_reopening_with_their_tags_priorities_and_payloads(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    box.add_many([(_mid(1), b"one", 0, "tag-1"), (_mid(2), b"two!", 5, None)], now_s=100.0)
+    box.add_many([(_mid(3), b"three", -2, "tag-3")], now_s=200.0)
+    box.close()
+
+    again = Outbox(path)
+    assert len(again) == 3
+    assert again.total_bytes == len(b"one") + len(b"two!") + len(b"three")
+    assert _ids(again.items()) == [1, 2, 3]  # oldest first
+    assert [again.get(_mid(n)) for n in (1, 2, 3)] == [
+        OutboxItem(_mid(1), 3, 0, 100.0, "tag-1"),
+        OutboxItem(_mid(2), 4, 5, 100.0, None),
+        OutboxItem(_mid(3), 5, -2, 200.0, "tag-3"),
+    ]
+    assert again.payload(_mid(3)) == b"three"
+    assert _mid(2) in again
+    assert again.oldest_created_s() == 100.0
+    again.close()
+
+
+def test_the_outbox_file_and_its_wal_are_readable_by_the_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "outbox.db"
+    box = Outbox(path)
+    box.add_many([(_mid(1), b"site data", 0, None)])
+    files = [path, *path.parent.glob("outbox.db-*")]
+    assert any(f.name.endswith("-wal") for f in files)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    box.close()
+
+
+def test_remove_many_deletes_only_what_is_held_and_returns_it(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    box.add_many([(_mid(n), bytes(10 * n), 0, f"t{n}") for n in (1, 2, 3)])
+    removed = box.remove_many([_mid(1), _mid(3), _mid(99)])
+    assert sorted(_ids(removed)) == [1, 3]
+    assert box.remove_many([_mid(1)]) == []  # already gone
+    assert box.remove_many([]) == []
+    assert len(box) == 1
+    assert box.total_bytes == 20
+    assert box.payload(_mid(1)) is None
+    box.close()
+    again = Outbox(path)
+    assert _ids(again.items()) == [2]
+    again.close()
+
+
+def test_max_items_evicts_the_lowest_priority_first_then_the_oldest(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path, OutboxLimits(max_items=3))
+    assert box.add_many([(_mid(1), b"a", 0, None)], now_s=1.0) == []
+    assert box.add_many([(_mid(2), b"b", 1, None)], now_s=2.0) == []
+    assert box.add_many([(_mid(3), b"c", 0, None)], now_s=3.0) == []
+    # Full: the oldest of the lowest priority goes, not the oldest overall.
+    assert _evicted(box.add_many([(_mid(4), b"d", 1, None)], now_s=4.0)) == [(1, "max_items")]
+    assert _evicted(box.add_many([(_mid(5), b"e", 0, None)], now_s=5.0)) == [(3, "max_items")]
+    # A new item that ranks lowest is itself evicted and never stored.
+    assert _evicted(box.add_many([(_mid(6), b"f", -1, None)], now_s=6.0)) == [(6, "max_items")]
+    assert sorted(_ids(box.items())) == [2, 4, 5]
+    box.close()
+    again = Outbox(path, OutboxLimits(max_items=3))
+    assert sorted(_ids(again.items())) == [2, 4, 5]
+    again.close()
+
+
+def test_within_one_batch_the_earlier_entries_count_as_older(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.db", OutboxLimits(max_items=2))
+    evicted = box.add_many([(_mid(n), b"x", 0, None) for n in (1, 2, 3, 4)], now_s=1.0)
+    assert _evicted(evicted) == [(1, "max_items"), (2, "max_items")]
+    assert sorted(_ids(box.items())) == [3, 4]
+    box.close()
+
+
+def test_max_bytes_evicts_until_the_payloads_fit(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path, OutboxLimits(max_bytes=100))
+    box.add_many([(_mid(1), bytes(40), 0, None)], now_s=1.0)
+    box.add_many([(_mid(2), bytes(40), 5, None)], now_s=2.0)
+    box.add_many([(_mid(3), bytes(10), 0, None)], now_s=3.0)
+    # 90 held and 60 more: both priority-0 items go (oldest first), the older
+    # priority-5 one stays.
+    evicted = box.add_many([(_mid(4), bytes(60), 5, None)], now_s=4.0)
+    assert _evicted(evicted) == [(1, "max_bytes"), (3, "max_bytes")]
+    assert box.total_bytes == 100
+    assert sorted(_ids(box.items())) == [2, 4]
+    box.close()
+    again = Outbox(path, OutboxLimits(max_bytes=100))
+    assert again.total_bytes == 100
+    again.close()
+
+
+def test_max_age_expires_items_older_than_the_bound(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path, OutboxLimits(max_age_s=60.0))
+    box.add_many([(_mid(1), b"old", 9, "o")], now_s=1000.0)
+    box.add_many([(_mid(2), b"new", 0, "n")], now_s=1030.0)
+    assert box.expire(now_s=1060.0) == []  # exactly at the bound: still young enough
+    expired = box.expire(now_s=1060.5)
+    assert _evicted(expired) == [(1, "max_age")]
+    assert expired[0].item.tag == "o"
+    assert _ids(box.items()) == [2]
+    assert _evicted(box.expire(now_s=2000.0)) == [(2, "max_age")]
+    assert len(box) == 0
+    assert box.oldest_created_s() is None
+    box.close()
+    again = Outbox(path)
+    assert len(again) == 0
+    again.close()
+
+
+def test_an_item_larger_than_max_bytes_is_refused_and_nothing_of_its_batch_is_stored(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path, OutboxLimits(max_bytes=100))
+    box.add_many([(_mid(1), bytes(30), 0, None)])
+    with pytest.raises(OutboxFullError, match="101 bytes exceeds the outbox bound of 100"):
+        box.add_many([(_mid(2), bytes(10), 0, None), (_mid(3), bytes(101), 0, None)])
+    assert _ids(box.items()) == [1]
+    assert box.total_bytes == 30
+    box.close()
+    again = Outbox(path)
+    assert _ids(again.items()) == [1]
+    again.close()
+
+
+def test_message_ids_must_be_sixteen_bytes(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.db")
+    with pytest.raises(ValueError, match="16 bytes"):
+        box.add_many([(b"short", b"x", 0, None)])
+    assert len(box) == 0
+    box.close()
+
+
+def test_adding_an_id_again_replaces_the_stored_item(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    box.add_many([(_mid(1), bytes(50), 0, "first")], now_s=1.0)
+    box.add_many([(_mid(1), b"second", 3, "second")], now_s=2.0)
+    assert len(box) == 1
+    assert box.total_bytes == len(b"second")
+    assert box.payload(_mid(1)) == b"second"
+    box.close()
+    again = Outbox(path)
+    item = again.get(_mid(1))
+    assert item is not None
+    assert (item.tag, item.priority, item.size, item.created_s) == ("second", 3, 6, 2.0)
+    again.close()
+
+
+def test_a_re_added_item_that_is_evicted_at_once_leaves_nothing_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    limits = OutboxLimits(max_items=2)
+    box = Outbox(path, limits)
+    box.add_many([(_mid(1), b"a", 5, None), (_mid(2), b"b", 5, None)], now_s=1.0)
+    evicted = box.add_many([(_mid(1), b"a2", 0, None), (_mid(3), b"c", 5, None)], now_s=2.0)
+    assert _evicted(evicted) == [(1, "max_items")]
+    assert sorted(_ids(box.items())) == [2, 3]
+    box.close()
+    again = Outbox(path, limits)
+    assert sorted(_ids(again.items())) == [2, 3]
+    again.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"max_items": 0}, "max_items must be at least 1"),
+        ({"max_bytes": 0}, "max_bytes must be at least 1"),
+        ({"max_age_s": 0.0}, "max_age_s must be positive"),
+    ],
+)
+def test_impossible_bounds_are_refused(kwargs: dict[str, float], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        OutboxLimits(**kwargs)  # type: ignore[arg-type]
+
+
+def test_an_unknown_synchronous_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous must be 'full' or 'normal'"):
+        Outbox(tmp_path / "outbox.db", synchronous="off")  # type: ignore[arg-type]
+
+
+_WRITER = """
+import sys, time
+from fogline.edge_agent._outbox import Outbox
+
+path, n = sys.argv[1], int(sys.argv[2])
+box = Outbox(path)
+for start in range(0, n, 50):
+    box.add_many([
+        (i.to_bytes(16, "big"), bytes([i % 251]) * (100 + i), i % 3, f"tag-{i}")
+        for i in range(start, min(n, start + 50))
+    ])
+print("done", flush=True)
+time.sleep(600)
+"""
+
+
+def _wait_for_line(proc: subprocess.Popen[str], expected: str, timeout_s: float = 60.0) -> str:
+    """The first stdout line of ``proc``; fails if it is not ``expected`` in time."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    if not ready:
+        raise AssertionError(f"the child printed nothing within {timeout_s} s")
+    line = proc.stdout.readline().strip()
+    if not line.startswith(expected):
+        proc.wait(10)
+        raise AssertionError(f"the child printed {line!r} and exited with {proc.returncode}")
+    return line
+
+
+def _kill_9(proc: subprocess.Popen[str]) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(10) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("synchronous", ["full", "normal"])
+def test_a_process_killed_right_after_add_many_keeps_every_item(
+    tmp_path: Path, synchronous: str
+) -> None:
+    path = tmp_path / "outbox.db"
+    n = 240
+    script = _WRITER.replace("Outbox(path)", f"Outbox(path, synchronous={synchronous!r})")
+    stderr = (tmp_path / "child.err").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(path), str(n)],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    try:
+        _wait_for_line(proc, "done")
+        _kill_9(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "child.err").read_text()
+
+    box = Outbox(path)
+    assert len(box) == n
+    assert sorted(_ids(box.items())) == list(range(n))
+    for i in (0, 77, n - 1):
+        item = box.get(_mid(i))
+        assert item is not None
+        assert (item.tag, item.priority, item.size) == (f"tag-{i}", i % 3, 100 + i)
+        assert box.payload(_mid(i)) == bytes([i % 251]) * (100 + i)
+    assert box.total_bytes == sum(100 + i for i in range(n))
+    box.close()
