@@ -17,7 +17,7 @@ from fogline.cloud_service._store import normalize_message_id
 from fogline.cloud_service._worker import CloudWorker
 from fogline.cloud_service.errors import StoreError
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "create_serving_app"]
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -65,4 +65,65 @@ def create_app(worker: CloudWorker) -> FastAPI:
     def metrics() -> Response:
         return Response(worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    return app
+
+
+def create_serving_app(
+    provider: Any,
+    *,
+    worker: CloudWorker | None,
+    metrics: Any,
+    auth: Any,
+    insecure_no_auth: bool,
+    max_request_bytes: int,
+    cors_origins: tuple[str, ...],
+) -> FastAPI:
+    """The Open Inference Protocol API over ``provider`` (a model repository), plus the
+    worker's routes when it ingests MQTT: ``/v1/results``, ``/healthz``, ``/readyz`` and
+    ``/metrics``. Results and metrics need the ``read`` scope like the rest of the API;
+    ``/healthz`` and ``/readyz`` stay open as the ``/v2/health`` endpoints do."""
+    from fastapi import Depends
+    from fastapi.routing import APIRoute
+
+    from fogline.cloud_service._auth import Scope
+    from fogline.cloud_service._oip_app import create_inference_app
+
+    app = create_inference_app(
+        provider,
+        auth=auth,
+        insecure_no_auth=insecure_no_auth,
+        max_request_bytes=max_request_bytes,
+        cors_origins=cors_origins,
+        registry=metrics.registry,
+    )
+    read = [Depends(app.state.require_scope(Scope.READ))]
+
+    @app.get("/metrics", dependencies=read, include_in_schema=False)
+    def metrics_text() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if worker is None:
+
+        @app.get("/healthz", include_in_schema=False)
+        def healthz() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/readyz", include_in_schema=False)
+        def readyz() -> JSONResponse:
+            ready = bool(provider.ready)
+            return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+        return app
+    for route in create_app(worker).router.routes:
+        if not isinstance(route, APIRoute) or route.path == "/metrics":
+            continue
+        open_route = route.path in ("/healthz", "/readyz")
+        app.router.add_api_route(
+            route.path,
+            route.endpoint,
+            methods=sorted(route.methods or ()),
+            dependencies=None if open_route else read,
+            response_model=None,
+            include_in_schema=False,
+        )
     return app

@@ -335,6 +335,7 @@ def create_inference_app(
 
         return check
 
+    app.state.require_scope = require
     can_read = [Depends(require(Scope.READ))]
     can_infer = [Depends(require(Scope.INFER))]
     secured: dict[str, Any] = {} if auth is None else {"security": [{_SECURITY_SCHEME: []}]}

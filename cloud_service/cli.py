@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-from fogline._cli import fail, settle_heap
+from fogline._cli import fail, settle_heap, setup_logging
+from fogline.cloud_service._auth import token_command
 from fogline.cloud_service._batch_job import batch_command
 from fogline.cloud_service._doctor import doctor_command
 
@@ -44,9 +45,34 @@ def serve(
         str | None, typer.Option(help="Result store URL, e.g. sqlite:///results.db.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(help="text, or json: one object a line.")] = "text",
+    model_repository: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-repository",
+            help="Serve the Open Inference Protocol API over this Triton-layout directory "
+            "(and the bundles' cloud parts).",
+        ),
+    ] = None,
+    tokens: Annotated[
+        Path | None,
+        typer.Option(help="Token file (fogline cloud token create) for the inference API."),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Open the inference API to anyone.")
+    ] = False,
+    max_request_mb: Annotated[
+        float, typer.Option(min=0.001, help="Largest accepted inference request body.")
+    ] = 64.0,
+    cors_origin: Annotated[
+        list[str] | None, typer.Option(help="Allow CORS from this origin; repeat for several.")
+    ] = None,
 ) -> None:
     """Consume features over MQTT, answer each site, store results, serve the HTTP API.
 
+    With --model-repository, also serve the Open Inference Protocol (KServe V2) API over
+    the repository's models and the bundles' cloud parts; the MQTT ingest then runs only
+    when a broker is configured (--broker or [broker] in the config file).
     SIGTERM or Ctrl-C answers what is queued, then exits 0.
     """
     from fogline.cloud_service._config import CloudConfig
@@ -66,26 +92,60 @@ def serve(
         )
     except CloudDataError as exc:
         fail(str(exc))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level, log_format)
 
     import uvicorn
 
-    from fogline.cloud_service._app import create_app
+    from fogline.cloud_service._app import create_app, create_serving_app
+    from fogline.cloud_service._metrics import CloudMetrics
     from fogline.cloud_service._worker import CloudWorker
 
-    worker = CloudWorker(cfg)
+    metrics = CloudMetrics()
+    with_mqtt = model_repository is None or broker is not None or _has_broker(config)
+    worker = CloudWorker(cfg, metrics=metrics) if with_mqtt else None
+    repo = None
     try:
-        # Connect in the background: /readyz answers 503 until the broker is reached.
-        worker.start(wait=False)
+        if model_repository is not None:
+            from fogline.cloud_service._auth import load_token_store
+            from fogline.cloud_service._repository import ModelRepository
+
+            if tokens is None and not insecure_no_auth:
+                fail("the inference API needs --tokens FILE (or --insecure-no-auth)")
+            auth = load_token_store(tokens) if tokens is not None else None
+            repo = ModelRepository(
+                model_repository,
+                bundles=cfg.bundles,
+                backend=cfg.backend,
+                threads=cfg.threads,
+                tensorrt=cfg.tensorrt,
+                metrics=metrics,
+            )
+            repo.start()
+        if worker is not None:
+            # Connect in the background: /readyz answers 503 until the broker is reached.
+            worker.start(wait=False)
     except CloudDataError as exc:
         fail(str(exc))
     except CloudServiceError as exc:
         fail(str(exc), code=1)
     settle_heap()
+    if repo is not None:
+        http_app = create_serving_app(
+            repo,
+            worker=worker,
+            metrics=metrics,
+            auth=auth,
+            insecure_no_auth=insecure_no_auth,
+            max_request_bytes=int(max_request_mb * 1024 * 1024),
+            cors_origins=tuple(cors_origin or ()),
+        )
+    else:
+        assert worker is not None
+        http_app = create_app(worker)
 
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(worker),
+            http_app,
             host=cfg.http.host,
             port=cfg.http.port,
             log_level=log_level.lower(),
@@ -104,4 +164,23 @@ def serve(
     try:
         server.run()
     finally:
-        worker.stop()
+        if worker is not None:
+            worker.stop()
+        if repo is not None:
+            repo.stop()
+
+
+def _has_broker(config: Path | None) -> bool:
+    if config is None:
+        return False
+    from fogline._config import load_toml
+
+    try:
+        return "broker" in load_toml(config)
+    except Exception:  # noqa: BLE001 - already parsed once above; unreadable means no
+        return False
+
+
+tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for the inference API.")
+tokens_app.command("create")(token_command)
+app.add_typer(tokens_app, name="token")

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from fogline._cli import fail, settle_heap
+from fogline._cli import fail, settle_heap, setup_logging
 
 __all__ = ["app"]
 
@@ -47,14 +47,13 @@ def run(
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error", case_sensitive=False)
     ] = "info",
+    log_format: Annotated[str, typer.Option(help="text, or json: one object a line")] = "text",
 ) -> None:
     """Run the agent and its local HTTP API until SIGTERM or Ctrl+C, then shut down cleanly."""
     level = log_level.lower()
     if level not in _LOG_LEVELS:
         fail(f"--log-level {log_level!r} must be one of {', '.join(_LOG_LEVELS)}")
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(level, log_format)
     from fogline.edge_agent._config import load_config
     from fogline.edge_agent.errors import AgentDataError, AgentError
 

@@ -18,6 +18,30 @@ def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
     raise typer.Exit(code)
 
 
+def setup_logging(level: int | str, log_format: str = "text") -> None:
+    """Configure the root logger for a service: ``text`` lines, or ``json`` (one JSON
+    object a line, for log shippers) through python-json-logger."""
+    import logging
+
+    if log_format not in ("text", "json"):
+        fail(f"--log-format {log_format!r} must be text or json")
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
 def settle_heap() -> None:
     """Move everything allocated so far out of the garbage collector's reach.
 
