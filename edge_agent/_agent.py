@@ -719,6 +719,9 @@ class Agent:
             if not idx:
                 continue
             local = source == "edge"
+            # Metrics first: a caller woken by its answer may read them at once.
+            if not per_item:
+                latency.observe(source, batch_ms / 1000.0, len(idx))
             for i in idx:
                 ms = (now - arrived[i]) * 1000.0 if per_item else batch_ms
                 c = None if conf is None else conf[i]
@@ -734,11 +737,9 @@ class Agent:
                     ms,
                     tag=tags[i],
                 )
-                _settle(futures[i], answer, None)
                 if per_item:
                     latency.observe(source, ms / 1000.0)
-            if not per_item:
-                latency.observe(source, batch_ms / 1000.0, len(idx))
+                _settle(futures[i], answer, None)
 
     def _forward(
         self,

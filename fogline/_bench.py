@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from fogline._bench_cloud import bench_cloud
 from fogline._cli import settle_heap
 
 __all__ = ["app"]
@@ -398,3 +399,6 @@ def bench_faults(
     _emit(result, as_json, "fogline bench faults")
     if result["lost"] or result["duplicates"]:
         raise typer.Exit(1)
+
+
+app.command("cloud")(bench_cloud)

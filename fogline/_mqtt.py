@@ -194,6 +194,7 @@ class MqttConnection:
         self._on_message = on_message
         self._on_inbound = on_inbound
         self._generation = 0
+        self.refused: ReasonCode | None = None
         self._subscriptions = list(subscriptions)
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -264,7 +265,10 @@ class MqttConnection:
         if wait and not (
             self._connected.wait(s.connect_timeout_s) and self._subscribed.wait(s.connect_timeout_s)
         ):
+            refused = self.refused
             self.stop()
+            if refused is not None:
+                raise MqttError(f"broker {s.host}:{s.port} refused the connection: {refused}")
             raise MqttError(
                 f"no connection to broker {s.host}:{s.port} within {s.connect_timeout_s:g} s"
             )
@@ -312,7 +316,9 @@ class MqttConnection:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
         if reason.is_failure:
+            self.refused = reason
             return
+        self.refused = None
         self.connects += 1
         self._generation += 1
         with self._lock:

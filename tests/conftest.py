@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,11 @@ import pytest
 from fogline._broker import EmbeddedBroker, free_port, mosquitto_binary
 
 REPO = Path(__file__).resolve().parent.parent
-MOSQUITTO_CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
+MOSQUITTO_DIR = REPO / "deploy" / "mosquitto"
+# The one-box configuration (anonymous, loopback): what every `broker` fixture runs.
+MOSQUITTO_CONF = MOSQUITTO_DIR / "mosquitto.local.conf"
+# The production configuration (passwords, per-site ACLs, TLS): tests/test_broker_config.py.
+MOSQUITTO_PRODUCTION_CONF = MOSQUITTO_DIR / "mosquitto.conf"
 
 
 def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
@@ -32,14 +37,81 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s")
 
 
+_LISTENER_RE = re.compile(r"^listener\s+(\d+)(?:\s+(\S+))?\s*$")
+_OPTION_RE = re.compile(r"^(#?)([a-z_]+)\s+\S")
+
+
+def render_mosquitto_conf(
+    text: str,
+    *,
+    host: str,
+    ports: Mapping[int, int],
+    options: Mapping[str, str],
+) -> str:
+    """A shipped Mosquitto config with only what differs between machines replaced.
+
+    Every ``listener <port> [address]`` line whose port is a key of ``ports`` is bound to
+    ``host`` and the mapped port; every option named in ``options`` (paths, the run-as user)
+    gets the given value; a commented-out option (``#name value``) named there is enabled.
+    Anything to replace that the file lacks raises ``ValueError``, so the tests notice when
+    the shipped file changes under them. Everything else is used as shipped.
+    """
+    lines = text.splitlines()
+    active = {m.group(2) for m in map(_OPTION_RE.match, lines) if m and not m.group(1)}
+    seen_ports: set[int] = set()
+    seen_options: set[str] = set()
+    out: list[str] = []
+    for line in lines:
+        listener = _LISTENER_RE.match(line)
+        option = _OPTION_RE.match(line)
+        if listener and int(listener.group(1)) in ports:
+            shipped = int(listener.group(1))
+            seen_ports.add(shipped)
+            out.append(f"listener {ports[shipped]} {host}")
+        elif (
+            option
+            and (name := option.group(2)) in options
+            and name not in seen_options
+            and not (option.group(1) and name in active)
+        ):
+            seen_options.add(name)
+            out.append(f"{name} {options[name]}")
+        else:
+            out.append(line)
+    missing = [f"listener {p}" for p in ports if p not in seen_ports]
+    missing += [name for name in options if name not in seen_options]
+    if missing:
+        raise ValueError(f"the Mosquitto config has no {', '.join(missing)} to replace")
+    return "\n".join(out) + "\n"
+
+
+def _run_as_user() -> dict[str, str]:
+    # Started as root, Mosquitto switches to the `user` of its config (mosquitto) and then
+    # cannot read the test's 0600 password file or write persistence into pytest's 0700
+    # temporary directories; keep it as the user running the tests instead.
+    if os.geteuid() == 0:
+        import pwd
+
+        return {"user": pwd.getpwuid(0).pw_name}
+    return {}
+
+
 @dataclass
 class Broker:
-    """A broker the test can stop, restart and kill."""
+    """A broker the test can stop, restart and kill.
+
+    Mosquitto runs from a shipped config, ``conf_source`` (the one-box config unless told
+    otherwise), with its ``listener 1883`` on ``port``, further shipped listener ports moved
+    as ``extra_ports`` says, and the options in ``options`` (file paths) replaced.
+    """
 
     host: str
     port: int
     kind: str  # "mosquitto" or "embedded"
     workdir: Path
+    conf_source: Path = MOSQUITTO_CONF
+    extra_ports: dict[int, int] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)
     _proc: subprocess.Popen[bytes] | None = None
     _embedded: EmbeddedBroker | None = None
 
@@ -51,24 +123,59 @@ class Broker:
     def supports_shared_subscriptions(self) -> bool:
         return self.kind == "mosquitto"
 
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
+    def port_for(self, shipped_port: int) -> int:
+        """The port this broker listens on for the shipped config's ``listener <port>``."""
+        return self.port if shipped_port == 1883 else self.extra_ports[shipped_port]
+
+    def render_conf(self) -> str:
+        return render_mosquitto_conf(
+            self.conf_source.read_text(),
+            host=self.host,
+            ports={1883: self.port, **self.extra_ports},
+            options={
+                "persistence_location": f"{self.workdir}/",
+                **_run_as_user(),
+                **self.options,
+            },
+        )
+
     def start(self) -> None:
         if self.kind == "embedded":
             self._embedded = EmbeddedBroker(self.host, self.port).start()
             return
-        conf_text = MOSQUITTO_CONF.read_text()
-        conf_text = re.sub(
-            r"(?m)^listener 1883 127.0.0.1$", f"listener {self.port} {self.host}", conf_text
-        )
-        conf_text = re.sub(
-            r"(?m)^persistence_location .*$", f"persistence_location {self.workdir}/", conf_text
-        )
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(conf_text)
+        conf.write_text(self.render_conf())
         binary = mosquitto_binary()
         assert binary is not None
-        log = (self.workdir / "mosquitto.log").open("ab")
-        self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
-        wait_for_port(self.host, self.port)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+        for port in (self.port, *self.extra_ports.values()):
+            self._wait_listening(port)
+
+    def _wait_listening(self, port: int, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                log = self.log_path.read_text(errors="replace")[-2000:]
+                self._proc = None
+                raise RuntimeError(f"mosquitto exited at start-up; its log ends:\n{log}")
+            try:
+                with socket.create_connection((self.host, port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"nothing listens on {self.host}:{port} after {timeout_s} s")
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its password and ACL files, keeping connections."""
+        if self._proc is None:
+            raise RuntimeError("only a running Mosquitto process can reload its config")
+        self._proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self._embedded is not None:
@@ -94,6 +201,16 @@ class Broker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def require_mosquitto() -> str:
+    """The Mosquitto binary; skips the test without it, unless FOGLINE_REQUIRE_MOSQUITTO."""
+    binary = mosquitto_binary()
+    if binary is None:
+        if os.environ.get("FOGLINE_REQUIRE_MOSQUITTO"):
+            pytest.fail("FOGLINE_REQUIRE_MOSQUITTO is set but the mosquitto binary is missing")
+        pytest.skip("mosquitto is not installed")
+    return binary
 
 
 def start_broker(tmp_path: Path) -> Broker:

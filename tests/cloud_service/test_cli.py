@@ -97,3 +97,93 @@ port = {port}
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _wait_http(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{url} did not answer 200 in time")
+
+
+@pytest.mark.integration
+def test_serve_with_a_model_repository_answers_the_inference_protocol_behind_tokens(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from fogline.cloud_service._reference_mlp import write_reference_mlp
+
+    repo = tmp_path / "models"
+    write_reference_mlp(repo, name="mlp")
+    tokens = tmp_path / "tokens.toml"
+    made = subprocess.run(
+        [
+            FOGLINE,
+            "cloud",
+            "token",
+            "create",
+            "--name",
+            "app",
+            "--scope",
+            "infer",
+            "--scope",
+            "read",
+            "--file",
+            str(tokens),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    secret = made.stdout.strip().splitlines()[-1].split()[-1]
+    assert secret not in tokens.read_text()
+    assert tokens.stat().st_mode & 0o777 == 0o600
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            FOGLINE,
+            "cloud",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--bundle",
+            str(tiny_bundle),
+            "--tokens",
+            str(tokens),
+            "--port",
+            str(port),
+            "--store",
+            "sqlite://",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_http(f"{base}/v2/health/ready", proc)
+        body = {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [1, 256], "data": [0.5] * 256}
+            ]
+        }
+        assert httpx.post(f"{base}/v2/models/mlp/infer", json=body).status_code == 401
+        auth = {"Authorization": f"Bearer {secret}"}
+        r = httpx.post(f"{base}/v2/models/mlp/infer", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["shape"] == [1, 10]
+        # The bundle's cloud part is served too, by its bundle name.
+        assert httpx.get(f"{base}/v2/models/tiny", headers=auth).json()["versions"] == ["1"]
+        assert httpx.get(f"{base}/metrics").status_code == 401
+        text = httpx.get(f"{base}/metrics", headers=auth).text
+        assert 'fogline_model_requests_total{lane="interactive",model="mlp"' in text
+        assert httpx.get(f"{base}/readyz").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -253,7 +253,8 @@ def test_the_shipped_cloud_configs_load_and_join_the_shared_subscription() -> No
         assert cfg.http.port == 8080
         assert cfg.tensorrt.engine_cache_dir == Path("/var/cache/fogline/engines")
         assert make_url(cfg.store.url).password is None  # PGPASSWORD comes from a Secret
-        assert cfg.broker.password is None
+        assert cfg.broker.tls  # the TLS listener of deploy/mosquitto/mosquitto.conf
+        assert cfg.broker.username == "fogline-cloud"  # the account fogline.acl names
     assert configs["gpu"].tensorrt.fp16
 
 

@@ -1,0 +1,42 @@
+"""``fogline bench cloud`` end to end on a real server, with a short measurement.
+
+Only the shape of the result and that every case answered are checked: the figures
+themselves depend on the machine and are never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fogline._bench_cloud import bench_cloud
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_cloud_prints_rps_and_latency_for_batching_off_and_on() -> None:
+    app = typer.Typer()
+    app.command("cloud")(bench_cloud)
+    app.command("other")(lambda: None)  # keeps "cloud" a subcommand, as under `bench`
+    result = CliRunner().invoke(app, ["cloud", "--seconds", "0.5", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(out) == {
+        "batching_off",
+        "batching_on",
+        "batching_gain",
+        "target_batching_gain",
+        "model_params",
+    }
+    for mode in ("batching_off", "batching_on"):
+        assert set(out[mode]) == {"c1", "c16"}
+        for case in out[mode].values():
+            assert case["rps"] > 0
+            assert set(case["latency_ms"]) == {"p50", "p99"}
+            assert 0 < case["latency_ms"]["p50"] <= case["latency_ms"]["p99"]
+    assert out["batching_gain"] > 0
+    assert out["target_batching_gain"] == 2.5
+    assert 2_000_000 < out["model_params"] < 4_000_000
