@@ -1,17 +1,21 @@
 """``fogline bench cloud``: Open Inference Protocol throughput with batching off and on.
 
-The reference MLP (:mod:`fogline.cloud_service._reference_mlp`, 256 FP32 features, about
-2.6 million parameters) is written twice into a temporary Triton-layout repository: ``mlp``
-with the default config (dynamic batching up to 32 rows) and ``mlp_nobatch`` with
-``max_batch_size = 0`` (one request per model run). Both are served by one
+An MLP on 256 FP32 features (:mod:`fogline.cloud_service._reference_mlp`; by default
+256 → 4096 → 2048 → 10, about 9.5 million parameters, ``--layers`` picks others) is
+written twice into a temporary Triton-layout repository: ``mlp`` with dynamic batching
+(up to 32 rows, ``--max-queue-delay-ms``) and ``mlp_nobatch`` with ``max_batch_size = 0``
+(one request per model run). Both are served by one
 :class:`~fogline.cloud_service.ModelRepository` (onnxruntime, one intra-op thread) behind
 the inference API on a real uvicorn server in a child process on a loopback port, and
 batch-1 requests are sent over HTTP at concurrency 1 and 16.
 
+Batching pays off in proportion to what the model costs next to the HTTP path: the
+2.6-million-parameter reference MLP runs a row in 0.2 ms here, less than the server's
+own per-request work, so its gain stays well below the larger model's (see
+docs/benchmarks.md for both).
+
 The client shares the machine's cores with the server (two on the reference machine), so
-its own CPU cost lowers the figures; it is kept lean for that reason: one keep-alive
-``httpx.AsyncClient`` per case and a request body (binary tensor data extension) built
-once.
+its own CPU cost lowers the figures; it is kept lean for that reason (see :func:`_load`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,32 +140,59 @@ async def _load(
     seconds: float,
 ) -> tuple[int, float, list[float]]:
     """``concurrency`` loops posting ``body`` back to back: ``warmup_s`` unrecorded, then
-    ``seconds`` recorded; returns (requests, elapsed s, latencies ms)."""
-    import httpx
+    ``seconds`` recorded; returns (requests, elapsed s, latencies ms).
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+    Each loop holds one keep-alive HTTP/1.1 connection and writes every request in a
+    single send. Hand-written on purpose: on a 2-core machine a general client (httpx
+    costs 1-2 ms of CPU per request) would measure itself rather than the server, and a
+    client that writes headers and body in two sends meets Nagle's algorithm and the
+    server's delayed ACK (40 ms a request).
+    """
+    parsed = urllib.parse.urlsplit(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (
+        f"POST {parsed.path} HTTP/1.1\r\nHost: {host}:{port}\r\n{head}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
-        async def loop(until: float, latencies: list[float] | None) -> None:
+    async def loop(until: float, latencies: list[float] | None) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
             while True:
                 start = time.perf_counter()
                 if start >= until:
                     return
-                response = await client.post(url, content=body, headers=headers)
-                if response.status_code != 200:
-                    raise RuntimeError(
-                        f"POST {url} answered {response.status_code}: {response.text[:200]}"
-                    )
+                writer.write(request)
+                status, payload = await _read_response(reader)
+                if status != 200:
+                    raise RuntimeError(f"POST {url} answered {status}: {payload[:200]!r}")
                 if latencies is not None:
                     latencies.append((time.perf_counter() - start) * 1000.0)
+        finally:
+            writer.close()
 
-        warm_until = time.perf_counter() + warmup_s
-        await asyncio.gather(*(loop(warm_until, None) for _ in range(concurrency)))
-        latencies: list[float] = []
-        t0 = time.perf_counter()
-        await asyncio.gather(*(loop(t0 + seconds, latencies) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+    warm_until = time.perf_counter() + warmup_s
+    await asyncio.gather(*(loop(warm_until, None) for _ in range(concurrency)))
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop(t0 + seconds, latencies) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
     return len(latencies), elapsed, latencies
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response with a Content-Length (what uvicorn sends
+    for these answers)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, await reader.readexactly(length)
 
 
 def _figures(done: int, elapsed: float, latencies: list[float]) -> dict[str, Any]:
@@ -174,8 +206,27 @@ def _figures(done: int, elapsed: float, latencies: list[float]) -> dict[str, Any
     }
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) < 2 or widths[0] != 256 or any(w < 1 for w in widths):
+        from fogline._cli import fail
+
+        fail(f"--layers {text!r} must be positive widths starting with 256, e.g. 256,2048,10")
+    return widths
+
+
 def bench_cloud(
     seconds: float = typer.Option(5.0, min=0.1, help="Measured time per case."),
+    max_queue_delay_ms: float = typer.Option(
+        1.0, min=0.0, help="The batching model's max_queue_delay_ms (0: batch what waits)."
+    ),
+    layers: str = typer.Option(
+        "256,4096,2048,10",
+        help="Widths of the MLP, input first (default: about 9.5 million parameters).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Inference API requests/s and latency for the reference MLP, batching off and on.
@@ -193,8 +244,16 @@ def bench_cloud(
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fogline-bench-cloud-") as tmp:
         repo_dir = Path(tmp)
-        write_reference_mlp(repo_dir, name=_BATCHING)
-        write_reference_mlp(repo_dir, name=_NO_BATCHING, config_toml="max_batch_size = 0\n")
+        widths = _widths(layers)
+        write_reference_mlp(
+            repo_dir,
+            name=_BATCHING,
+            layers=widths,
+            config_toml=f"max_queue_delay_ms = {max_queue_delay_ms}\n",
+        )
+        write_reference_mlp(
+            repo_dir, name=_NO_BATCHING, layers=widths, config_toml="max_batch_size = 0\n"
+        )
         with _serve(repo_dir) as base:
             for key, model in (("batching_off", _NO_BATCHING), ("batching_on", _BATCHING)):
                 url = f"{base}/v2/models/{model}/infer"
@@ -206,5 +265,5 @@ def bench_cloud(
     off = result["batching_off"][top]["rps"]
     result["batching_gain"] = round(result["batching_on"][top]["rps"] / off, 3) if off else 0.0
     result["target_batching_gain"] = TARGET_BATCHING_GAIN
-    result["model_params"] = sum(w.size + b.size for w, b in reference_mlp_weights())
+    result["model_params"] = sum(w.size + b.size for w, b in reference_mlp_weights(widths))
     _emit(result, as_json, "fogline bench cloud")
