@@ -836,6 +836,8 @@ class Agent:
                     tag,
                     first_retry if connected else now_m,
                 )
+                if not connected:
+                    p.attempts = 0  # its first send waits for the connection
                 self._pending[mid] = p
                 self._schedule(mid, p.next_at)
                 if wait:
@@ -1068,7 +1070,7 @@ class Agent:
         outbox = self._outbox
         if outbox is None:
             return 0
-        due: list[bytes] = []
+        due: list[tuple[bytes, bool]] = []
         with self._plock:
             heap = self._resend_heap
             while heap and heap[0][0] <= now and len(due) < limit:
@@ -1076,16 +1078,17 @@ class Agent:
                 p = self._pending.get(mid)
                 if p is None or p.next_at != at:
                     continue  # answered, evicted or rescheduled meanwhile
+                again = p.attempts > 0
                 p.attempts += 1
                 backoff = min(
                     self._retry_initial_s * 2 ** max(0, p.attempts - 1), self._retry_max_s
                 )
                 p.next_at = now + backoff * random.uniform(1 - _JITTER, 1 + _JITTER)
                 self._schedule(mid, p.next_at)
-                due.append(mid)
+                due.append((mid, again))
         sent = 0
         sent_bytes = 0
-        for mid in due:
+        for mid, again in due:
             try:
                 payload = outbox.payload(mid)
             except sqlite3.Error:
@@ -1093,7 +1096,7 @@ class Agent:
                 continue
             if payload is None or not self._transport.publish(payload):
                 continue
-            sent += 1
+            sent += again
             sent_bytes += len(payload)
         if sent:
             self.metrics.resends.inc(sent)

@@ -154,7 +154,12 @@ def run_scenario(plan: FaultPlan, workdir: Path, *, progress: bool = False) -> F
                 feeder.kill()
                 run += 1
                 feeder = _start_feeder(agent_conf, workdir, plan, run=run, start=offered_so_far + 1)
-            report.faults.append({"kind": kind, "at_offered": target, "t": t_fault})
+            # Recovery runs from when the fault is over: the broker back, the agent process
+            # started again; a killed worker is over at once (the other one carries on).
+            t_clear = t_fault if kind == "worker_kill" else time.time()
+            report.faults.append(
+                {"kind": kind, "at_offered": target, "t": t_fault, "t_clear": t_clear}
+            )
         code = feeder.wait(plan.drain_timeout_s + plan.items / max(plan.rate_per_s, 50) + 60)
         if code != 0:
             raise RuntimeError(f"the feeder exited with {code}; see {feeder.log}")
@@ -197,13 +202,16 @@ def _reconcile(workdir: Path, report: FaultReport) -> None:
             report.evicted_counter += int(stats.get("evicted", 0))
             report.busy_replies += int(stats.get("cloud_busy", 0))
             report.resends += int(stats.get("resends", 0))
+    # A fault's recovery: from the moment it is over until every item offered by then
+    # (including those offered while it lasted) has its final outcome.
     recoveries = []
     for fault in report.faults:
-        before = [tag for tag, t in offered_t.items() if t <= fault["t"]]
+        clear = fault["t_clear"]
+        before = [tag for tag, t in offered_t.items() if t <= clear]
         done = [outcomes[tag][0][1] for tag in before if tag in outcomes]
-        if done:
-            recoveries.append(max(0.0, max(done) - fault["t"]))
-        fault["recovery_s"] = round(recoveries[-1], 2) if recoveries else None
+        recovery = max(0.0, max(done) - clear) if done else 0.0
+        recoveries.append(recovery)
+        fault["recovery_s"] = round(recovery, 2)
     report.max_recovery_s = round(max(recoveries), 2) if recoveries else 0.0
 
 
