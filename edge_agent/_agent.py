@@ -359,7 +359,7 @@ class Agent:
                         item.tag,
                         due,
                     )
-                    p.attempts = 0
+                    # Sent by an earlier run (most likely): the next send is a re-send.
                     self._pending[item.message_id] = p
                     self._schedule(item.message_id, due)
             log.info(
