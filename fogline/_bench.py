@@ -163,7 +163,9 @@ def bench_edge(
             broker=MqttSettings.from_url(url, topic_prefix=f"fogline-bench/{os.getpid()}"),
             cloud_timeout_ms=600_000,
             runtime=RuntimeConfig(threads=threads, max_batch=batch),
-            outbox=OutboxConfig(path=Path(tmpdir) / "outbox.db", retry_initial_ms=600_000),
+            outbox=OutboxConfig(
+                path=Path(tmpdir) / "outbox.db", retry_initial_ms=600_000, retry_max_ms=600_000
+            ),
         )
         agent = Agent(config)
         agent.start()
@@ -311,7 +313,7 @@ def bench_e2e(
                 if wait > 0:
                     time.sleep(wait)
                 j = i % len(frames)
-                futures.extend(agent.submit_batch(frames[j : j + 1]))
+                futures.append(agent.submit(frames[j]))
             answers: list[Answer] = []
             failed = 0
             for fut in futures:
