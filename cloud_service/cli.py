@@ -149,6 +149,7 @@ def serve(
             host=cfg.http.host,
             port=cfg.http.port,
             log_level=log_level.lower(),
+            log_config=None,  # uvicorn logs through the root handler (text or JSON)
             access_log=False,
             lifespan="off",
         )

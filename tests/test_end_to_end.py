@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -140,6 +141,12 @@ def test_a_stopped_agent_process_exits_0_on_sigterm(
         f'[outbox]\npath = "{tmp_path}/outbox.db"\n'
     )
     log = tmp_path / "agent.log"
-    with _process([FOGLINE, "agent", "run", "--config", str(conf)], port, log) as proc:
+    args = [FOGLINE, "agent", "run", "--config", str(conf), "--log-format", "json"]
+    with _process(args, port, log) as proc:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
+    # --log-format json: every line the agent logged is one JSON object.
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    messages = [r["message"] for r in records]
+    assert any(m.startswith("agent for site s running bundle") for m in messages), messages
+    assert any(m == "agent for site s stopped" for m in messages), messages

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -160,6 +161,8 @@ def test_serve_with_a_model_repository_answers_the_inference_protocol_behind_tok
             str(port),
             "--store",
             "sqlite://",
+            "--log-format",
+            "json",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -187,3 +190,9 @@ def test_serve_with_a_model_repository_answers_the_inference_protocol_behind_tok
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+    # --log-format json: every log line is one JSON object.
+    assert proc.stderr is not None
+    lines = [line for line in proc.stderr.read().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    assert any(r["message"] == "model mlp version 1 is ready" for r in records)
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
