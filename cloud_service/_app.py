@@ -97,6 +97,25 @@ def create_serving_app(
         registry=metrics.registry,
     )
     read = [Depends(app.state.require_scope(Scope.READ))]
+    admin = [Depends(app.state.require_scope(Scope.ADMIN))]
+
+    # Triton's model repository extension: the index, and loading or unloading a model at
+    # run time (admin scope). Loading blocks until the model is warm, so it runs in a
+    # worker thread; other models keep serving meanwhile.
+    @app.post("/v2/repository/index", dependencies=read, include_in_schema=False)
+    def repository_index() -> list[dict[str, str]]:
+        return [
+            {"name": row.model, "version": row.version, "state": row.state, "reason": row.reason}
+            for row in provider.index()
+        ]
+
+    @app.post("/v2/repository/models/{model}/load", dependencies=admin, include_in_schema=False)
+    def repository_load(model: str, version: str | None = None) -> JSONResponse:
+        return _admin_call(provider.load, model, version)
+
+    @app.post("/v2/repository/models/{model}/unload", dependencies=admin, include_in_schema=False)
+    def repository_unload(model: str, version: str | None = None) -> JSONResponse:
+        return _admin_call(provider.unload, model, version)
 
     @app.get("/metrics", dependencies=read, include_in_schema=False)
     def metrics_text() -> Response:
@@ -127,3 +146,21 @@ def create_serving_app(
             include_in_schema=False,
         )
     return app
+
+
+def _admin_call(fn: Any, model: str, version: str | None) -> JSONResponse:
+    from fogline.cloud_service.errors import (
+        CloudDataError,
+        CloudServiceError,
+        UnknownModelError,
+    )
+
+    try:
+        fn(model, version)
+    except UnknownModelError as exc:
+        return _error(404, str(exc))
+    except CloudDataError as exc:
+        return _error(400, str(exc))
+    except CloudServiceError as exc:
+        return _error(503, str(exc))
+    return JSONResponse({})

@@ -49,6 +49,7 @@ from fogline.cloud_service.errors import (
     BackendError,
     BrokerError,
     ConfigError,
+    DeadlineExceededError,
     QueueFullError,
     StoreError,
     UnknownBundleError,
@@ -665,6 +666,14 @@ class CloudWorker:
             out = served.backend.run(feed)
             compute_s = time.perf_counter() - t0
             rows = _batch_rows(out, served.output, len(items))
+        except (QueueFullError, DeadlineExceededError) as exc:
+            # The model's stream lane (shared with the inference API) is saturated: the
+            # items are refused like a full queue, and their agents re-send them.
+            retry_ms = getattr(exc, "retry_after_ms", self.config.batching.busy_retry_after_ms)
+            for item in items:
+                self._reply(item.env, {"status": "busy", "retry_after_ms": retry_ms})
+                self._ack(self._finish_item(item, None))
+            return
         except (BackendError, ValueError, KeyError, TypeError) as exc:
             if len(idxs) > 1:  # find the item that broke the batch; answer the others
                 for i in idxs:

@@ -97,12 +97,14 @@ def serve(
     import uvicorn
 
     from fogline.cloud_service._app import create_app, create_serving_app
+    from fogline.cloud_service._backends import Backend
     from fogline.cloud_service._metrics import CloudMetrics
     from fogline.cloud_service._worker import CloudWorker
+    from fogline.sync import Bundle
 
     metrics = CloudMetrics()
     with_mqtt = model_repository is None or broker is not None or _has_broker(config)
-    worker = CloudWorker(cfg, metrics=metrics) if with_mqtt else None
+    worker: CloudWorker | None = None
     repo = None
     try:
         if model_repository is not None:
@@ -121,7 +123,18 @@ def serve(
                 metrics=metrics,
             )
             repo.start()
-        if worker is not None:
+        if with_mqtt:
+            loader = None
+            if repo is not None:
+                from fogline.cloud_service._stream_lane import LaneBackend
+
+                served = repo
+
+                def loader(bundle: Bundle) -> Backend:
+                    # Edge features share each model's scheduler with the API (stream lane).
+                    return LaneBackend(served, bundle)
+
+            worker = CloudWorker(cfg, metrics=metrics, backend_loader=loader)
             # Connect in the background: /readyz answers 503 until the broker is reached.
             worker.start(wait=False)
     except CloudDataError as exc:

@@ -143,6 +143,25 @@ def test_serve_with_a_model_repository_answers_the_inference_protocol_behind_tok
         check=True,
     )
     secret = made.stdout.strip().splitlines()[-1].split()[-1]
+    ops = subprocess.run(
+        [
+            FOGLINE,
+            "cloud",
+            "token",
+            "create",
+            "--name",
+            "ops",
+            "--scope",
+            "admin",
+            "--file",
+            str(tokens),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    admin_secret = ops.stdout.strip().splitlines()[-1].split()[-1]
     assert secret not in tokens.read_text()
     assert tokens.stat().st_mode & 0o777 == 0o600
     port = free_port()
@@ -187,6 +206,24 @@ def test_serve_with_a_model_repository_answers_the_inference_protocol_behind_tok
         text = httpx.get(f"{base}/metrics", headers=auth).text
         assert 'fogline_model_requests_total{lane="interactive",model="mlp"' in text
         assert httpx.get(f"{base}/readyz").status_code == 200
+        # Loading and unloading at run time takes the admin scope.
+        unload = f"{base}/v2/repository/models/mlp/unload"
+        assert httpx.post(unload, headers=auth).status_code == 403
+        admin = {"Authorization": f"Bearer {admin_secret}"}
+        assert httpx.post(unload, headers=admin).status_code == 200
+        assert httpx.post(f"{base}/v2/models/mlp/infer", json=body, headers=auth).status_code == 503
+        ok = httpx.get(f"{base}/v2/models/tiny/ready", headers=auth)
+        assert ok.status_code == 200  # the other model is undisturbed
+        index = httpx.post(f"{base}/v2/repository/index", headers=auth).json()
+        assert {(r["name"], r["state"]) for r in index} >= {
+            ("mlp", "UNAVAILABLE"),
+            ("tiny", "READY"),
+        }
+        load = f"{base}/v2/repository/models/mlp/load"
+        assert httpx.post(load, headers=admin, timeout=60).status_code == 200
+        assert httpx.post(f"{base}/v2/models/mlp/infer", json=body, headers=auth).status_code == 200
+        missing = httpx.post(f"{base}/v2/repository/models/nope/load", headers=admin)
+        assert missing.status_code == 404
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
