@@ -603,14 +603,17 @@ class CloudWorker:
             self._ack(acks)
 
     def _answer_from_store(self, served: _Served, items: Sequence[_Item]) -> list[int]:
-        """Answer the items another worker (or an earlier run of this one) already stored;
-        the indices of the others. A store that cannot be read costs a duplicate run, not
-        an answer: the insert ignores a key that is already there."""
+        """Answer the re-sent items another worker (or an earlier run of this one) already
+        stored; the indices of the others. A store that cannot be read costs a duplicate
+        run, not an answer: the insert ignores a key that is already there."""
         store = self._store
-        if store is None:
+        # Only a re-sent item (the agent's resent flag, or the broker's redelivery flag)
+        # can have an earlier result: fresh items skip the query.
+        maybe = [it for it in items if it.env.resent or (it.inbound is not None and it.inbound.dup)]
+        if store is None or not maybe:
             return list(range(len(items)))
         try:
-            found = store.get_many([(it.env.site, it.env.message_id) for it in items])
+            found = store.get_many([(it.env.site, it.env.message_id) for it in maybe])
         except StoreError as exc:
             log.warning("cannot look up earlier results (%s); running the batch", exc)
             return list(range(len(items)))

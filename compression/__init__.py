@@ -17,6 +17,7 @@ from fogline.compression._codec import (
     Kind,
     decode_envelope,
     encode_envelope,
+    mark_resent,
     now_us,
 )
 from fogline.compression.errors import (
@@ -45,6 +46,7 @@ __all__ = [
     "SplitReport",
     "decode_envelope",
     "encode_envelope",
+    "mark_resent",
     "now_us",
     "quantize_model",
     "split_model",

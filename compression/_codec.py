@@ -31,6 +31,7 @@ __all__ = [
     "Kind",
     "decode_envelope",
     "encode_envelope",
+    "mark_resent",
     "now_us",
 ]
 
@@ -38,7 +39,9 @@ MAGIC = b"FG"
 ENVELOPE_VERSION = 1
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _FLAG_ZSTD = 0x01
-_KNOWN_FLAGS = _FLAG_ZSTD
+_FLAG_RESENT = 0x02
+_KNOWN_FLAGS = _FLAG_ZSTD | _FLAG_RESENT
+_FLAGS_AT = 5
 # magic, version, kind, codec, flags, message id, created_us, sent_us
 _HEAD = struct.Struct("<2sBBBB16sQQ")
 _U8 = struct.Struct("<B")
@@ -109,6 +112,7 @@ class Envelope:
     created_us: int = 0
     sent_us: int = 0
     codec: Codec = Codec.INT8
+    resent: bool = False
 
     def __post_init__(self) -> None:
         if len(self.message_id) != 16:
@@ -166,11 +170,11 @@ def encode_envelope(env: Envelope, *, zstd_level: int = 3, compress: bool = True
     for name, array in env.tensors.items():
         _encode_tensor(parts, name, array, env.codec)
     body = b"".join(parts)
-    flags = 0
+    flags = _FLAG_RESENT if env.resent else 0
     if compress:
         packed = _compressor(zstd_level).compress(body)
         if len(packed) < len(body):
-            body, flags = packed, _FLAG_ZSTD
+            body, flags = packed, flags | _FLAG_ZSTD
     site_b, bundle_b = env.site.encode(), env.bundle.encode()
     head = _HEAD.pack(
         MAGIC,
@@ -292,7 +296,19 @@ def decode_envelope(data: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> Env
         created_us=created,
         sent_us=sent,
         codec=codec_e,
+        resent=bool(flags & _FLAG_RESENT),
     )
+
+
+def mark_resent(data: bytes) -> bytes:
+    """The encoded envelope ``data`` with its *resent* flag set (and its checksum redone):
+    the sender has sent this message before, so a receiver should look for an earlier
+    answer. The rest of the frame is unchanged."""
+    if len(data) < _HEAD.size + _CRC.size or data[:2] != MAGIC:
+        raise ValueError("not an encoded envelope")
+    frame = bytearray(data[: -_CRC.size])
+    frame[_FLAGS_AT] |= _FLAG_RESENT
+    return bytes(frame) + _CRC.pack(zlib.crc32(frame))
 
 
 def _decode_body(r: _Reader) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from fogline.compression import Codec, Envelope, Kind, encode_envelope, now_us
+from fogline.compression import Codec, Envelope, Kind, encode_envelope, mark_resent, now_us
 from fogline.edge_agent._breaker import STATE_CODES, CircuitBreaker
 from fogline.edge_agent._config import AgentConfig
 from fogline.edge_agent._metrics import AgentMetrics
@@ -1094,7 +1094,11 @@ class Agent:
             except sqlite3.Error:
                 log.exception("site %s: outbox read failed", self.site)
                 continue
-            if payload is None or not self._transport.publish(payload):
+            if payload is None:
+                continue
+            if again:  # tell the cloud to look for an answer it may already have
+                payload = mark_resent(payload)
+            if not self._transport.publish(payload):
                 continue
             sent += again
             sent_bytes += len(payload)

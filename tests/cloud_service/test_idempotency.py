@@ -18,7 +18,7 @@ from fogline.cloud_service import (
     ResultStore,
     StoredResult,
 )
-from fogline.compression import encode_envelope
+from fogline.compression import encode_envelope, mark_resent
 from fogline.sync import Bundle
 
 pytestmark = pytest.mark.integration
@@ -136,7 +136,9 @@ def test_an_item_another_worker_stored_is_answered_from_the_store(
         cloud_config(store=_store_config(url), worker_id="w-second"),
         backend_loader=_counting(backends),
     )
-    paho_client.publish("site-b", encode_envelope(env))
+    # The agent's outbox re-sends with the resent flag set, which sends the worker to the
+    # store.
+    paho_client.publish("site-b", mark_resent(encode_envelope(env)))
     answers = paho_client.wait_for(2)
     again = answers[1][1]
     assert again.meta["status"] == "ok"

@@ -164,3 +164,21 @@ def test_mutated_valid_envelopes_decode_or_fail_cleanly(data: st.DataObject) -> 
     blob = _reseal(bytes(frame)) if resealed else bytes(frame)
     with contextlib.suppress(EnvelopeError):
         decode_envelope(blob)
+
+
+def test_marking_an_envelope_resent_sets_only_that_flag_and_keeps_it_valid() -> None:
+    from fogline.compression import mark_resent
+
+    env = Envelope(Kind.FEATURES, bytes(range(16)), "site-a", "b@1", {"x": np.ones((1, 4))})
+    first = encode_envelope(env)
+    assert decode_envelope(first).resent is False
+    again = mark_resent(first)
+    assert len(again) == len(first)
+    got = decode_envelope(again)
+    assert got.resent is True
+    assert got.message_id == env.message_id
+    np.testing.assert_allclose(got.tensors["x"], decode_envelope(first).tensors["x"])
+    assert mark_resent(again) == again
+    assert decode_envelope(encode_envelope(got)).resent is True
+    with pytest.raises(ValueError, match="not an encoded envelope"):
+        mark_resent(b"nonsense")
