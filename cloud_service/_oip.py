@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from fogline.cloud_service._serving import ModelMetadata, TensorSpec
+from fogline.cloud_service._serving import DATATYPES, ModelMetadata, TensorSpec
 from fogline.cloud_service.errors import BackendError, InferenceInputError
 
 __all__ = [
@@ -58,21 +58,6 @@ BINARY_HEADER = "Inference-Header-Content-Length"
 
 #: Every datatype of the protocol and the numpy dtype that holds it (little-endian on the
 #: wire). ``BYTES`` lives in ``object`` arrays of :class:`bytes`.
-DATATYPES: Mapping[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(object),
-}
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _LENGTH_PREFIX = struct.Struct("<I")

@@ -59,7 +59,13 @@ from fogline.cloud_service._backends import Backend, BackendChoice, select_backe
 from fogline.cloud_service._config import ModelConfig, TensorRTConfig
 from fogline.cloud_service._metrics import CloudMetrics, ModelMetrics
 from fogline.cloud_service._scheduler import LaneBatch, LaneBatcher, Queued, SchedulerPolicy
-from fogline.cloud_service._serving import Lane, ModelMetadata, TensorSpec
+from fogline.cloud_service._serving import (
+    DATATYPES,
+    ORT_DATATYPES,
+    Lane,
+    ModelMetadata,
+    TensorSpec,
+)
 from fogline.cloud_service.errors import (
     BackendError,
     CloudError,
@@ -94,37 +100,7 @@ BackendLoader = Callable[[Path, int], Backend]
 
 _VERSION_DIR = re.compile(r"[1-9][0-9]*")
 
-_ORT_TO_OIP = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
-#: The numpy dtype that holds each protocol datatype (``BYTES``: ``object``).
-NUMPY_DTYPES: Mapping[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(object),
-}
+NUMPY_DTYPES = DATATYPES
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
 
@@ -168,7 +144,7 @@ def read_signature(path: str | Path) -> tuple[tuple[TensorSpec, ...], tuple[Tens
     def specs(args: Sequence[Any], what: str) -> tuple[TensorSpec, ...]:
         out = []
         for arg in args:
-            datatype = _ORT_TO_OIP.get(arg.type)
+            datatype = ORT_DATATYPES.get(arg.type)
             if datatype is None:
                 raise BackendError(
                     f"{path}: {what} {arg.name!r} has type {arg.type}, which the Open "

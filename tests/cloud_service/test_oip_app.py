@@ -30,7 +30,7 @@ from fogline import __version__
 from fogline.cloud_service._auth import Scope, TokenStore, generate_token
 from fogline.cloud_service._oip import BINARY_HEADER, DATATYPES
 from fogline.cloud_service._oip_app import _Datatype, create_inference_app, http_status_for
-from fogline.cloud_service._serving import Lane, ModelMetadata, TensorSpec
+from fogline.cloud_service._serving import ORT_DATATYPES, Lane, ModelMetadata, TensorSpec
 from fogline.cloud_service.errors import (
     BackendError,
     CloudError,
@@ -58,21 +58,6 @@ ONNX_TYPES: dict[str, int] = {
     "FP32": TensorProto.FLOAT,
     "FP64": TensorProto.DOUBLE,
     "BYTES": TensorProto.STRING,
-}
-_ORT_TO_OIP = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
 }
 MAX_BATCH = 8
 
@@ -153,7 +138,7 @@ class OnnxModelProvider:
 
         def spec(arg: Any) -> TensorSpec:
             shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
-            return TensorSpec(arg.name, _ORT_TO_OIP[arg.type], shape)
+            return TensorSpec(arg.name, ORT_DATATYPES[arg.type], shape)
 
         versions = self.models.setdefault(name, {})
         versions[version] = _Loaded(
