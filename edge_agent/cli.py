@@ -10,13 +10,37 @@ import logging
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fogline._cli import fail, settle_heap, setup_logging
 
+if TYPE_CHECKING:
+    from fogline.edge_agent._agent import Delivery
+
 __all__ = ["app"]
+
+log = logging.getLogger("fogline.edge_agent")
+
+
+def _log_delivery(d: Delivery) -> None:
+    """Under the daemon, late outcomes (the cloud's answer after a degraded or timed-out
+    one, items recovered from the outbox) are logged; the cloud's result store keeps the
+    answers too, under the message id the caller got."""
+    if d.answer is not None:
+        log.info(
+            "late cloud answer for %s (tag %s): label %s, confidence %s",
+            d.message_id,
+            d.tag,
+            d.answer.label,
+            d.answer.confidence,
+        )
+    else:
+        log.warning(
+            "item %s (tag %s) ended without a cloud answer: %s", d.message_id, d.tag, d.error
+        )
+
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -80,7 +104,7 @@ def run(
         from fogline.edge_agent._api import create_app
 
         try:
-            agent = Agent(cfg)
+            agent = Agent(cfg, on_answer=_log_delivery)
             agent.start(wait_connected=False)
         except AgentDataError as exc:
             fail(str(exc))
