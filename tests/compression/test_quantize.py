@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fogline.compression import ModelError, QuantizationError
 from fogline.compression._quantize import (
+    SPEED_TIE,
     QuantizationReport,
     _agreement,
     _choose_metric,
@@ -240,10 +241,13 @@ def test_conv_classifier_report_has_size_speed_agreement_and_every_candidate(
     assert "dynamic-matmul" in strategies
     chosen = next(c for c in report.candidates if c.strategy == report.strategy)
     assert chosen.accepted
-    fastest = min(
-        (c for c in report.candidates if c.accepted), key=lambda c: c.latency_ms or np.inf
-    )
-    assert fastest.strategy == report.strategy
+    # The fastest accepted candidate, or one in search order within the timing-noise margin.
+    accepted = [c for c in report.candidates if c.accepted]
+    best = min(c.latency_ms or np.inf for c in accepted)
+    assert chosen.latency_ms is not None
+    assert chosen.latency_ms <= best * (1 + SPEED_TIE)
+    first_close = next(c for c in accepted if (c.latency_ms or np.inf) <= best * (1 + SPEED_TIE))
+    assert first_close.strategy == report.strategy
     data = report.to_dict()
     assert json.loads(json.dumps(data)) == data
     for key in ("strategy", "fp32_bytes", "int8_bytes", "size_ratio", "speedup", "agreement"):
