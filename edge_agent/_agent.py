@@ -39,8 +39,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -179,7 +179,22 @@ class _Pending:
         self.busy = False
 
 
+@dataclass(slots=True)
+class _Outgoing:
+    """The forwarded items of one model batch, on their way to the journal thread:
+    outbox entries and, for each, its caller and its pending record."""
+
+    done: threading.Event | None  # set once stored and published (submit_batch waits)
+    entries: list[tuple[bytes, bytes, int, str | None]] = field(default_factory=list)
+    waiters: list[tuple[Future[Answer], _Pending]] = field(default_factory=list)
+
+
+# An answered item for the journal thread: id, record, caller (if one waits), outcome.
+_Answered = tuple[bytes, _Pending, "Future[Answer] | None", "Answer | AgentError"]
+
 _STOP = object()
+_COMMIT_ATTEMPTS = 4
+_T = TypeVar("_T")
 _JITTER = 0.2
 _GAUGE_EVERY_S = 0.5
 _EXPIRE_EVERY_S = 1.0
@@ -269,8 +284,9 @@ class Agent:
         self._plock = threading.Lock()
         self._resend_heap: list[tuple[float, int, bytes]] = []
         self._resend_seq = 0
-        self._acks: queue.SimpleQueue[tuple[bytes, _Pending, Future[Answer] | None, Any] | None]
-        self._acks = queue.SimpleQueue()
+        # New items to store and answered items to delete, for the journal thread.
+        self._journal: queue.SimpleQueue[_Outgoing | _Answered | None] = queue.SimpleQueue()
+        self._journaling = 0  # items handed to the journal, not yet pending; under _plock
         self._deadlines: collections.deque[tuple[float, list[bytes]]] = collections.deque()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -316,7 +332,7 @@ class Agent:
         loops = {
             "model": self._model_loop,
             "deadlines": self._deadline_loop,
-            "acks": self._ack_loop,
+            "journal": self._journal_loop,
             "resend": self._resend_loop,
         }
         self._threads = [
@@ -385,9 +401,11 @@ class Agent:
             return
         self._halt.set()
         if self._threads:
-            self._acks.put(None)
+            # The model thread first: what it forwards still goes through the journal.
             with contextlib.suppress(queue.Full):
                 self._queue.put(_STOP, timeout=timeout_s)
+            self._threads[0].join(timeout_s)
+            self._journal.put(None)
         for thread in self._threads:
             thread.join(timeout_s)
         message = f"agent for {self.site} stopped before answering"
@@ -499,7 +517,8 @@ class Agent:
 
     def drained(self) -> bool:
         """True when no forwarded item is waiting for the cloud (the outbox is empty)."""
-        return not self._pending
+        with self._plock:
+            return not self._pending and not self._journaling
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until the broker acknowledged every feature envelope published so far."""
@@ -695,6 +714,7 @@ class Agent:
                 priorities=priorities,
                 rel=rel,
                 conf=conf,
+                wait=uniform,
             )
 
     def _answer_locally(
@@ -753,18 +773,21 @@ class Agent:
         priorities: Sequence[int],
         rel: list[float] | None,
         conf: list[float] | None,
+        wait: bool,
     ) -> None:
-        """Encode, store durably, register, then publish the forwarded items of a batch."""
+        """Encode the forwarded items of a batch and hand them to the journal thread,
+        which stores them durably, then registers and publishes them (:meth:`_release`).
+        With ``wait``, return only once that is done."""
         idx = decided.indices(Decision.FORWARD).tolist()
         outbox = self._outbox
         if outbox is None:
             raise NotRunningError(f"agent for {self.site} is not running")
+        max_bytes = outbox.limits.max_bytes
         site, bundle, codec, level = self.site, self.bundle_id, self.codec, self._zstd_level
         feats = [(name, outputs[name]) for name in self._features]
         labels = None if decided.labels is None else decided.labels.tolist()
         ids = _uuid4_bytes(len(idx))
-        entries: list[tuple[bytes, bytes, int, str | None]] = []
-        kept: list[int] = []
+        out = _Outgoing(threading.Event() if wait else None)
         for k, i in enumerate(idx):
             r = None if rel is None else rel[i]
             c = None if conf is None else conf[i]
@@ -798,60 +821,168 @@ class Agent:
                 continue
             if probe:
                 self._compress = bool(payload[_FLAGS_OFFSET] & _FLAG_ZSTD)
-            entries.append((ids[k], payload, priorities[i], tags[i]))
-            kept.append(i)
-        if not entries:
+            if len(payload) > max_bytes:
+                _settle(
+                    futures[i],
+                    None,
+                    OutboxError(
+                        f"the outbox refused an envelope of {len(payload)} bytes: its bound is "
+                        f"{max_bytes} bytes"
+                    ),
+                )
+                continue
+            out.entries.append((ids[k], payload, priorities[i], tags[i]))
+            out.waiters.append(
+                (
+                    futures[i],
+                    _Pending(
+                        None,
+                        arrived[i],
+                        r,
+                        c,
+                        None if labels is None else labels[i],
+                        tags[i],
+                        0.0,
+                    ),
+                )
+            )
+        if not out.entries:
             return
-        # Durable before anything leaves the site.
+        with self._plock:
+            self._journaling += len(out.entries)
+        self._journal.put(out)
+        if out.done is not None:
+            out.done.wait()
+
+    # journal thread: one transaction for the new items and the answered ones
+
+    def _journal_loop(self) -> None:
+        journal = self._journal
+        while True:
+            first = journal.get()
+            if first is None:
+                return
+            ops = [first]
+            stop = False
+            while len(ops) < 4096:
+                try:
+                    more = journal.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                ops.append(more)
+            outgoing = [op for op in ops if isinstance(op, _Outgoing)]
+            answered = [op for op in ops if not isinstance(op, _Outgoing)]
+            try:
+                evicted, stored = self._commit(outgoing, answered)
+                self._release(outgoing, evicted, stored)
+            finally:
+                for out in outgoing:
+                    if out.done is not None:
+                        out.done.set()
+            # The delete is durable: an answer handed out now cannot come back after a crash.
+            for mid, p, fut, outcome in answered:
+                self._finish(mid, p, fut, outcome)
+            if stop:
+                return
+
+    def _commit(
+        self, outgoing: list[_Outgoing], answered: list[_Answered]
+    ) -> tuple[list[Eviction], bool]:
+        """Store the new entries and delete the answered items in one transaction. Returns
+        the evictions and whether the new entries were stored.
+
+        When that transaction fails, each part is retried on its own, so a write the file
+        refuses cannot hold back the answers: if the deletes keep failing the answers are
+        handed out all the same (logged); if the inserts keep failing their callers get
+        :class:`OutboxError` and nothing of them is published."""
+        outbox = self._outbox
+        if outbox is None:
+            return [], False
+        add = [entry for out in outgoing for entry in out.entries]
+        remove = [mid for mid, _p, _f, _o in answered]
         try:
-            evicted = outbox.add_many(entries)
-        except (OutboxFullError, sqlite3.Error, OSError) as exc:
-            error = OutboxError(f"the outbox refused {len(entries)} items: {exc}")
-            log.exception("site %s: %s", self.site, error)
-            for i in kept:
-                _settle(futures[i], None, error)
+            return outbox.commit(add, remove)[0], True
+        except (sqlite3.Error, OSError, OutboxFullError) as exc:
+            log.warning("site %s: outbox transaction failed (%s); retrying", self.site, exc)
+        if remove:
+            self._retry("delete answered items", lambda: outbox.remove_many(remove))
+        if not add:
+            return [], True
+        evicted, error = self._retry("store new items", lambda: outbox.add_many(add))
+        if error is None:
+            return evicted or [], True
+        refused = OutboxError(f"the outbox refused {len(add)} items: {error}")
+        for out in outgoing:
+            for fut, _p in out.waiters:
+                _settle(fut, None, refused)
+        return [], False
+
+    def _retry(self, what: str, fn: Callable[[], _T]) -> tuple[_T | None, BaseException | None]:
+        """``fn()`` with a few attempts and backoff; its result, or the last error."""
+        error: BaseException | None = None
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                return fn(), None
+            except (sqlite3.Error, OSError, OutboxFullError) as exc:
+                error = exc
+                log.exception("site %s: outbox: cannot %s (attempt %d)", self.site, what, attempt)
+                if isinstance(exc, OutboxFullError) or attempt == _COMMIT_ATTEMPTS:
+                    break
+                time.sleep(0.05 * attempt)
+        return None, error
+
+    def _release(self, outgoing: list[_Outgoing], evicted: list[Eviction], stored: bool) -> None:
+        """Register the stored items as pending, then publish them: nothing leaves the
+        site before it is on disk."""
+        n = sum(len(out.entries) for out in outgoing)
+        if not stored:
+            with self._plock:
+                self._journaling -= n
             return
         now_m = time.monotonic()
         connected = self._transport.connected
         first_retry = now_m + self._retry_initial_s * random.uniform(1 - _JITTER, 1 + _JITTER)
-        waiting: list[bytes] = []
-        unserved: list[tuple[Future[Answer], _Pending, bytes]] = []
         breaker = self._breaker
         gone = {e.item.message_id for e in evicted}
+        send: list[bytes] = []
+        waiting: list[bytes] = []
+        unserved: list[tuple[Future[Answer], _Pending, bytes]] = []
         with self._plock:
-            for (mid, _payload, _prio, tag), i in zip(entries, kept, strict=True):
-                # An item evicted as it was stored keeps its caller, who learns of it below.
-                doomed = mid in gone
-                wait = (
-                    not doomed
-                    and connected
-                    and (breaker.state == "closed" or breaker.allow_wait(now_m))
-                )
-                p = _Pending(
-                    futures[i] if wait or doomed else None,
-                    arrived[i],
-                    None if rel is None else rel[i],
-                    None if conf is None else conf[i],
-                    None if labels is None else labels[i],
-                    tag,
-                    first_retry if connected else now_m,
-                )
-                if not connected:
-                    p.attempts = 0  # its first send waits for the connection
-                self._pending[mid] = p
-                self._schedule(mid, p.next_at)
-                if wait:
-                    waiting.append(mid)
-                elif not doomed:
-                    unserved.append((futures[i], p, mid))
+            self._journaling -= n
+            for out in outgoing:
+                for (mid, payload, _prio, _tag), (fut, p) in zip(
+                    out.entries, out.waiters, strict=True
+                ):
+                    # An item evicted as it was stored keeps its caller, who learns of it
+                    # from _evicted below.
+                    doomed = mid in gone
+                    wait = (
+                        not doomed
+                        and connected
+                        and (breaker.state == "closed" or breaker.allow_wait(now_m))
+                    )
+                    p.future = fut if wait or doomed else None
+                    p.next_at = first_retry if connected else now_m
+                    if not connected:
+                        p.attempts = 0  # its first send waits for the connection
+                    self._pending[mid] = p
+                    self._schedule(mid, p.next_at)
+                    if wait:
+                        waiting.append(mid)
+                    elif not doomed:
+                        unserved.append((fut, p, mid))
+                    if connected and not doomed:
+                        send.append(payload)
         if evicted:
             self._evicted(evicted)
         sent = 0
-        if connected:
-            publish = self._transport.publish
-            for mid, payload, _prio, _tag in entries:
-                if mid not in gone and publish(payload):
-                    sent += len(payload)
+        publish = self._transport.publish
+        for payload in send:
+            if publish(payload):
+                sent += len(payload)
         if sent:
             self.metrics.bytes_sent.inc(sent)
         why = "not connected to the broker" if not connected else "circuit breaker open"
@@ -1004,40 +1135,7 @@ class Agent:
                 m.duplicates.inc()
                 return
             fut, p.future = p.future, None
-        self._acks.put((mid, p, fut, outcome))
-
-    # ack thread: delete from the outbox, then answer
-
-    def _ack_loop(self) -> None:
-        acks = self._acks
-        while True:
-            first = acks.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < 4096:
-                try:
-                    more = acks.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            outbox = self._outbox
-            if outbox is not None:
-                for attempt in range(5):
-                    try:
-                        outbox.remove_many(mid for mid, _p, _f, _o in batch)
-                        break
-                    except sqlite3.Error:
-                        log.exception("site %s: outbox delete failed; retrying", self.site)
-                        time.sleep(0.05 * (attempt + 1))
-            for mid, p, fut, outcome in batch:
-                self._finish(mid, p, fut, outcome)
-            if stop:
-                return
+        self._journal.put((mid, p, fut, outcome))
 
     # resend thread: backoff, bounds by age, gauges
 

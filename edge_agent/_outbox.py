@@ -6,9 +6,10 @@ power cut at any moment leaves every unanswered item on disk to be re-sent; the 
 deduplicates by message id, so a re-send is harmless.
 
 With ``synchronous = "full"`` (the default) each transaction is fsynced before it
-returns: inserts survive a power cut, not only a process crash. Inserts and deletes are
-grouped by the caller (one transaction per model batch, one per burst of answers), which
-keeps the fsync cost (about 0.15 ms here) off the per-item path. ``"normal"`` skips the
+returns: inserts survive a power cut, not only a process crash. The agent commits in
+groups (:meth:`Outbox.commit`: the answered items of a burst and the new items of the
+model batches that came meanwhile, in one transaction), which keeps the fsync (about
+0.3 ms here) off the per-item path and halves the number of them. ``"normal"`` skips the
 fsync: a process crash still loses nothing, a power cut may lose the last transactions.
 
 Bounds (``max_items``, ``max_bytes``, ``max_age_s``) are enforced here. When adding an
@@ -176,11 +177,27 @@ class Outbox:
         rank lowest). Raises :class:`OutboxFullError` for an item larger than ``max_bytes``
         (nothing is stored then).
         """
-        if not entries:
-            return []
-        created = time.time() if now_s is None else now_s
+        return self.commit(entries, (), now_s=now_s)[0]
+
+    def remove_many(self, message_ids: Iterable[bytes]) -> list[OutboxItem]:
+        """Delete items (answered ones) in one transaction; returns those that were held."""
+        return self.commit((), message_ids)[1]
+
+    def commit(
+        self,
+        add: Sequence[tuple[bytes, bytes, int, str | None]],
+        remove: Iterable[bytes],
+        *,
+        now_s: float | None = None,
+    ) -> tuple[list[Eviction], list[OutboxItem]]:
+        """Delete the answered items in ``remove``, then store the ``add`` entries
+        ``(message_id, payload, priority, tag)``, in one transaction: one fsync for both
+        (group commit). Returns the evictions that made room and the removed items that
+        were held. Raises :class:`OutboxFullError` for an entry larger than ``max_bytes``
+        and leaves everything as it was when the transaction fails.
+        """
         lim = self.limits
-        for mid, payload, _priority, _tag in entries:
+        for mid, payload, _priority, _tag in add:
             if len(payload) > lim.max_bytes:
                 raise OutboxFullError(
                     f"an envelope of {len(payload)} bytes exceeds the outbox bound of "
@@ -188,59 +205,53 @@ class Outbox:
                 )
             if len(mid) != 16:
                 raise ValueError("message ids are 16 bytes")
-        new = [OutboxItem(mid, len(p), prio, created, tag) for mid, p, prio, tag in entries]
+        created = time.time() if now_s is None else now_s
         with self._lock:
+            held = [self._items[m] for m in dict.fromkeys(remove) if m in self._items]
+            if not add and not held:
+                return [], []
+            for item in held:
+                self._forget(item)
+            new = [OutboxItem(mid, len(p), prio, created, tag) for mid, p, prio, tag in add]
+            replaced: list[OutboxItem] = []
             for item in new:
                 old = self._items.get(item.message_id)
                 if old is not None:
+                    replaced.append(old)
                     self._forget(old)
                 self._remember(item)
             evicted = self._evict_over_bounds()
             gone = {e.item.message_id for e in evicted}
             rows = [
                 (mid, payload, prio, created, tag)
-                for mid, payload, prio, tag in entries
+                for mid, payload, prio, tag in add
                 if mid not in gone
             ]
+            deleted = [(it.message_id,) for it in held]
+            deleted += [(mid,) for mid in gone]
             self._db.execute("BEGIN")
             try:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO outbox (message_id, payload, priority, created_s, tag)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    rows,
-                )
-                if gone:
+                if deleted:
+                    self._db.executemany("DELETE FROM outbox WHERE message_id = ?", deleted)
+                if rows:
                     self._db.executemany(
-                        "DELETE FROM outbox WHERE message_id = ?", [(mid,) for mid in gone]
+                        "INSERT OR REPLACE INTO outbox"
+                        " (message_id, payload, priority, created_s, tag) VALUES (?, ?, ?, ?, ?)",
+                        rows,
                     )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
+                # Memory follows the file again: what the transaction would have changed.
                 for item in new:
-                    current = self._items.get(item.message_id)
-                    if current is item:
+                    if self._items.get(item.message_id) is item:
                         self._forget(item)
+                fresh = {id(item) for item in new}
+                for item in (*held, *replaced, *(e.item for e in evicted)):
+                    if id(item) not in fresh and item.message_id not in self._items:
+                        self._remember(item)
                 raise
-        return evicted
-
-    def remove_many(self, message_ids: Iterable[bytes]) -> list[OutboxItem]:
-        """Delete items (answered ones) in one transaction; returns those that were held."""
-        with self._lock:
-            held = [self._items[m] for m in message_ids if m in self._items]
-            if not held:
-                return []
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(
-                    "DELETE FROM outbox WHERE message_id = ?", [(it.message_id,) for it in held]
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            for item in held:
-                self._forget(item)
-        return held
+        return evicted, held
 
     def expire(self, now_s: float | None = None) -> list[Eviction]:
         """Evict every item older than ``max_age_s``."""

@@ -51,8 +51,13 @@ class Transport:
         self._last: mqtt.MQTTMessageInfo | None = None
         self._reject_counts: dict[str, int] = {}
         self._reject_lock = threading.Lock()
+        # Results at QoS 1 only help a persistent session (the broker keeps them while
+        # the agent is away). In a clean session they bring nothing the outbox does not
+        # already give (an unanswered item is re-sent and the cloud answers it from its
+        # store), and each one costs a PUBACK on both sides.
+        self.results_qos = 0 if settings.clean_start else 1
         self._conn = MqttConnection(
-            settings, self._on_message, subscriptions=((self.results_topic, 1),)
+            settings, self._on_message, subscriptions=((self.results_topic, self.results_qos),)
         )
 
     @property

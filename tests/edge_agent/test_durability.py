@@ -7,6 +7,7 @@ import logging
 import os
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,9 +18,12 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from fogline._mqtt import MqttSettings
+from fogline.compression import Codec, Envelope, Kind, encode_envelope
 from fogline.edge_agent import (
     Agent,
     AgentConfig,
@@ -29,6 +33,7 @@ from fogline.edge_agent import (
     CloudUnavailableError,
     Delivery,
     OutboxConfig,
+    OutboxError,
     OutboxEvictedError,
     RuntimeConfig,
 )
@@ -92,12 +97,14 @@ def make_agent(broker: Broker, topic_prefix: str) -> Iterator[AgentMaker]:
         site: str = "site-a",
         outbox: OutboxConfig | None = None,
         wait_connected: bool = True,
+        clean_start: bool = True,
         **overrides: Any,
     ) -> Agent:
         settings = MqttSettings(
             host=broker.host,
             port=broker.port,
             topic_prefix=topic_prefix,
+            clean_start=clean_start,
             reconnect_min_s=1,
             reconnect_max_s=1,
             connect_timeout_s=10,
@@ -315,6 +322,79 @@ def test_an_item_evicted_as_it_is_stored_while_offline_is_reported_evicted_to_it
     assert deliveries.snapshot() == []  # its one outcome went to its caller
 
 
+def test_items_the_outbox_file_refuses_fail_with_the_reason_and_are_never_published(
+    bundle_factory, make_agent, responder_factory, spy
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    responder_factory(bundle)
+    deliveries = Deliveries()
+    agent = make_agent(bundle, on_answer=deliveries)
+    assert agent.submit_batch(frames(1))[0].result(10).source == "cloud"
+    published = len(spy.messages)
+    # The file refuses one tag, as a full disk would refuse everything.
+    db = sqlite3.connect(agent.config.outbox_path)
+    db.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON outbox WHEN NEW.tag = 'poison'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    db.commit()
+    db.close()
+    bad = agent.submit_batch(frames(2, seed=3), tags=["poison", "poison"])
+    for fut in bad:
+        exc = fut.exception(10)
+        assert isinstance(exc, OutboxError), exc
+        assert "the outbox refused 2 items" in str(exc)
+        assert "refused by the test" in str(exc)
+    assert len(spy.messages) == published  # nothing of them left the site
+    # The agent carries on: other items are stored, answered and deleted.
+    good = [f.result(10) for f in agent.submit_batch(frames(3, seed=4), tags=["a", "b", "c"])]
+    assert [a.source for a in good] == ["cloud"] * 3
+    assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
+    assert agent.drained()
+    assert deliveries.snapshot() == []
+
+
+def test_in_a_persistent_session_results_sent_while_the_agent_was_away_reach_its_successor(
+    broker, bundle_factory, make_agent, topic_prefix
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    no_resend = OutboxConfig(retry_initial_ms=60_000, retry_max_ms=60_000)
+    first = make_agent(bundle, clean_start=False, cloud_timeout_ms=200, outbox=no_resend)
+    tags = ["away-0", "away-1", "away-2"]
+    degraded = [f.result(10) for f in first.submit_batch(frames(3), tags=tags)]
+    assert {a.status for a in degraded} == {"degraded"}
+    first.stop()
+
+    # The cloud answers while the agent is gone; the broker keeps the results (QoS 1).
+    cloud = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="away-cloud")
+    cloud.connect(broker.host, broker.port)
+    cloud.loop_start()
+    for n, answer in enumerate(degraded):
+        result = Envelope(
+            kind=Kind.RESULT,
+            message_id=bytes.fromhex(answer.message_id or ""),
+            site="site-a",
+            bundle=answer.bundle,
+            meta={"status": "ok", "label": n, "confidence": 0.9, "worker": "away"},
+            codec=Codec.FP16,
+        )
+        payload = encode_envelope(result, compress=False)
+        cloud.publish(f"{topic_prefix}/site-a/results", payload, qos=1).wait_for_publish(5)
+    cloud.disconnect()
+    cloud.loop_stop()
+
+    deliveries = Deliveries()
+    second = make_agent(bundle, clean_start=False, on_answer=deliveries, outbox=no_resend)
+    got = deliveries.wait_for(3)
+    assert sorted((d.tag, d.answer.label if d.answer else None) for d in got) == [
+        ("away-0", 0),
+        ("away-1", 1),
+        ("away-2", 2),
+    ]
+    assert second.stats()["resends"] == 0  # answered by what the broker kept
+    assert _wait_until(lambda: second.stats()["outbox_items"] == 0)
+
+
 def test_items_older_than_max_age_are_evicted_and_their_callers_told(
     bundle_factory, make_agent
 ) -> None:
@@ -383,6 +463,7 @@ _KILLED_AGENT = """
 import sys, time
 import numpy as np
 from fogline._mqtt import MqttSettings
+from fogline.compression import Codec, Envelope, Kind, encode_envelope
 from fogline.edge_agent import Agent, AgentConfig, OutboxConfig, RuntimeConfig
 
 host, port, prefix, bundle, outbox, site, n = sys.argv[1:8]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -199,6 +200,52 @@ def test_a_re_added_item_that_is_evicted_at_once_leaves_nothing_on_disk(tmp_path
     box.close()
     again = Outbox(path, limits)
     assert sorted(_ids(again.items())) == [2, 3]
+    again.close()
+
+
+def test_one_commit_deletes_the_answered_items_first_so_they_make_room_for_the_new(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    limits = OutboxLimits(max_items=2)
+    box = Outbox(path, limits)
+    box.add_many([(_mid(1), b"a", 0, None), (_mid(2), b"b", 0, None)], now_s=1.0)
+    evicted, removed = box.commit([(_mid(3), b"c", 0, None)], [_mid(1), _mid(99)], now_s=2.0)
+    assert evicted == []
+    assert _ids(removed) == [1]
+    assert sorted(_ids(box.items())) == [2, 3]
+    assert box.total_bytes == 2
+    box.close()
+    again = Outbox(path, limits)
+    assert sorted(_ids(again.items())) == [2, 3]
+    again.close()
+
+
+def test_a_failed_commit_leaves_memory_and_file_as_they_were(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    limits = OutboxLimits(max_items=2)
+    box = Outbox(path, limits)
+    box.add_many([(_mid(1), b"one", 0, None), (_mid(2), b"two", 5, None)], now_s=1.0)
+    # Another connection makes the file refuse one tag, as a full disk or a fault would.
+    other = sqlite3.connect(path)
+    other.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON outbox WHEN NEW.tag = 'poison'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    other.commit()
+    other.close()
+    with pytest.raises(sqlite3.IntegrityError, match="refused by the test"):
+        # removes 2, stores 3 and 4, evicts 1 (lowest priority) for room: all undone
+        box.commit([(_mid(3), b"x", 9, None), (_mid(4), b"y", 9, "poison")], [_mid(2)])
+    assert sorted(_ids(box.items())) == [1, 2]
+    assert box.total_bytes == 6
+    assert box.payload(_mid(2)) == b"two"
+    # The memory mirror still drives eviction correctly afterwards.
+    evicted = box.add_many([(_mid(5), b"z", 9, None)], now_s=3.0)
+    assert _evicted(evicted) == [(1, "max_items")]
+    box.close()
+    again = Outbox(path, limits)
+    assert sorted(_ids(again.items())) == [2, 5]
     again.close()
 
 
