@@ -287,7 +287,10 @@ class Agent:
         # New items to store and answered items to delete, for the journal thread.
         self._journal: queue.SimpleQueue[_Outgoing | _Answered | None] = queue.SimpleQueue()
         self._journaling = 0  # items handed to the journal, not yet pending; under _plock
-        self._deadlines: collections.deque[tuple[float, list[bytes]]] = collections.deque()
+        # (deadline, message ids) of callers waiting for the cloud. Tuples of atoms, which
+        # the garbage collector stops tracking: at cloud_timeout_ms of traffic they are
+        # many, and every full collection would walk them all.
+        self._deadlines: collections.deque[tuple[float, tuple[bytes, ...]]] = collections.deque()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -989,7 +992,7 @@ class Agent:
         for fut, p, mid in unserved:
             self._answer_unserved(fut, p, mid, CloudUnavailableError(mid.hex(), why))
         if waiting:
-            self._deadlines.append((now_m + self._timeout_s, waiting))
+            self._deadlines.append((now_m + self._timeout_s, tuple(waiting)))
 
     def _answer_unserved(
         self, future: Future[Answer], p: _Pending, mid: bytes, error: AgentError
