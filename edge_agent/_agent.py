@@ -881,7 +881,12 @@ class Agent:
             try:
                 evicted, stored = self._commit(outgoing, answered)
                 self._release(outgoing, evicted, stored)
+            except Exception as exc:  # a fault here must not stop every later delivery
+                log.exception("site %s: the outbox journal failed", self.site)
+                self._abandon(outgoing, OutboxError(f"the outbox journal failed: {exc}"))
             finally:
+                with self._plock:
+                    self._journaling -= sum(len(out.entries) for out in outgoing)
                 for out in outgoing:
                     if out.done is not None:
                         out.done.set()
@@ -890,6 +895,23 @@ class Agent:
                 self._finish(mid, p, fut, outcome)
             if stop:
                 return
+
+    def _abandon(self, outgoing: list[_Outgoing], error: OutboxError) -> None:
+        """End new items with ``error`` after a fault, and take them out of the outbox and
+        the pending set, so that ``error`` stays their only outcome."""
+        mids = [entry[0] for out in outgoing for entry in out.entries]
+        with self._plock:
+            for mid in mids:
+                self._pending.pop(mid, None)
+        outbox = self._outbox
+        if outbox is not None:
+            try:
+                outbox.remove_many(mids)
+            except (sqlite3.Error, OSError):
+                log.exception("site %s: cannot take abandoned items out of the outbox", self.site)
+        for out in outgoing:
+            for fut, _p in out.waiters:
+                _settle(fut, None, error)
 
     def _commit(
         self, outgoing: list[_Outgoing], answered: list[_Answered]
@@ -940,10 +962,7 @@ class Agent:
     def _release(self, outgoing: list[_Outgoing], evicted: list[Eviction], stored: bool) -> None:
         """Register the stored items as pending, then publish them: nothing leaves the
         site before it is on disk."""
-        n = sum(len(out.entries) for out in outgoing)
         if not stored:
-            with self._plock:
-                self._journaling -= n
             return
         now_m = time.monotonic()
         connected = self._transport.connected
@@ -954,7 +973,6 @@ class Agent:
         waiting: list[bytes] = []
         unserved: list[tuple[Future[Answer], _Pending, bytes]] = []
         with self._plock:
-            self._journaling -= n
             for out in outgoing:
                 for (mid, payload, _prio, _tag), (fut, p) in zip(
                     out.entries, out.waiters, strict=True

@@ -354,6 +354,33 @@ def test_items_the_outbox_file_refuses_fail_with_the_reason_and_are_never_publis
     assert deliveries.snapshot() == []
 
 
+def test_a_fault_in_the_outbox_journal_fails_its_items_and_the_agent_carries_on(
+    bundle_factory, make_agent, responder_factory, monkeypatch
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    responder_factory(bundle)
+    agent = make_agent(bundle)
+    release = agent._release
+    faults = iter([RuntimeError("injected fault")])
+
+    def faulty(*args: Any) -> None:
+        fault = next(faults, None)
+        if fault is not None:
+            raise fault
+        release(*args)
+
+    monkeypatch.setattr(agent, "_release", faulty)
+    for fut in agent.submit_batch(frames(2)):
+        exc = fut.exception(10)
+        assert isinstance(exc, OutboxError), exc
+        assert "injected fault" in str(exc)
+    assert agent.stats()["outbox_items"] == 0  # that error is their only outcome
+    answers = [f.result(10) for f in agent.submit_batch(frames(2, seed=5))]
+    assert [a.source for a in answers] == ["cloud", "cloud"]
+    assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
+    assert agent.drained()
+
+
 def test_in_a_persistent_session_results_sent_while_the_agent_was_away_reach_its_successor(
     broker, bundle_factory, make_agent, topic_prefix
 ) -> None:
