@@ -57,10 +57,10 @@ from fogline.cloud_service.errors import (
 from fogline.compression import (
     Codec,
     Envelope,
-    EnvelopeError,
     Kind,
-    decode_envelope,
+    decode_message,
     encode_envelope,
+    join_envelopes,
     now_us,
 )
 from fogline.sync import Bundle, BundleError
@@ -76,13 +76,25 @@ _Key = tuple[str, bytes]
 _RECENT_RESULTS = 50_000
 
 
+class _Delivery:
+    """One MQTT message and how many of its envelopes are still being handled: a message
+    can carry several items (:func:`~fogline.compression.join_envelopes`), and the broker
+    gets its PUBACK only when the last of them is finished with."""
+
+    __slots__ = ("inbound", "left")
+
+    def __init__(self, inbound: Inbound, left: int) -> None:
+        self.inbound = inbound
+        self.left = left
+
+
 @dataclass(frozen=True)
 class _Item:
     env: Envelope
     received_us: int
-    inbound: Inbound | None = None
+    delivery: _Delivery | None = None
     # Copies of this item that arrived while it was queued or running.
-    twins: list[Inbound] = field(default_factory=list)
+    twins: list[_Delivery] = field(default_factory=list)
 
     @property
     def key(self) -> _Key:
@@ -106,7 +118,7 @@ class _Served:
     output: str
 
 
-_Write = tuple[list[StoredResult], list[Inbound]]
+_Write = tuple[list[StoredResult], list[_Delivery]]
 
 
 class _StoreWriter:
@@ -122,7 +134,7 @@ class _StoreWriter:
         self,
         store: ResultStore,
         metrics: CloudMetrics,
-        ack: Callable[[list[Inbound]], None],
+        ack: Callable[[list[_Delivery]], None],
         *,
         linger_s: float = 0.05,
         max_rows: int = 5000,
@@ -141,7 +153,7 @@ class _StoreWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, rows: list[StoredResult], acks: list[Inbound]) -> None:
+    def put(self, rows: list[StoredResult], acks: list[_Delivery]) -> None:
         with self._cond:
             self._pending += len(rows)
         self._queue.put((rows, acks))
@@ -179,7 +191,7 @@ class _StoreWriter:
                 acks.extend(more[1])
             self._write(rows, acks)
 
-    def _write(self, rows: list[StoredResult], acks: list[Inbound]) -> None:
+    def _write(self, rows: list[StoredResult], acks: list[_Delivery]) -> None:
         attempt = 0
         while True:
             try:
@@ -479,25 +491,28 @@ class CloudWorker:
         self.metrics.acks_pending.set(self._unacked)
         if inbound.dup:
             self.metrics.redeliveries.inc()
-        try:
-            done = self._ingest(topic, payload, inbound)
-        except Exception:
-            self.metrics.rejected.labels("internal").inc()
-            log.exception("could not handle a message on %s", topic)
-            done = True
-        if done:
-            self._ack([inbound])
-
-    def _ingest(self, topic: str, payload: bytes, inbound: Inbound) -> bool:
-        """Handle one message; True when it is finished with (acknowledge it now), False
-        when an item now owns its acknowledgement."""
-        received_us = now_us()
         self.metrics.received.inc()
-        try:
-            env = decode_envelope(payload)
-        except EnvelopeError as exc:
-            self._reject(exc.reason, f"rejected a message on {topic}: {exc}")
-            return True
+        envelopes, error = decode_message(payload)
+        if error is not None:
+            self._reject(error.reason, f"rejected a message on {topic}: {error}")
+        delivery = _Delivery(inbound, max(1, len(envelopes)))
+        if not envelopes:
+            self._ack([delivery])
+            return
+        received_us = now_us()
+        for env in envelopes:
+            try:
+                done = self._ingest(topic, env, received_us, delivery)
+            except Exception:
+                self.metrics.rejected.labels("internal").inc()
+                log.exception("could not handle a message on %s", topic)
+                done = True
+            if done:
+                self._ack([delivery])
+
+    def _ingest(self, topic: str, env: Envelope, received_us: int, delivery: _Delivery) -> bool:
+        """Handle one envelope of a message; True when it is finished with (its share of
+        the acknowledgement is given now), False when an item now owns that share."""
         if env.kind is not Kind.FEATURES:
             self._reject("wrong_kind", f"rejected a {env.kind.name} message on {topic}")
             return True
@@ -521,12 +536,12 @@ class CloudWorker:
             self._reply(env, {"status": "error", "error": f"bundle {env.bundle}: {problem}"})
             return True
         key: _Key = (env.site, env.message_id)
-        item = _Item(env, received_us, inbound)
+        item = _Item(env, received_us, delivery)
         with self._dlock:
             recent = self._recent.get(key)
             twin_of = None if recent is not None else self._in_flight.get(key)
             if twin_of is not None:
-                twin_of.twins.append(inbound)
+                twin_of.twins.append(delivery)
             elif recent is None:
                 self._in_flight[key] = item
         if recent is not None:
@@ -557,18 +572,26 @@ class CloudWorker:
         self._ack(twins)
         return True
 
-    def _ack(self, inbounds: list[Inbound]) -> None:
-        """Acknowledge messages to the broker (safe from any thread)."""
-        if not inbounds:
+    def _ack(self, deliveries: list[_Delivery]) -> None:
+        """Give up one share of each delivery; acknowledge the messages whose last share
+        that was (safe from any thread)."""
+        if not deliveries:
             return
+        done: list[Inbound] = []
         with self._dlock:
-            self._unacked -= len(inbounds)
+            for d in deliveries:
+                d.left -= 1
+                if d.left == 0:
+                    done.append(d.inbound)
+            self._unacked -= len(done)
             unacked = self._unacked
+        if not done:
+            return
         self.metrics.acks_pending.set(max(0, unacked))
         mqtt = self._mqtt
         if mqtt is None:
             return
-        for inbound in inbounds:
+        for inbound in done:
             mqtt.ack(inbound)
 
     def _reject(self, reason: str, message: str) -> None:
@@ -590,7 +613,7 @@ class CloudWorker:
             shapes = tuple(item.env.tensors[n].shape for n in served.inputs)
             groups.setdefault(shapes, []).append(i)
         stored: list[StoredResult] = []
-        acks: list[Inbound] = []
+        acks: list[_Delivery] = []
         for idxs in groups.values():
             self._run_group(served, batch, idxs, start_s, stored, acks)
         if self._writer is not None and (stored or acks):
@@ -605,7 +628,11 @@ class CloudWorker:
         store = self._store
         # Only a re-sent item (the agent's resent flag, or the broker's redelivery flag)
         # can have an earlier result: fresh items skip the query.
-        maybe = [it for it in items if it.env.resent or (it.inbound is not None and it.inbound.dup)]
+        maybe = [
+            it
+            for it in items
+            if it.env.resent or (it.delivery is not None and it.delivery.inbound.dup)
+        ]
         if store is None or not maybe:
             return list(range(len(items)))
         try:
@@ -627,7 +654,7 @@ class CloudWorker:
             self._ack(self._finish_item(item, (hit.label, hit.confidence, output, served.output)))
         return todo
 
-    def _finish_item(self, item: _Item, recent: _Recent | None) -> list[Inbound]:
+    def _finish_item(self, item: _Item, recent: _Recent | None) -> list[_Delivery]:
         """Retire an answered item: remember its result, release its copies. Returns the
         acknowledgements it owns (its own and its copies'); acknowledged at once when its
         result needs no storing (``recent`` from the store)."""
@@ -638,7 +665,7 @@ class CloudWorker:
                 self._recent[key] = recent
                 if len(self._recent) > _RECENT_RESULTS:
                     self._recent.popitem(last=False)
-            return [i for i in (item.inbound, *item.twins) if i is not None]
+            return [d for d in (item.delivery, *item.twins) if d is not None]
 
     def _run_group(
         self,
@@ -647,7 +674,7 @@ class CloudWorker:
         idxs: list[int],
         start_s: float,
         stored: list[StoredResult],
-        acks: list[Inbound],
+        acks: list[_Delivery],
     ) -> None:
         items = [batch.items[i] for i in idxs]
         try:
@@ -745,10 +772,20 @@ class CloudWorker:
         return self.topics.results(request.site), encode_envelope(result, compress=False)
 
     def _publish(self, messages: list[tuple[str, bytes]]) -> None:
+        """Publish result envelopes, those for the same site joined into as few messages
+        as fit (:func:`~fogline.compression.join_envelopes`)."""
         if self._mqtt is None:
             return
-        for topic, payload in messages:
+        if len(messages) == 1:
+            topic, payload = messages[0]
             self._last_publish = self._mqtt.publish(topic, payload, 1)
+            return
+        by_topic: dict[str, list[bytes]] = {}
+        for topic, payload in messages:
+            by_topic.setdefault(topic, []).append(payload)
+        for topic, payloads in by_topic.items():
+            for message in join_envelopes(payloads):
+                self._last_publish = self._mqtt.publish(topic, message, 1)
 
     def _reply(
         self,

@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from fogline.compression._codec import (
     ENVELOPE_VERSION,
+    MAX_MESSAGE_BYTES,
     Codec,
     Envelope,
     Kind,
     decode_envelope,
+    decode_message,
     encode_envelope,
+    join_envelopes,
     mark_resent,
     now_us,
 )
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENVELOPE_VERSION",
+    "MAX_MESSAGE_BYTES",
     "Codec",
     "CompressionError",
     "Envelope",
@@ -45,7 +49,9 @@ __all__ = [
     "SplitError",
     "SplitReport",
     "decode_envelope",
+    "decode_message",
     "encode_envelope",
+    "join_envelopes",
     "mark_resent",
     "now_us",
     "quantize_model",

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +26,14 @@ from fogline.compression.errors import EnvelopeError
 __all__ = [
     "ENVELOPE_VERSION",
     "MAX_BODY_BYTES",
+    "MAX_MESSAGE_BYTES",
     "Codec",
     "Envelope",
     "Kind",
     "decode_envelope",
+    "decode_message",
     "encode_envelope",
+    "join_envelopes",
     "mark_resent",
     "now_us",
 ]
@@ -38,6 +41,8 @@ __all__ = [
 MAGIC = b"FG"
 ENVELOPE_VERSION = 1
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# A message joins envelopes up to this size (one larger envelope travels alone).
+MAX_MESSAGE_BYTES = 64 * 1024
 _FLAG_ZSTD = 0x01
 _FLAG_RESENT = 0x02
 _KNOWN_FLAGS = _FLAG_ZSTD | _FLAG_RESENT
@@ -298,6 +303,77 @@ def decode_envelope(data: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> Env
         codec=codec_e,
         resent=bool(flags & _FLAG_RESENT),
     )
+
+
+def _frame_end(data: bytes, start: int) -> int:
+    """Where the envelope that starts at ``start`` ends, from its length fields. Only the
+    boundaries are checked here; :func:`decode_envelope` checks the frame itself."""
+    size = len(data)
+    if size - start < _HEAD.size + _CRC.size:
+        raise EnvelopeError("truncated", f"{size - start} bytes is shorter than any envelope")
+    if data[start : start + 2] != MAGIC:
+        raise EnvelopeError("bad_magic", "not a fogline envelope")
+    version = data[start + 2]
+    if version != ENVELOPE_VERSION:
+        raise EnvelopeError("unknown_version", f"envelope version {version} is not supported")
+    pos = start + _HEAD.size
+    pos += 1 + data[pos]  # site
+    if pos >= size:
+        raise EnvelopeError("truncated", "bundle runs past the end of the message")
+    pos += 1 + data[pos]  # bundle
+    if pos + _U32.size > size:
+        raise EnvelopeError("truncated", "body length runs past the end of the message")
+    body_len: int = _U32.unpack_from(data, pos)[0]
+    end = pos + _U32.size + body_len + _CRC.size
+    if end > size:
+        raise EnvelopeError("truncated", "body runs past the end of the message")
+    return end
+
+
+def decode_message(
+    data: bytes, *, max_body_bytes: int = MAX_BODY_BYTES
+) -> tuple[list[Envelope], EnvelopeError | None]:
+    """Decode a message: one or more envelopes back to back (see :func:`join_envelopes`).
+
+    Returns the envelopes before the first one that does not decode, and that one's error
+    (``None`` when all of them did). Each envelope carries its own length fields and
+    checksum, so a broken one cannot be skipped: everything from it on is left out.
+    """
+    envelopes: list[Envelope] = []
+    start, size = 0, len(data)
+    try:
+        while True:
+            end = _frame_end(data, start)
+            frame = data if start == 0 and end == size else data[start:end]
+            envelopes.append(decode_envelope(frame, max_body_bytes=max_body_bytes))
+            if end == size:
+                return envelopes, None
+            start = end
+    except EnvelopeError as exc:
+        return envelopes, exc
+
+
+def join_envelopes(frames: Sequence[bytes], max_bytes: int = MAX_MESSAGE_BYTES) -> list[bytes]:
+    """Pack encoded envelopes into as few messages as fit in ``max_bytes`` each, in order.
+
+    A sender joins what is ready at the same moment: under load one message then carries
+    several items, and every per-message cost (a publish, an acknowledgement, the broker's
+    routing, the receiver's wake-up) is shared among them; an envelope larger than
+    ``max_bytes`` travels alone. Hand-written: the envelopes are already self-delimiting,
+    so a container format would only add bytes.
+    """
+    messages: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if group and size + len(frame) > max_bytes:
+            messages.append(group[0] if len(group) == 1 else b"".join(group))
+            group, size = [], 0
+        group.append(frame)
+        size += len(frame)
+    if group:
+        messages.append(group[0] if len(group) == 1 else b"".join(group))
+    return messages
 
 
 def mark_resent(data: bytes) -> bytes:

@@ -999,11 +999,7 @@ class Agent:
                         send.append(payload)
         if evicted:
             self._evicted(evicted)
-        sent = 0
-        publish = self._transport.publish
-        for payload in send:
-            if publish(payload):
-                sent += len(payload)
+        sent = self._transport.publish_many(send) if send else 0
         if sent:
             self.metrics.bytes_sent.inc(sent)
         why = "not connected to the broker" if not connected else "circuit breaker open"
@@ -1205,8 +1201,7 @@ class Agent:
                 p.next_at = now + backoff * random.uniform(1 - _JITTER, 1 + _JITTER)
                 self._schedule(mid, p.next_at)
                 due.append((mid, again))
-        sent = 0
-        sent_bytes = 0
+        payloads: list[bytes] = []
         for mid, again in due:
             try:
                 payload = outbox.payload(mid)
@@ -1216,13 +1211,11 @@ class Agent:
             if payload is None:
                 continue
             if again:  # tell the cloud to look for an answer it may already have
+                self.metrics.resends.inc()
                 payload = mark_resent(payload)
-            if not self._transport.publish(payload):
-                continue
-            sent += again
-            sent_bytes += len(payload)
-        if sent:
-            self.metrics.resends.inc(sent)
+            payloads.append(payload)
+        sent_bytes = self._transport.publish_many(payloads) if payloads else 0
+        if sent_bytes:
             self.metrics.bytes_sent.inc(sent_bytes)
         return len(due)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from fogline._mqtt import MqttConnection, MqttError, MqttSettings
-from fogline.compression import Envelope, EnvelopeError, Kind, decode_envelope
+from fogline.compression import Envelope, Kind, decode_message, join_envelopes
 from fogline.edge_agent._metrics import AgentMetrics
 from fogline.edge_agent.errors import BrokerError
 
@@ -83,8 +83,9 @@ class Transport:
         self._conn.stop()
 
     def publish(self, payload: bytes) -> bool:
-        """Hand an envelope to paho (QoS 1). False when paho refused it (not connected, or
-        its queue is closed): the outbox keeps the item and re-sends it later."""
+        """Hand one message (one or more envelopes) to paho (QoS 1). False when paho
+        refused it (not connected, or its queue is closed): the outbox keeps its items and
+        re-sends them later."""
         try:
             info = self._conn.publish(self.features_topic, payload, qos=1)
         except (ValueError, OSError, RuntimeError) as exc:
@@ -94,6 +95,15 @@ class Transport:
             return False
         self._last = info
         return True
+
+    def publish_many(self, payloads: list[bytes]) -> int:
+        """Publish envelopes that are ready together, joined into as few messages as fit
+        (:func:`~fogline.compression.join_envelopes`); the bytes paho accepted."""
+        sent = 0
+        for message in join_envelopes(payloads):
+            if self.publish(message):
+                sent += len(message)
+        return sent
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until the last published envelope is acknowledged by the broker (QoS 1)."""
@@ -124,20 +134,19 @@ class Transport:
             )
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        try:
-            env = decode_envelope(payload)
-        except EnvelopeError as exc:
-            self._reject(exc.reason, exc.detail)
-            return
-        if env.kind is not Kind.RESULT:
-            self._reject("unexpected_kind", f"a {env.kind.name} envelope on the result topic")
-            return
-        if env.site != self.site:
-            self._reject("foreign_site", f"result for site {env.site!r}")
-            return
-        try:
-            self._on_result(env)
-        except Exception:
-            log.exception(
-                "site %s: handling the result for %s failed", self.site, env.message_id.hex()
-            )
+        envelopes, error = decode_message(payload)
+        for env in envelopes:
+            if env.kind is not Kind.RESULT:
+                self._reject("unexpected_kind", f"a {env.kind.name} envelope on the result topic")
+                continue
+            if env.site != self.site:
+                self._reject("foreign_site", f"result for site {env.site!r}")
+                continue
+            try:
+                self._on_result(env)
+            except Exception:
+                log.exception(
+                    "site %s: handling the result for %s failed", self.site, env.message_id.hex()
+                )
+        if error is not None:
+            self._reject(error.reason, error.detail)

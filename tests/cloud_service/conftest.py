@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fogline._mqtt import MqttSettings
 from fogline.cloud_service import BatchingConfig, CloudConfig, StoreConfig
-from fogline.compression import Codec, Envelope, Kind, decode_envelope, now_us
+from fogline.compression import Codec, Envelope, Kind, decode_message, now_us
 
 
 class PahoClient:
@@ -45,7 +45,9 @@ class PahoClient:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
-            self.received.append((msg.topic, decode_envelope(bytes(msg.payload))))
+            envelopes, error = decode_message(bytes(msg.payload))
+            assert error is None, error
+            self.received.extend((msg.topic, env) for env in envelopes)
             self._cond.notify_all()
 
     def publish(self, site: str, payload: bytes) -> None:

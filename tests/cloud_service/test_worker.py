@@ -119,6 +119,36 @@ def test_malformed_and_unknown_version_envelopes_are_counted_and_serving_goes_on
     assert worker.metrics.value("fogline_cloud_received_total") == 6
 
 
+def test_a_message_joining_several_items_answers_each_and_is_acknowledged_once(
+    started, cloud_config, paho_client, make_features
+) -> None:  # type: ignore[no-untyped-def]
+    worker = started(cloud_config())
+    envs = [make_features("site-a", seed=i) for i in range(5)]
+    frames = [encode_envelope(env) for env in envs]
+    # the same item twice in one message, then a broken tail
+    paho_client.publish("site-a", b"".join([*frames, frames[0], b"\x00" * 3]))
+
+    answers = [paho_client.result_for(env)[1] for env in envs]
+    assert [a.meta["status"] for a in answers] == ["ok"] * 5
+    assert worker.flush(10)
+    # The copy waits for the run of its original (one answer), or, when that run already
+    # ended, is answered again from memory.
+    dups = {
+        source: worker.metrics.value(
+            "fogline_cloud_duplicates_suppressed_total", {"source": source}
+        )
+        for source in ("in_flight", "memory")
+    }
+    assert sum(dups.values()) == 1
+    assert len(paho_client.wait_for(6, timeout_s=1.0)) == 5 + dups["memory"]
+    assert worker.metrics.value("fogline_cloud_received_total") == 1
+    assert worker.metrics.value("fogline_cloud_rejected_total", {"reason": "truncated"}) == 1
+    # one PUBACK, given once every item in the message was finished with
+    assert worker.metrics.value("fogline_cloud_acks_pending") == 0
+    assert worker.store is not None
+    assert worker.store.count() == 5
+
+
 def test_an_unknown_bundle_gets_an_error_result(
     started, cloud_config, paho_client, make_features
 ) -> None:  # type: ignore[no-untyped-def]

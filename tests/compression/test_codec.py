@@ -19,7 +19,9 @@ from fogline.compression import (
     EnvelopeError,
     Kind,
     decode_envelope,
+    decode_message,
     encode_envelope,
+    join_envelopes,
 )
 
 
@@ -151,6 +153,63 @@ def test_envelope_refuses_bad_fields_at_construction() -> None:
 def test_random_bytes_never_crash_the_decoder(data: bytes) -> None:
     with contextlib.suppress(EnvelopeError):
         decode_envelope(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_never_crash_the_message_decoder(data: bytes) -> None:
+    envelopes, error = decode_message(data)
+    assert error is not None or envelopes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_joined_messages_keep_the_envelopes_before_the_damage(
+    data: st.DataObject,
+) -> None:
+    frames = [encode_envelope(_env()) for _ in range(3)]
+    message = bytearray(b"".join(frames))
+    pos = data.draw(st.integers(0, len(message) - 1))
+    message[pos] ^= data.draw(st.integers(1, 255))
+    envelopes, error = decode_message(bytes(message))
+    intact = 0
+    while intact < 3 and pos >= sum(len(f) for f in frames[: intact + 1]):
+        intact += 1
+    assert len(envelopes) == intact
+    assert error is not None
+    assert [e.message_id for e in envelopes] == [
+        decode_envelope(f).message_id for f in frames[:intact]
+    ]
+
+
+def test_joined_envelopes_decode_in_order_and_respect_the_size_bound() -> None:
+    envs = [_env(meta={"n": i}) for i in range(10)]
+    frames = [encode_envelope(e) for e in envs]
+    size = len(frames[0])
+    messages = join_envelopes(frames, max_bytes=3 * size)
+    assert [len(m) for m in messages] == [3 * size, 3 * size, 3 * size, size]
+    got = [env for m in messages for env in decode_message(m)[0]]
+    assert [e.meta["n"] for e in got] == list(range(10))
+    assert [e.message_id for e in got] == [e.message_id for e in envs]
+    # one envelope larger than the bound travels alone, unchanged
+    assert join_envelopes(frames[:2], max_bytes=10) == frames[:2]
+    assert join_envelopes([]) == []
+
+
+def test_a_message_with_a_broken_second_envelope_keeps_the_first() -> None:
+    first, second = encode_envelope(_env()), encode_envelope(_env())
+    envelopes, error = decode_message(first + second[:-1])
+    assert [e.message_id for e in envelopes] == [decode_envelope(first).message_id]
+    assert error is not None
+    assert error.reason == "truncated"
+    envelopes, error = decode_message(first + b"junk" * 20)
+    assert len(envelopes) == 1
+    assert error is not None
+    assert error.reason == "bad_magic"
+    envelopes, error = decode_message(b"")
+    assert envelopes == []
+    assert error is not None
+    assert error.reason == "truncated"
 
 
 @settings(max_examples=300, deadline=None)

@@ -15,7 +15,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fogline._mqtt import MqttSettings
-from fogline.compression import Codec, Envelope, Kind, decode_envelope, encode_envelope
+from fogline.compression import Codec, Envelope, Kind, decode_message, encode_envelope
 from fogline.edge_agent import Agent, AgentConfig, RuntimeConfig
 from tests.conftest import make_tiny_bundle
 
@@ -67,6 +67,8 @@ class CloudResponder:
         self.mode = mode
         self.duplicate = duplicate
         self.busy_left = busy_first
+        # Answer the envelopes of one message with one message, as a worker answers a batch.
+        self.join_results = False
         self.received: list[tuple[str, Envelope, int]] = []
         self.labels: dict[bytes, int] = {}
         self._lock = threading.Lock()
@@ -93,9 +95,22 @@ class CloudResponder:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
-        env = decode_envelope(payload)
+        envelopes, error = decode_message(payload)
+        assert error is None, error
+        # A message's bytes are counted once, with its first envelope.
+        results = [
+            self._answer(msg.topic, env, len(payload) if k == 0 else 0)
+            for k, env in enumerate(envelopes)
+        ]
+        if self.join_results and results:
+            results = [(results[0][0], b"".join(out for _t, out in results))]
+        for topic, out in results:
+            for _ in range(2 if self.duplicate else 1):
+                client.publish(topic, out, qos=1)
+
+    def _answer(self, topic: str, env: Envelope, size: int) -> tuple[str, bytes]:
         with self._lock:
-            self.received.append((msg.topic, env, len(payload)))
+            self.received.append((topic, env, size))
         meta: dict[str, Any]
         tensors: dict[str, np.ndarray] = {}
         with self._lock:
@@ -130,10 +145,7 @@ class CloudResponder:
             created_us=env.created_us,
             codec=Codec.FP16,
         )
-        out = encode_envelope(result, compress=False)
-        topic = f"{self.topic_prefix}/{env.site}/results"
-        for _ in range(2 if self.duplicate else 1):
-            client.publish(topic, out, qos=1)
+        return f"{self.topic_prefix}/{env.site}/results", encode_envelope(result, compress=False)
 
     def publish_raw(self, site: str, payload: bytes) -> None:
         self.client.publish(f"{self.topic_prefix}/{site}/results", payload, qos=1).wait_for_publish(

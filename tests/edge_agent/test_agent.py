@@ -102,6 +102,27 @@ def test_feature_envelopes_carry_the_decision_and_its_inputs(
     assert stats["forwarded"] == stats["cloud_answers"] == 4
 
 
+def test_a_batch_travels_in_one_message_and_its_joined_answers_are_all_taken(
+    bundle_factory, agent_factory, responder_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    cloud = responder_factory(bundle)
+    cloud.join_results = True
+    agent = agent_factory(bundle)
+    answers = [f.result(10) for f in agent.submit_batch(frames(6, seed=5))]
+
+    assert [a.source for a in answers] == ["cloud"] * 6
+    assert [a.label for a in answers] == [
+        cloud.labels[bytes.fromhex(a.message_id)]  # type: ignore[arg-type]
+        for a in answers
+    ]
+    sizes = [size for _t, _env, size in cloud.received]
+    assert len(sizes) == 6
+    assert sum(1 for size in sizes if size) == 1  # one message carried the six
+    assert agent.stats()["bytes_sent"] == sum(sizes)
+    assert agent.stats()["cloud_answers"] == 6
+
+
 def test_dropped_and_early_exit_items_never_reach_the_broker(
     bundle_factory, agent_factory, spy
 ) -> None:
