@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
 import threading
 import time
@@ -97,6 +98,11 @@ _DTYPES: dict[int, np.dtype[Any]] = {
 }
 _CODES = {dt: code for code, dt in _DTYPES.items()}
 _INT8_QUANT = 0x80  # dtype code bit: int8 payload with scale, decodes to float32
+_Q8 = _CODES[np.dtype("i1")] | _INT8_QUANT
+# One encoder for every envelope: json.dumps with options builds a new one per call.
+_META_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+_KINDS = {int(k): k for k in Kind}
+_CODECS = {int(c): c for c in Codec}
 _LOCAL = threading.local()
 
 
@@ -138,37 +144,43 @@ def _encode_tensor(out: list[bytes], name: str, array: np.ndarray, codec: Codec)
     name_b = name.encode()
     if not name_b or len(name_b) > 255:
         raise ValueError(f"tensor name {name!r} must be 1..255 bytes")
-    if arr.ndim > _MAX_NDIM:
-        raise ValueError(f"tensor {name!r} has {arr.ndim} dims, at most {_MAX_NDIM} allowed")
-    scale: float | None = None
-    if arr.dtype.kind == "f" and codec is Codec.INT8:
-        amax = float(np.max(np.abs(arr))) if arr.size else 0.0
-        scale = amax / 127.0 if amax > 0 and np.isfinite(amax) else 1.0
-        data = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
-        code = _CODES[np.dtype("i1")] | _INT8_QUANT
-    else:
-        if arr.dtype.kind == "f" and codec is Codec.FP16:
-            arr = arr.astype("<f2")
-        elif arr.dtype.kind == "f" and codec is Codec.FP32:
-            arr = arr.astype("<f4") if arr.dtype.itemsize < 4 else arr
-        dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
-        if dt not in _CODES:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
-        data = arr.astype(dt, copy=False)
-        code = _CODES[dt]
-    out.append(_U8.pack(len(name_b)))
-    out.append(name_b)
-    out.append(_U8.pack(code))
-    out.append(_U8.pack(arr.ndim))
-    out.append(struct.pack(f"<{arr.ndim}I", *arr.shape))
-    if scale is not None:
-        out.append(_F32.pack(scale))
-    out.append(np.ascontiguousarray(data).tobytes())
+    ndim = arr.ndim
+    if ndim > _MAX_NDIM:
+        raise ValueError(f"tensor {name!r} has {ndim} dims, at most {_MAX_NDIM} allowed")
+    floating = arr.dtype.kind == "f"
+    if floating and codec is Codec.INT8:
+        amax = float(np.abs(arr).max()) if arr.size else 0.0
+        if amax > 0 and math.isfinite(amax):
+            scale = amax / 127.0
+            # |x| / scale <= 127 by construction: rounding cannot leave the int8 range
+            data = np.rint(arr * np.float32(1.0 / scale)).astype(np.int8)
+        else:  # all zero, or inf/nan present: clip what does not fit
+            scale = 1.0
+            data = np.clip(np.nan_to_num(arr), -127, 127).round().astype(np.int8)
+        out.append(
+            struct.pack(
+                f"<B{len(name_b)}sBB{ndim}If", len(name_b), name_b, _Q8, ndim, *arr.shape, scale
+            )
+        )
+        out.append(data.tobytes())
+        return
+    if floating and codec is Codec.FP16:
+        arr = arr.astype("<f2")
+    elif floating and codec is Codec.FP32 and arr.dtype.itemsize < 4:
+        arr = arr.astype("<f4")
+    dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+    code = _CODES.get(dt)
+    if code is None:
+        raise ValueError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
+    out.append(
+        struct.pack(f"<B{len(name_b)}sBB{ndim}I", len(name_b), name_b, code, ndim, *arr.shape)
+    )
+    out.append(np.ascontiguousarray(arr, dtype=dt).tobytes())
 
 
 def encode_envelope(env: Envelope, *, zstd_level: int = 3, compress: bool = True) -> bytes:
     """Serialize an envelope; float tensors are coded with ``env.codec``."""
-    meta_b = json.dumps(dict(env.meta), separators=(",", ":"), sort_keys=True).encode()
+    meta_b = _META_JSON.encode(dict(env.meta)).encode()
     if len(meta_b) > 0xFFFF:
         raise ValueError("envelope meta is larger than 64 KiB")
     parts: list[bytes] = [_U16.pack(len(meta_b)), meta_b, _U8.pack(len(env.tensors))]
@@ -225,64 +237,52 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-class _Reader:
-    __slots__ = ("buf", "pos")
-
-    def __init__(self, buf: bytes) -> None:
-        self.buf = buf
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> bytes:
-        end = self.pos + n
-        if n < 0 or end > len(self.buf):
-            raise EnvelopeError("truncated", f"{what} runs past the end of the message")
-        out = self.buf[self.pos : end]
-        self.pos = end
-        return out
-
-    def unpack(self, st: struct.Struct, what: str) -> tuple[Any, ...]:
-        return st.unpack(self.take(st.size, what))
-
-    def text(self, what: str) -> str:
-        (n,) = self.unpack(_U8, what)
-        try:
-            return self.take(n, what).decode()
-        except UnicodeDecodeError as exc:
-            raise EnvelopeError("bad_text", f"{what} is not UTF-8") from exc
+def _text(data: bytes, pos: int, end: int, what: str) -> tuple[str, int]:
+    """A 1-byte-length-prefixed UTF-8 string at ``pos``; the string and the next offset."""
+    if pos >= end:
+        raise EnvelopeError("truncated", f"{what} runs past the end of the message")
+    stop = pos + 1 + data[pos]
+    if stop > end:
+        raise EnvelopeError("truncated", f"{what} runs past the end of the message")
+    try:
+        return data[pos + 1 : stop].decode(), stop
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError("bad_text", f"{what} is not UTF-8") from exc
 
 
 def decode_envelope(data: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> Envelope:
     """Parse and validate an envelope; raises :class:`EnvelopeError` with a reason label."""
-    if len(data) < _HEAD.size + _CRC.size:
-        raise EnvelopeError("truncated", f"{len(data)} bytes is shorter than any envelope")
+    size = len(data)
+    if size < _HEAD.size + _CRC.size:
+        raise EnvelopeError("truncated", f"{size} bytes is shorter than any envelope")
     magic, version, kind, codec, flags, mid, created, sent = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise EnvelopeError("bad_magic", "not a fogline envelope")
     if version != ENVELOPE_VERSION:
         raise EnvelopeError("unknown_version", f"envelope version {version} is not supported")
-    (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
-    if zlib.crc32(memoryview(data)[: -_CRC.size]) != crc:
+    end = size - _CRC.size
+    if zlib.crc32(memoryview(data)[:end]) != _CRC.unpack_from(data, end)[0]:
         raise EnvelopeError("bad_checksum", "checksum mismatch")
-    try:
-        kind_e = Kind(kind)
-    except ValueError:
-        raise EnvelopeError("unknown_kind", f"message kind {kind} is not known") from None
-    try:
-        codec_e = Codec(codec)
-    except ValueError:
-        raise EnvelopeError("unknown_codec", f"codec {codec} is not known") from None
+    kind_e = _KINDS.get(kind)
+    if kind_e is None:
+        raise EnvelopeError("unknown_kind", f"message kind {kind} is not known")
+    codec_e = _CODECS.get(codec)
+    if codec_e is None:
+        raise EnvelopeError("unknown_codec", f"codec {codec} is not known")
     if flags & ~_KNOWN_FLAGS:
         raise EnvelopeError("unknown_flags", f"flags {flags:#x} carry unknown bits")
-    r = _Reader(data[: -_CRC.size])
-    r.pos = _HEAD.size
-    site = r.text("site")
-    bundle = r.text("bundle")
+    site, pos = _text(data, _HEAD.size, end, "site")
+    bundle, pos = _text(data, pos, end, "bundle")
     if not site or not bundle:
         raise EnvelopeError("missing_field", "site and bundle must be non-empty")
-    (body_len,) = r.unpack(_U32, "body length")
-    body = r.take(body_len, "body")
-    if r.pos != len(r.buf):
-        raise EnvelopeError("trailing_bytes", f"{len(r.buf) - r.pos} bytes after the body")
+    if pos + _U32.size > end:
+        raise EnvelopeError("truncated", "body length runs past the end of the message")
+    body_end = pos + _U32.size + _U32.unpack_from(data, pos)[0]
+    if body_end > end:
+        raise EnvelopeError("truncated", "body runs past the end of the message")
+    if body_end != end:
+        raise EnvelopeError("trailing_bytes", f"{end - body_end} bytes after the body")
+    body = data[pos + _U32.size : end]
     if flags & _FLAG_ZSTD:
         try:
             body = _decompressor().decompress(body, max_output_size=max_body_bytes)
@@ -290,7 +290,7 @@ def decode_envelope(data: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> Env
             raise EnvelopeError("bad_compression", f"body does not decompress: {exc}") from exc
     if len(body) > max_body_bytes:
         raise EnvelopeError("too_large", f"body of {len(body)} bytes exceeds {max_body_bytes}")
-    meta, tensors = _decode_body(_Reader(body))
+    meta, tensors = _decode_body(body)
     return Envelope(
         kind=kind_e,
         message_id=mid,
@@ -387,38 +387,61 @@ def mark_resent(data: bytes) -> bytes:
     return bytes(frame) + _CRC.pack(zlib.crc32(frame))
 
 
-def _decode_body(r: _Reader) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    (meta_len,) = r.unpack(_U16, "meta length")
+def _decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    end = len(body)
+    if end < _U16.size:
+        raise EnvelopeError("truncated", "meta length runs past the end of the message")
+    pos = _U16.size + _U16.unpack_from(body)[0]
+    if pos > end:
+        raise EnvelopeError("truncated", "meta runs past the end of the message")
     try:
-        meta = json.loads(r.take(meta_len, "meta"))
+        meta = json.loads(body[_U16.size : pos])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EnvelopeError("bad_meta", "meta is not JSON") from exc
     if not isinstance(meta, dict):
         raise EnvelopeError("bad_meta", "meta is not a JSON object")
-    (count,) = r.unpack(_U8, "tensor count")
+    if pos >= end:
+        raise EnvelopeError("truncated", "tensor count runs past the end of the message")
+    count = body[pos]
+    pos += 1
     tensors: dict[str, np.ndarray] = {}
     for _ in range(count):
-        name = r.text("tensor name")
-        (code,) = r.unpack(_U8, "dtype")
-        (ndim,) = r.unpack(_U8, "ndim")
+        name, pos = _text(body, pos, end, "tensor name")
+        if pos + 2 > end:
+            raise EnvelopeError("truncated", "dtype runs past the end of the message")
+        code, ndim = body[pos], body[pos + 1]
+        pos += 2
         if ndim > _MAX_NDIM:
             raise EnvelopeError("bad_tensor", f"tensor {name!r} has {ndim} dims")
-        shape = struct.unpack(f"<{ndim}I", r.take(4 * ndim, "shape"))
-        quant = bool(code & _INT8_QUANT)
+        if pos + 4 * ndim > end:
+            raise EnvelopeError("truncated", "shape runs past the end of the message")
+        shape = struct.unpack_from(f"<{ndim}I", body, pos)
+        pos += 4 * ndim
+        quant = code & _INT8_QUANT
         dtype = _DTYPES.get(code & ~_INT8_QUANT)
         if dtype is None or (quant and dtype != np.dtype("i1")):
             raise EnvelopeError("bad_tensor", f"tensor {name!r} has unknown dtype code {code}")
-        scale = r.unpack(_F32, "scale")[0] if quant else None
-        count_elems = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        raw = r.take(count_elems * dtype.itemsize, f"tensor {name!r} data")
-        arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
-        if scale is not None:
-            if not np.isfinite(scale):
+        scale = 0.0
+        if quant:
+            if pos + _F32.size > end:
+                raise EnvelopeError("truncated", "scale runs past the end of the message")
+            scale = _F32.unpack_from(body, pos)[0]
+            pos += _F32.size
+        count_elems = math.prod(shape)
+        stop = pos + count_elems * dtype.itemsize
+        if stop > end:
+            raise EnvelopeError(
+                "truncated", f"tensor {name!r} data runs past the end of the message"
+            )
+        arr = np.frombuffer(body, dtype=dtype, count=count_elems, offset=pos).reshape(shape)
+        pos = stop
+        if quant:
+            if not math.isfinite(scale):
                 raise EnvelopeError("bad_tensor", f"tensor {name!r} has a non-finite scale")
-            arr = arr.astype(np.float32) * np.float32(scale)
+            arr = arr * np.float32(scale)
         if name in tensors:
             raise EnvelopeError("bad_tensor", f"tensor {name!r} appears twice")
         tensors[name] = arr
-    if r.pos != len(r.buf):
+    if pos != end:
         raise EnvelopeError("trailing_bytes", "bytes after the last tensor")
     return meta, tensors
