@@ -113,19 +113,60 @@ def _hybrid_accuracy(
 
 
 @contextlib.contextmanager
-def _bench_broker(url: str | None) -> Iterator[tuple[str, bool]]:
-    """An external broker, else a private Mosquitto, else the embedded broker."""
+def _bench_broker(url: str | None) -> Iterator[tuple[str, bool, int | None]]:
+    """An external broker, else a private Mosquitto, else the embedded broker: its URL,
+    whether it has shared subscriptions, and the pid of a private broker process."""
     if url:
-        yield url, True
+        yield url, True, None
         return
     from fogline._broker import EmbeddedBroker, MosquittoProcess, mosquitto_binary
 
     if mosquitto_binary():
         with MosquittoProcess() as mosq:
-            yield mosq.url, True
+            yield mosq.url, True, mosq.pid
     else:
         with EmbeddedBroker() as emb:
-            yield emb.url, False
+            yield emb.url, False, None
+
+
+def _cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) another process has used so far; None where ``/proc``
+    cannot tell (not Linux, or the process is gone)."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_snapshot(broker_pid: int | None, worker_pids: list[int]) -> dict[str, float | None]:
+    workers = [_cpu_s(pid) for pid in worker_pids]
+    return {
+        "agent": time.process_time(),  # this process: the agent and the offering loop
+        "workers": None if None in workers else sum(w for w in workers if w is not None),
+        "broker": _cpu_s(broker_pid),
+    }
+
+
+def _cpu_per_item(
+    before: dict[str, float | None], after: dict[str, float | None], items: int
+) -> dict[str, float | None]:
+    """CPU milliseconds per answered item, by process, over the measured window: a figure
+    that contention on a shared host distorts far less than latency."""
+    out: dict[str, float | None] = {}
+    for key, start in before.items():
+        end = after[key]
+        out[key] = (
+            None
+            if start is None or end is None or not items
+            else round((end - start) * 1000.0 / items, 3)
+        )
+    parts = list(out.values())
+    out["total"] = None if None in parts else round(sum(p for p in parts if p is not None), 3)
+    return out
 
 
 @app.command("edge")
@@ -158,7 +199,7 @@ def bench_edge(
 
     with (
         tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir,
-        _bench_broker(broker) as (url, _shared),
+        _bench_broker(broker) as (url, _shared, _pid),
     ):
         config = AgentConfig(
             site="bench-edge",
@@ -299,7 +340,7 @@ def bench_e2e(
     prefix = f"fogline-bench/{os.getpid()}"
     with (
         tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir,
-        _bench_broker(broker) as (url, shared),
+        _bench_broker(broker) as (url, shared, broker_pid),
     ):
         tmp = Path(tmpdir)
         procs = _start_workers(workers, url, shared, prefix, tmp, max_batch, max_delay_ms)
@@ -321,9 +362,10 @@ def bench_e2e(
             host_cpu_ms = _host_cpu_ms()
             if warmup_s > 0:
                 _offer(agent, frames, rate, int(rate * warmup_s))
-            before = agent.stats()
+            worker_pids = [proc.pid for proc, _port in procs]
+            before, cpu_before = agent.stats(), _cpu_snapshot(broker_pid, worker_pids)
             run = _offer(agent, frames, rate, total)
-            after = agent.stats()
+            after, cpu_after = agent.stats(), _cpu_snapshot(broker_pid, worker_pids)
         finally:
             agent.stop()
             for proc, _port in procs:
@@ -348,6 +390,7 @@ def bench_e2e(
         "latency_ms": _percentiles(run.cloud_ms),
         # what the application waits: latency_ms plus the fsynced outbox delete
         "caller_latency_ms": _percentiles(run.caller_ms),
+        "cpu_ms_per_item": _cpu_per_item(cpu_before, cpu_after, len(run.cloud_ms) + run.edge),
         "bytes_per_forwarded": round(per_forwarded, 1),
         "reduction_vs_raw": round(raw_per_frame / per_forwarded, 1) if per_forwarded else 0.0,
         "workers": workers,

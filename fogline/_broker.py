@@ -141,6 +141,11 @@ class MosquittoProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs."""
+        return int(self._proc.pid) if self.running else None
+
     def _config(self, workdir: str) -> str:
         import os
 

@@ -33,3 +33,13 @@ def test_bench_e2e_answers_every_sample_and_reports_both_latencies() -> None:
     assert out["caller_latency_ms"]["p50"] >= out["latency_ms"]["p50"]
     assert out["bytes_per_forwarded"] > 0
     assert out["reduction_vs_raw"] > 1
+    assert out["shed"] == 0
+    assert out["host_cpu_ms"] > 0
+    cpu = out["cpu_ms_per_item"]
+    assert set(cpu) == {"agent", "workers", "broker", "total"}
+    if out["broker"] == "mosquitto":  # a private broker process: every part is measured
+        assert cpu["agent"] > 0
+        assert cpu["workers"] > 0
+        assert cpu["total"] == pytest.approx(
+            cpu["agent"] + cpu["workers"] + cpu["broker"], abs=0.01
+        )
