@@ -142,6 +142,27 @@ def _cpu_s(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _host_ticks() -> tuple[int, int] | None:
+    """All CPU time the kernel has accounted so far and the part of it stolen by the
+    hypervisor (``/proc/stat``), in clock ticks; None where ``/proc`` cannot tell."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7]
+
+
+def _steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the host's CPU time that the hypervisor gave to others meanwhile."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return round(100.0 * (after[1] - before[1]) / (after[0] - before[0]), 1)
+
+
 def _cpu_snapshot(broker_pid: int | None, worker_pids: list[int]) -> dict[str, float | None]:
     workers = [_cpu_s(pid) for pid in worker_pids]
     return {
@@ -364,7 +385,9 @@ def bench_e2e(
                 _offer(agent, frames, rate, int(rate * warmup_s))
             worker_pids = [proc.pid for proc, _port in procs]
             before, cpu_before = agent.stats(), _cpu_snapshot(broker_pid, worker_pids)
+            ticks_before = _host_ticks()
             run = _offer(agent, frames, rate, total)
+            ticks_after = _host_ticks()
             after, cpu_after = agent.stats(), _cpu_snapshot(broker_pid, worker_pids)
         finally:
             agent.stop()
@@ -397,6 +420,7 @@ def bench_e2e(
         "max_queue_delay_ms": max_delay_ms,
         "warmup_s": warmup_s,
         "host_cpu_ms": host_cpu_ms,
+        "host_steal_pct": _steal_pct(ticks_before, ticks_after),
         "broker": "external" if broker else ("mosquitto" if shared else "embedded"),
     }
     _emit(result, as_json, "fogline bench e2e")

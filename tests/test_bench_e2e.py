@@ -35,6 +35,7 @@ def test_bench_e2e_answers_every_sample_and_reports_both_latencies() -> None:
     assert out["reduction_vs_raw"] > 1
     assert out["shed"] == 0
     assert out["host_cpu_ms"] > 0
+    assert out["host_steal_pct"] is None or 0 <= out["host_steal_pct"] <= 100
     cpu = out["cpu_ms_per_item"]
     assert set(cpu) == {"agent", "workers", "broker", "total"}
     if out["broker"] == "mosquitto":  # a private broker process: every part is measured
