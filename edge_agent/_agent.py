@@ -12,16 +12,17 @@ Three ways in, one way through (:meth:`Agent._process`):
 Dropped and early-exit items are answered before ``_process`` returns. Forwarded items
 are committed to the durable outbox (:mod:`._outbox`) before they are published, and stay
 there until the cloud's answer arrives; then the outbox row is deleted and only after that
-commit is the answer handed out (the ack thread), so a crash can never deliver an answer
+commit is the answer handed out (the journal thread), so a crash can never deliver an answer
 twice. A caller waits at most ``cloud_timeout_ms``: then it gets the edge's own answer
 (``status="degraded"``) or an error, as ``breaker.offline`` says, and the item becomes
 *detached*: it is re-sent with backoff until answered or evicted, and its final outcome
 goes to the ``on_answer`` callback. Items recovered from the outbox at start-up are
 detached from the start. Each forwarded item thus gets exactly one final outcome.
 
-Threads: the model thread (single submits), paho's network thread (results), the ack
-thread (outbox deletes, then answers), the resend thread (backoff, expiry, gauges) and
-the deadline thread (callers who waited long enough).
+Threads: the model thread (single submits), paho's network thread (results), the journal
+thread (outbox inserts and deletes in one transaction, then publishing and answers), the
+resend thread (backoff, expiry, gauges) and the deadline thread (callers who waited long
+enough).
 """
 
 from __future__ import annotations
@@ -557,7 +558,7 @@ class Agent:
     async def infer(self, sample: Any, *, tag: str | None = None, priority: int = 0) -> Answer:
         """Answer one input, awaiting it on the caller's event loop.
 
-        Cloud answers arrive on the ack thread and are handed to this loop with
+        Cloud answers arrive on the journal thread and are handed to this loop with
         ``call_soon_threadsafe`` (via :func:`asyncio.wrap_future`). Raises the agent's
         errors: :class:`InputError`, :class:`CloudTimeoutError`, :class:`CloudBusyError`,
         :class:`CloudUnavailableError` (with ``breaker.offline = "fail"``), …
