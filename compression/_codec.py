@@ -99,6 +99,8 @@ _DTYPES: dict[int, np.dtype[Any]] = {
 _CODES = {dt: code for code, dt in _DTYPES.items()}
 _INT8_QUANT = 0x80  # dtype code bit: int8 payload with scale, decodes to float32
 _Q8 = _CODES[np.dtype("i1")] | _INT8_QUANT
+# Below this absolute maximum, 127 / amax overflows float32: quantize in float64 instead.
+_TINY_AMAX = 1e-30
 # One encoder for every envelope: json.dumps with options builds a new one per call.
 _META_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 _KINDS = {int(k): k for k in Kind}
@@ -150,10 +152,13 @@ def _encode_tensor(out: list[bytes], name: str, array: np.ndarray, codec: Codec)
     floating = arr.dtype.kind == "f"
     if floating and codec is Codec.INT8:
         amax = float(np.abs(arr).max()) if arr.size else 0.0
-        if amax > 0 and math.isfinite(amax):
+        if _TINY_AMAX < amax < math.inf:
             scale = amax / 127.0
             # |x| / scale <= 127 by construction: rounding cannot leave the int8 range
             data = np.rint(arr * np.float32(1.0 / scale)).astype(np.int8)
+        elif 0 < amax < math.inf:  # so small that 1 / scale overflows float32
+            scale = amax / 127.0
+            data = np.clip(np.rint(arr.astype(np.float64) / scale), -127, 127).astype(np.int8)
         else:  # all zero, or inf/nan present: clip what does not fit
             scale = 1.0
             data = np.clip(np.nan_to_num(arr), -127, 127).round().astype(np.int8)

@@ -182,6 +182,22 @@ def test_mutated_joined_messages_keep_the_envelopes_before_the_damage(
     ]
 
 
+@pytest.mark.parametrize("amax", [1e-40, 1e-35, 1e-20, 3e38])
+def test_int8_quantization_holds_at_the_ends_of_the_float32_range(amax: float) -> None:
+    arr = (np.linspace(-1.0, 1.0, 9) * amax).astype(np.float32).reshape(1, 9)
+    out = decode_envelope(encode_envelope(_env(tensors={"f": arr}))).tensors["f"]
+    step = float(np.abs(arr).max()) / 127.0
+    np.testing.assert_allclose(out, arr, rtol=0, atol=step * 0.51 + 1e-45)
+    assert np.sign(out[0, 0]) == -1
+    assert np.sign(out[0, -1]) == 1
+
+
+def test_int8_quantization_codes_inf_and_nan_as_range_ends_and_zero() -> None:
+    arr = np.array([[np.inf, -np.inf, np.nan, 2.4]], dtype=np.float32)
+    out = decode_envelope(encode_envelope(_env(tensors={"f": arr}))).tensors["f"]
+    np.testing.assert_array_equal(out, [[127.0, -127.0, 0.0, 2.0]])
+
+
 def test_joined_envelopes_decode_in_order_and_respect_the_size_bound() -> None:
     envs = [_env(meta={"n": i}) for i in range(10)]
     frames = [encode_envelope(e) for e in envs]
