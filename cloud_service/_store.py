@@ -119,8 +119,20 @@ class ResultStore:
         self.table = _table(table_name, sa.MetaData())
         self._key = (self.table.c.site, self.table.c.message_id)
         if create:
-            with self._errors("create the results table"):
-                self.table.create(self.engine, checkfirst=True)
+            self._create_table()
+
+    def _create_table(self) -> None:
+        try:
+            self.table.create(self.engine, checkfirst=True)
+        except SQLAlchemyError as exc:
+            # Workers started together race here: the check and the CREATE are two
+            # statements, and another process may create the table in between.
+            try:
+                exists = sa.inspect(self.engine).has_table(self.table.name)
+            except SQLAlchemyError:
+                exists = False
+            if not exists:
+                raise StoreError(f"cannot create the results table in {self.url}: {exc}") from exc
 
     @property
     def url(self) -> str:

@@ -728,7 +728,7 @@ class CloudWorker:
             }
             outgoing.append(self._result(item.env, meta, {served.output: rows[k]}))
             answers.append((item, label, confidence))
-        # Encode first, then publish in one burst: each publish wakes paho's network thread.
+        # Encode first, then publish: the results for one site travel joined in one message.
         self._publish(outgoing)
         for k, (item, label, confidence) in enumerate(answers):
             env = item.env

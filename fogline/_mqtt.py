@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
@@ -171,6 +171,97 @@ class Inbound:
 InboundHandler = Callable[[str, bytes, Inbound], None]
 
 
+class _Client(mqtt.Client):
+    """paho's client, run by our own network thread, with writes made by the thread that
+    sends.
+
+    In paho's threaded mode (``loop_start``) every outgoing packet goes through the
+    network thread: a byte through a socket pair wakes it, and it writes. Under load that
+    wake-up, with the thread switch and the GIL hand-over it costs, is paid for every
+    message, on both sides of every hop. Here the network thread runs ``loop_forever``
+    itself, so paho takes its single-threaded path: the thread that publishes or
+    acknowledges writes the packet at once. A lock keeps two writers from interleaving
+    the bytes of their packets. Whatever cannot be written at once (a full socket buffer,
+    or the network thread busy in a callback) stays in paho's queue, and the network
+    thread is woken to write it. Errors found by such a write are left to the network
+    thread, which sees the broken connection on its next pass and reconnects.
+
+    Over TLS the client keeps paho's threaded mode: an SSL connection must not be read
+    and written by two threads at once, and locking reads as well would order paho's own
+    locks against ours.
+
+    This leans on paho's documented single-threaded behaviour plus three of its internals
+    (``_packet_write``, ``_call_socket_register_write`` and the ``_sockpairR`` wake-up
+    socket), which is why ``paho-mqtt`` is pinned below 3.
+    """
+
+    def __init__(self, *args: Any, direct_writes: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._io_lock = threading.RLock()
+        self._direct = direct_writes
+        self._net_thread: threading.Thread | None = None
+        self._net_ident: int | None = None
+        self._wake_w: socket.socket | None = None
+
+    def start_network_thread(self, name: str) -> None:
+        if not self._direct:
+            self.loop_start()
+            return
+        if self._net_thread is not None and self._net_thread.is_alive():
+            return
+        if self._wake_w is None:
+            r, w = socket.socketpair()
+            r.setblocking(False)
+            w.setblocking(False)
+            # paho selects on (and drains) the read end; with no write end of its own it
+            # sends no byte per packet.
+            self._sockpairR = r
+            self._sockpairW = None
+            self._wake_w = w
+        self._thread_terminate = False
+        thread = threading.Thread(target=self._network_main, name=name, daemon=True)
+        self._net_thread = thread
+        thread.start()
+
+    def stop_network_thread(self, timeout_s: float = 10.0) -> None:
+        if not self._direct:
+            self.loop_stop()
+            return
+        self._thread_terminate = True
+        self._wake()
+        thread = self._net_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+
+    def _network_main(self) -> None:
+        self._net_ident = threading.get_ident()
+        self.loop_forever(retry_first_connection=True)
+
+    def _wake(self) -> None:
+        w = self._wake_w
+        if w is not None:
+            with contextlib.suppress(OSError):  # a full pair is awake already
+                w.send(b"\0")
+
+    def loop_write(self) -> MQTTErrorCode:
+        if not self._direct or threading.get_ident() == self._net_ident:
+            with self._io_lock:
+                return super().loop_write()
+        with self._io_lock:
+            rc = mqtt.MQTT_ERR_SUCCESS if self._sock is None else self._packet_write()
+            pending = self.want_write()
+        if pending or rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+            self._wake()
+        return mqtt.MQTT_ERR_SUCCESS
+
+    def _call_socket_register_write(self) -> None:
+        # paho calls this when a packet waits to be written; from another thread, that
+        # means the network thread must write it.
+        if self._direct and threading.get_ident() != self._net_ident:
+            self._wake()
+        super()._call_socket_register_write()
+
+
 class MqttConnection:
     """One paho client with reconnects, ``TCP_NODELAY`` and re-subscription after reconnect.
 
@@ -210,7 +301,7 @@ class MqttConnection:
         }
         if proto == mqtt.MQTTv311:
             kwargs["clean_session"] = settings.clean_start
-        client = mqtt.Client(**kwargs)
+        client = _Client(**kwargs, direct_writes=not settings.tls)
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
         if on_inbound is not None:
@@ -261,7 +352,7 @@ class MqttConnection:
                 self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
         except (OSError, ValueError) as exc:
             raise MqttError(f"cannot connect to broker {s.host}:{s.port}: {exc}") from exc
-        self._client.loop_start()
+        self._client.start_network_thread(f"fogline-mqtt-{s.client_id}")
         if wait and not (
             self._connected.wait(s.connect_timeout_s) and self._subscribed.wait(s.connect_timeout_s)
         ):
@@ -280,7 +371,7 @@ class MqttConnection:
         try:
             self._client.disconnect()
         finally:
-            self._client.loop_stop()
+            self._client.stop_network_thread()
             self._connected.clear()
 
     def subscribe(self, topic: str, qos: int = 1) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 from fogline._broker import EmbeddedBroker, free_port, mosquitto_binary
+from fogline._mqtt import MqttConnection
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_DIR = REPO / "deploy" / "mosquitto"
@@ -352,3 +355,27 @@ def make_bundle(tmp_path: Path) -> Callable[..., Path]:
         return make_tiny_bundle(tmp_path / f"bundle-{next(counter)}", **kwargs)
 
     return make
+
+
+def publish_from_threads(
+    pub: MqttConnection, topic: str, threads: int, each: int, size: int
+) -> list[bytes]:
+    """Publish ``threads`` × ``each`` messages of ``size`` bytes, every thread at once."""
+    sent: list[bytes] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def run(t: int) -> None:
+        start.wait()
+        for i in range(each):
+            body = hashlib.sha256(f"{t}/{i}".encode()).digest() * (size // 32)
+            with lock:
+                sent.append(body)
+            pub.publish(topic, body)
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    return sent

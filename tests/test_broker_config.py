@@ -20,6 +20,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from tests.conftest import (
     MOSQUITTO_DIR,
     MOSQUITTO_PRODUCTION_CONF,
     Broker,
+    publish_from_threads,
     render_mosquitto_conf,
     require_mosquitto,
 )
@@ -298,6 +300,27 @@ def test_site_publishes_its_features_and_receives_its_results(clients: Clients, 
 
     cloud.publish(TOPICS.results("site-a"), b"result-1")
     assert site.get() == (TOPICS.results("site-a"), b"result-1")
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["loopback", "tls"])
+def test_a_site_publishing_from_several_threads_loses_nothing(clients: Clients, tls: bool) -> None:
+    # Plain connections are written by the publishing threads, TLS ones by the network
+    # thread alone. The cloud answers while the site still publishes, so acknowledgements
+    # are read while packets are written.
+    cloud = clients.user(CLOUD, SHARED_FEATURES, tls=tls)
+    site = clients.user("site-a", TOPICS.results("site-a"), tls=tls)
+    echo = threading.Thread(
+        target=lambda: [
+            cloud.conn.publish(TOPICS.results("site-a"), cloud.get()[1][:64]) for _ in range(40)
+        ]
+    )
+    echo.start()
+    sent = publish_from_threads(
+        site.conn, TOPICS.features("site-a"), threads=4, each=10, size=64 * 1024
+    )
+    echo.join(WAIT_S)
+    answers = sorted(site.get()[1] for _ in sent)
+    assert answers == sorted(body[:64] for body in sent)
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])

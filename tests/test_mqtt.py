@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import queue
+import socket
 import threading
 
 import pytest
 
 from fogline._mqtt import MqttConnection, MqttSettings, Topics, parse_broker_url
+from tests.conftest import publish_from_threads
 
 
 def test_topics_follow_the_documented_scheme() -> None:
@@ -74,3 +77,44 @@ def test_a_message_round_trips_through_the_broker(broker, topic_prefix: str, pro
     finally:
         pub.stop()
         sub.stop()
+
+
+@pytest.mark.integration
+def test_large_messages_published_from_many_threads_arrive_whole(broker, topic_prefix: str) -> None:  # type: ignore[no-untyped-def]
+    # Publishers write to the socket themselves. Messages far larger than a small send
+    # buffer force partial writes: interleaved bytes would break the stream, a stranded
+    # remainder would never arrive.
+    got: queue.Queue[bytes] = queue.Queue()
+    settings = MqttSettings(host=broker.host, port=broker.port)
+    topic = f"{topic_prefix}/big"
+    sub = MqttConnection(
+        settings.with_client_id("sub"), lambda _t, p: got.put(p), subscriptions=((topic, 1),)
+    )
+    pub = MqttConnection(settings.with_client_id("pub"))
+    sub.start()
+    pub.start()
+    pub.client.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    try:
+        sent = publish_from_threads(pub, topic, threads=4, each=6, size=128 * 1024)
+        received = [got.get(timeout=30) for _ in sent]
+        assert sorted(received) == sorted(sent)
+        assert got.empty()
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+@pytest.mark.integration
+def test_a_publish_is_written_by_the_thread_that_publishes(broker, topic_prefix: str) -> None:  # type: ignore[no-untyped-def]
+    # No hand-over to the network thread: the packet has left paho's queue by the time
+    # publish() returns.
+    pub = MqttConnection(MqttSettings(host=broker.host, port=broker.port, client_id="pub"))
+    pub.start()
+    try:
+        written = []
+        for i in range(50):
+            pub.publish(f"{topic_prefix}/x", str(i).encode())
+            written.append(not pub.client.want_write())
+        assert all(written)
+    finally:
+        pub.stop()

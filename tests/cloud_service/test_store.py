@@ -131,6 +131,25 @@ def test_two_stores_on_one_sqlite_file_see_each_others_results(tmp_path: Path) -
         reader.close()
 
 
+def test_a_worker_starting_while_another_creates_the_table_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    create = sa.Table.create
+
+    def raced(table: sa.Table, bind: sa.engine.Engine, checkfirst: bool = False) -> None:
+        create(table, bind, checkfirst=False)  # another worker, just after this one's check
+        create(table, bind, checkfirst=False)  # this one's CREATE: "already exists"
+
+    monkeypatch.setattr(sa.Table, "create", raced)
+    store = ResultStore(url)
+    monkeypatch.undo()
+    r = result("site-a")
+    store.put_many([r])
+    assert store.get("site-a", r.message_id) is not None
+    store.close()
+
+
 def test_an_in_memory_sqlite_store_is_shared_across_threads() -> None:
     s = ResultStore("sqlite://")
     r = result()
