@@ -230,8 +230,14 @@ class _Client(mqtt.Client):
         self._thread_terminate = True
         self._wake()
         thread = self._net_thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout_s)
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join(timeout_s)
+        if not thread.is_alive():
+            for end in (self._wake_w, self._sockpairR):
+                if end is not None:
+                    end.close()
+            self._wake_w = self._sockpairR = None
 
     def _network_main(self) -> None:
         self._net_ident = threading.get_ident()
