@@ -32,6 +32,7 @@ import collections
 import contextlib
 import heapq
 import logging
+import math
 import os
 import queue
 import random
@@ -200,10 +201,11 @@ _JITTER = 0.2
 _GAUGE_EVERY_S = 0.5
 _EXPIRE_EVERY_S = 1.0
 _COMPRESS_PROBE_EVERY = 64
-# While new items keep coming (one stored within _FLOWING_S), answered items wait up to
-# _DELETE_WAIT_S for the next insert's transaction instead of an fsync of their own.
-_DELETE_WAIT_S = 0.002
-_FLOWING_S = 0.005
+# While new items come in transactions less than _BUSY_GAP_S apart on average, answered
+# items wait up to _DELETE_WAIT_S for the next insert's transaction instead of an fsync
+# of their own. At lower rates the fsync is cheaper than the wait, and they commit at once.
+_BUSY_GAP_S = 0.002
+_DELETE_WAIT_S = 0.004
 _FLAGS_OFFSET = 5  # the envelope's flags byte (docs/wire-format.md)
 _FLAG_ZSTD = 0x01
 _LOCAL: tuple[tuple[Source, Decision], ...] = (("dropped", Decision.DROP), ("edge", Decision.EXIT))
@@ -867,6 +869,7 @@ class Agent:
     def _journal_loop(self) -> None:
         journal = self._journal
         last_insert = float("-inf")
+        gap = math.inf  # mean time between insert transactions (moving average)
         while True:
             first = journal.get()
             if first is None:
@@ -884,10 +887,18 @@ class Agent:
                 ops.append(more)
             outgoing = [op for op in ops if isinstance(op, _Outgoing)]
             answered = [op for op in ops if not isinstance(op, _Outgoing)]
-            if not outgoing and not stop and time.monotonic() - last_insert < _FLOWING_S:
+            if (
+                not outgoing
+                and not stop
+                and gap < _BUSY_GAP_S
+                and time.monotonic() - last_insert < _DELETE_WAIT_S
+            ):
                 stop = self._await_insert(outgoing, answered)
             if outgoing:
-                last_insert = time.monotonic()
+                now = time.monotonic()
+                since = min(now - last_insert, 1.0)
+                gap = since if math.isinf(gap) else 0.8 * gap + 0.2 * since
+                last_insert = now
             try:
                 evicted, stored = self._commit(outgoing, answered)
                 self._release(outgoing, evicted, stored)
