@@ -190,9 +190,11 @@ class _Client(mqtt.Client):
     and written by two threads at once, and locking reads as well would order paho's own
     locks against ours.
 
-    This leans on paho's documented single-threaded behaviour plus three of its internals
-    (``_packet_write``, ``_call_socket_register_write`` and the ``_sockpairR`` wake-up
-    socket), which is why ``paho-mqtt`` is pinned below 3.
+    This relies on how paho 2.x behaves when no ``loop_start`` thread exists (``publish``
+    writes in the caller's thread) and on a few of its internals (``_packet_write``,
+    ``_call_socket_register_write``, ``_sock``, ``_sockpairR``/``_sockpairW``,
+    ``_thread_terminate``), which is why ``paho-mqtt`` is pinned below 3 and the tests
+    cover partial writes, concurrent publishers and reconnects.
     """
 
     def __init__(self, *args: Any, direct_writes: bool = True, **kwargs: Any) -> None:
