@@ -739,7 +739,14 @@ def _build(
                 extra_options={"MatMulConstBOnly": True},
             )
         return
+    model = onnx.load(str(prepared))
     extra: dict[str, Any] = {"CalibStridedMinMax": 1, "MatMulConstBOnly": recipe.const_weights_only}
+    exact = _exact_casts(model)
+    if exact:
+        extra["TensorQuantOverrides"] = {
+            name: [{"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}]
+            for name in exact
+        }
     kwargs: dict[str, Any] = {}
     if _SUPPORTS_CACHE:
         # one calibration per method; later recipes with the same method reuse its ranges
@@ -760,6 +767,82 @@ def _build(
             extra_options=extra,
             **kwargs,
         )
+    if exact:
+        quantized = onnx.load(str(target))
+        if _skip_exact_quantize(quantized):
+            onnx.save(quantized, str(target))
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the tensors whose type is declared or found by shape inference."""
+    try:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - fall back to the declared types
+        graph = model.graph
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*graph.input, *graph.value_info, *graph.output)
+        if v.type.HasField("tensor_type")
+    }
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    return types
+
+
+def _uint8_casts(model: onnx.ModelProto, types: Mapping[str, int]) -> list[onnx.NodeProto]:
+    return [
+        node
+        for node in model.graph.node
+        if node.op_type == "Cast"
+        and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+        and types.get(node.input[0]) == onnx.TensorProto.UINT8
+    ]
+
+
+def _exact_casts(model: onnx.ModelProto) -> list[str]:
+    """Float casts of uint8 tensors (image pixels, typically): whole numbers 0–255, which
+    uint8 with scale 1 and zero point 0 holds exactly, whatever range the calibration
+    samples happened to reach. Quantized that way, they need no quantizing at run time
+    (:func:`_skip_exact_quantize`)."""
+    return [node.output[0] for node in _uint8_casts(model, _tensor_types(model))]
+
+
+def _skip_exact_quantize(model: onnx.ModelProto) -> bool:
+    """Rewire ``uint8 x → Cast(float) → QuantizeLinear(scale 1, zero point 0, uint8)`` to
+    ``x`` itself, which that pair reproduces exactly (every uint8 value is its own float
+    and its own quantized value), and drop the nodes left unused. Returns whether it
+    changed anything. Hand-written: onnxruntime's graph optimizer keeps the pair."""
+    graph = model.graph
+    consts = {t.name: t for t in graph.initializer}
+    casts = {node.output[0]: node for node in _uint8_casts(model, _tensor_types(model))}
+    outputs = {o.name for o in graph.output}
+
+    def const(node: onnx.NodeProto, i: int) -> np.ndarray | None:
+        name = node.input[i] if len(node.input) > i else ""
+        return numpy_helper.to_array(consts[name]) if name in consts else None
+
+    rename: dict[str, str] = {}
+    for node in graph.node:
+        cast = casts.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if cast is None or node.output[0] in outputs:
+            continue
+        scale, zero = const(node, 1), const(node, 2)
+        if scale is None or scale.size != 1 or float(scale.reshape(-1)[0]) != 1.0:
+            continue
+        if zero is None or zero.dtype != np.uint8 or zero.size != 1 or zero.reshape(-1)[0]:
+            continue
+        rename[node.output[0]] = cast.input[0]
+    if not rename:
+        return False
+    kept = [n for n in graph.node if n.op_type != "QuantizeLinear" or n.output[0] not in rename]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {name for node in kept for name in node.input} | outputs
+    kept = [n for n in kept if n.output[0] not in casts or n.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return True
 
 
 @dataclass

@@ -173,9 +173,71 @@ class _Edge(nn.Module):
         self.exit = nn.Linear(FEATURE_DIM, 10)
 
     def forward(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden = self.backbone(frame.float() * (1.0 / 255.0))
+        return self.heads(self.backbone(frame.float() * (1.0 / 255.0)))
+
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.features(hidden)
         return self.relevance(hidden), features, self.exit(features)
+
+
+class _SpaceToDepth(torch.autograd.Function):
+    """Each 2×2 block of a one-channel frame as four channels; exported as ONNX
+    ``SpaceToDepth``, which for one channel orders the block's pixels as
+    :func:`torch.nn.functional.pixel_unshuffle` does (row by row)."""
+
+    @staticmethod
+    def forward(ctx: Any, frame: torch.Tensor) -> torch.Tensor:
+        return functional.pixel_unshuffle(frame, 2)
+
+    @staticmethod
+    def symbolic(g: Any, frame: Any) -> Any:
+        return g.op("SpaceToDepth", frame, blocksize_i=2)
+
+
+class _DeployedEdge(nn.Module):
+    """The trained edge network, its first layer rewritten for the INT8 kernels.
+
+    The first convolution (one input channel, 5×5, stride 2) is onnxruntime's slowest
+    INT8 layer per multiply-add: with one channel, gathering its input windows moves one
+    byte at a time. Computed instead as a 3×3 convolution over the frame's 2×2 blocks
+    (four channels, stride 1), it gives the same sums: output pixel ``y`` reads rows
+    ``2y-2 … 2y+2``, which are rows 0–1 of block ``y-1``, rows 0–1 of block ``y`` and row 0 of
+    block ``y+1``; the taps for row 1 of block ``y+1`` (and likewise for columns) are zero.
+    The pixel scale 1/255 moves into the weights, so the graph reads the uint8 frame, regroups
+    it as uint8, and casts once: an INT8 build quantizes that cast losslessly (scale 1),
+    with nothing between the frame and the first INT8 convolution.
+    """
+
+    def __init__(self, edge: _Edge) -> None:
+        super().__init__()
+        conv = edge.backbone[0]
+        if not (
+            isinstance(conv, nn.Conv2d)
+            and conv.in_channels == 1
+            and conv.kernel_size == (5, 5)
+            and conv.stride == (2, 2)
+            and conv.padding == (2, 2)
+            and conv.bias is None
+        ):
+            raise TypeError("the edge backbone must start with a 1-channel 5×5 stride-2 conv")
+        self.edge = edge
+        self.stem = nn.Conv2d(4, conv.out_channels, 3, padding=1, bias=False)
+        w5 = conv.weight.detach()[:, 0] * (1.0 / 255.0)  # [out, 5, 5]
+        w3 = torch.zeros_like(self.stem.weight)  # [out, 4, 3, 3]
+        for a in range(2):  # row within a block
+            for b in range(2):  # column within a block
+                for ky in range(3):  # block row offset -1, 0, +1
+                    for kx in range(3):
+                        dy, dx = 2 * (ky - 1) + a, 2 * (kx - 1) + b  # frame offset
+                        if -2 <= dy <= 2 and -2 <= dx <= 2:
+                            w3[:, 2 * a + b, ky, kx] = w5[:, dy + 2, dx + 2]
+        with torch.no_grad():
+            self.stem.weight.copy_(w3)
+        self.rest = edge.backbone[1:]
+
+    def forward(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        blocks = _SpaceToDepth.apply(frame).float()  # type: ignore[no-untyped-call]
+        return self.edge.heads(self.rest(self.stem(blocks)))
 
 
 class _Cloud(nn.Module):
@@ -201,7 +263,7 @@ class _Cloud(nn.Module):
 class _EdgeGraph(nn.Module):
     """What ``edge_fp32.onnx`` computes: frame → relevance, features, exit_probs."""
 
-    def __init__(self, edge: _Edge) -> None:
+    def __init__(self, edge: _Edge | _DeployedEdge) -> None:
         super().__init__()
         self.edge = edge
 
@@ -224,7 +286,7 @@ class _CloudGraph(nn.Module):
 class _FullGraph(nn.Module):
     """What ``full.onnx`` computes: frame → relevance, probs (the cloud-only baseline)."""
 
-    def __init__(self, edge: _Edge, cloud: _Cloud) -> None:
+    def __init__(self, edge: _Edge | _DeployedEdge, cloud: _Cloud) -> None:
         super().__init__()
         self.edge = edge
         self.cloud = cloud
@@ -372,15 +434,18 @@ def _export_all(edge: _Edge, cloud: _Cloud, out: Path) -> None:
     frame = torch.zeros((2, *FRAME_SHAPE), dtype=torch.uint8)
     features = torch.zeros((2, FEATURE_DIM), dtype=torch.float32)
     with torch.no_grad():
+        deployed = _DeployedEdge(edge).eval()
         _export(
-            _EdgeGraph(edge),
+            _EdgeGraph(deployed),
             frame,
             out / EDGE_FP32_FILE,
             "frame",
             ["relevance", "features", "exit_probs"],
         )
         _export(_CloudGraph(cloud), features, out / CLOUD_FILE, "features", ["probs"])
-        _export(_FullGraph(edge, cloud), frame, out / FULL_FILE, "frame", ["relevance", "probs"])
+        _export(
+            _FullGraph(deployed, cloud), frame, out / FULL_FILE, "frame", ["relevance", "probs"]
+        )
 
 
 # ---------------------------------------------------------------------------- decisions

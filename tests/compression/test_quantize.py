@@ -19,6 +19,7 @@ from fogline.compression._quantize import (
     _agreement,
     _choose_metric,
     _gemm_as_matmul,
+    _skip_exact_quantize,
     quantize_model,
 )
 
@@ -396,6 +397,96 @@ def test_gemm_rewritten_as_matmul_computes_the_same() -> None:
         return np.asarray(session.run(None, {"x": x})[0])
 
     np.testing.assert_allclose(run(rewritten), run(model), rtol=1e-5, atol=1e-6)
+
+
+def _pixel_model(path: Path) -> Path:
+    """uint8 pixels → Cast → scale by 1/255 folded into a convolution → pooling → features."""
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["features"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pixels",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 16])],
+        initializer=[
+            numpy_helper.from_array(
+                (rng.standard_normal((16, 1, 3, 3)) / 255).astype(np.float32), "w"
+            ),
+            numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) / 4, "b"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def test_uint8_pixels_reach_the_first_int8_layer_without_a_cast_or_quantize(
+    tmp_path: Path,
+) -> None:
+    model = _pixel_model(tmp_path / "pixels.onnx")
+    rng = np.random.default_rng(8)
+    # calibration never reaches 255: the exact scale 1 comes from the pixels' type
+    calibration = rng.integers(0, 200, (64, 1, 8, 8)).astype(np.uint8)
+    out = tmp_path / "int8.onnx"
+    report = quantize_model(model, {"pixels": calibration}, out)
+    assert report.strategy.startswith("static")
+    graph = onnx.load(str(out)).graph
+    assert "Cast" not in [n.op_type for n in graph.node]
+    first = [n for n in graph.node if "pixels" in n.input]
+    assert [n.op_type for n in first] == ["DequantizeLinear"]
+    scale = {t.name: numpy_helper.to_array(t) for t in graph.initializer}[first[0].input[1]]
+    assert float(scale) == 1.0
+    fresh = rng.integers(0, 256, (32, 1, 8, 8)).astype(np.uint8)
+    (got,) = _run(out, {"pixels": fresh})
+    (want,) = _run(model, {"pixels": fresh})
+    assert _agreement("cosine", want, got) > 0.99
+
+
+def _cast_then_quantize(scale: float, zero_point: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT, name="cast"),
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quantize"),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dequantize"),
+        ],
+        "exact",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        initializer=[
+            numpy_helper.from_array(np.array(scale, np.float32), "s"),
+            numpy_helper.from_array(np.array(zero_point, np.uint8), "z"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_an_exact_cast_and_quantize_pair_is_skipped_with_identical_results() -> None:
+    model = _cast_then_quantize(1.0, 0)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert _skip_exact_quantize(rewritten)
+    assert [n.op_type for n in rewritten.graph.node] == ["DequantizeLinear"]
+    assert list(rewritten.graph.node[0].input[:1]) == ["pixels"]
+    every = np.arange(256, dtype=np.uint8)
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {"pixels": every})[0])
+
+    np.testing.assert_array_equal(run(rewritten), run(model))
+
+
+@pytest.mark.parametrize(("scale", "zero_point"), [(0.5, 0), (1.0, 3)])
+def test_a_cast_and_quantize_pair_that_changes_values_stays(scale: float, zero_point: int) -> None:
+    model = _cast_then_quantize(scale, zero_point)
+    assert not _skip_exact_quantize(model)
+    assert [n.op_type for n in model.graph.node] == ["Cast", "QuantizeLinear", "DequantizeLinear"]
 
 
 def test_metric_follows_the_output_shape_and_name() -> None:

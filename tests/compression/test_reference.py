@@ -220,3 +220,36 @@ def test_a_quick_build_writes_a_bundle_that_loads_and_runs(tmp_path: Path) -> No
     assert out_edge["exit_probs"].shape == (8, 10)
     probs = _run(bundle.cloud_model_path, out_edge["features"])["probs"]
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)
+
+
+def test_the_exported_edge_computes_what_the_trained_edge_computes() -> None:
+    """The first convolution, regrouped over 2×2 blocks with the pixel scale in its
+    weights, gives the trained network's outputs on any frame, borders included."""
+    import torch
+
+    from fogline.compression._reference import _DeployedEdge, _Edge
+
+    torch.manual_seed(3)
+    edge = _Edge()
+    for module in edge.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # statistics as if trained
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    edge.eval()
+    deployed = _DeployedEdge(edge).eval()
+    frames = torch.randint(0, 256, (6, *FRAME_SHAPE), dtype=torch.uint8)
+    frames[0] = 255  # every border tap carries weight
+    with torch.no_grad():
+        for want, got in zip(edge(frames), deployed(frames), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_committed_int8_edge_reads_the_frame_without_a_cast(bundle: Bundle) -> None:
+    import onnx
+
+    graph = onnx.load(str(bundle.edge_model_path)).graph
+    readers = [n.op_type for n in graph.node if "frame" in n.input]
+    assert readers == ["SpaceToDepth"]
+    assert "Cast" not in {n.op_type for n in graph.node}
