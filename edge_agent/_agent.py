@@ -11,16 +11,18 @@ Three ways in, one way through (:meth:`Agent._process`):
 
 Dropped and early-exit items are answered before ``_process`` returns. Forwarded items
 are committed to the durable outbox (:mod:`._outbox`) before they are published, and stay
-there until the cloud's answer arrives; then the outbox row is deleted and only after that
-commit is the answer handed out (the journal thread), so a crash can never deliver an answer
-twice. A caller waits at most ``cloud_timeout_ms``: then it gets the edge's own answer
+there until the cloud's answer has been handed out: the answer resolves the caller's future
+(or goes to ``on_answer``) as it arrives, and only when that returns is the outbox row
+deleted (the journal thread). A crash in between loses nothing: the restarted agent asks
+again, and hands that outcome out marked ``recovered``, as it does for every item it found
+in the outbox. A caller waits at most ``cloud_timeout_ms``: then it gets the edge's own answer
 (``status="degraded"``) or an error, as ``breaker.offline`` says, and the item becomes
 *detached*: it is re-sent with backoff until answered or evicted, and its final outcome
 goes to the ``on_answer`` callback. Items recovered from the outbox at start-up are
-detached from the start. Each forwarded item thus gets exactly one final outcome.
+detached from the start. Each forwarded item thus gets one final outcome in each run.
 
 Threads: the model thread (single submits), paho's network thread (results), the journal
-thread (outbox inserts and deletes in one transaction, then publishing and answers), the
+thread (outbox inserts and deletes in one transaction, then publishing), the
 resend thread (backoff, expiry, gauges) and the deadline thread (callers who waited long
 enough).
 """
@@ -136,12 +138,18 @@ class Delivery:
     """The final outcome of a forwarded item no caller waits for any more (it timed out,
     was answered degraded, or was recovered from the outbox after a restart): the cloud's
     :class:`Answer`, or the error that ended it (:class:`CloudFailedError`,
-    :class:`OutboxEvictedError`). Exactly one per item."""
+    :class:`OutboxEvictedError`). One per item in each run of the agent.
+
+    ``recovered`` marks an item found in the outbox at start-up. Its outcome may have
+    been handed out already, just before the agent was killed (the outbox row is deleted
+    only after the answer's callbacks returned), so an application that must see each
+    item once checks these against what it kept, by ``tag`` or ``message_id``."""
 
     message_id: str
     tag: str | None
     answer: Answer | None
     error: AgentError | None
+    recovered: bool = False
 
 
 class _Pending:
@@ -156,6 +164,7 @@ class _Pending:
         "future",
         "label",
         "next_at",
+        "recovered",
         "rel",
         "tag",
     )
@@ -179,6 +188,7 @@ class _Pending:
         self.next_at = next_at
         self.attempts = 1
         self.busy = False
+        self.recovered = False  # found in the outbox at start-up
 
 
 @dataclass(slots=True)
@@ -190,9 +200,6 @@ class _Outgoing:
     entries: list[tuple[bytes, bytes, int, str | None]] = field(default_factory=list)
     waiters: list[tuple[Future[Answer], _Pending]] = field(default_factory=list)
 
-
-# An answered item for the journal thread: id, record, caller (if one waits), outcome.
-_Answered = tuple[bytes, _Pending, "Future[Answer] | None", "Answer | AgentError"]
 
 _STOP = object()
 _COMMIT_ATTEMPTS = 4
@@ -291,9 +298,11 @@ class Agent:
         self._plock = threading.Lock()
         self._resend_heap: list[tuple[float, int, bytes]] = []
         self._resend_seq = 0
-        # New items to store and answered items to delete, for the journal thread.
-        self._journal: queue.SimpleQueue[_Outgoing | _Answered | None] = queue.SimpleQueue()
-        self._journaling = 0  # items handed to the journal, not yet pending; under _plock
+        # New items to store and the ids of answered items to delete, for the journal thread.
+        self._journal: queue.SimpleQueue[_Outgoing | bytes | None] = queue.SimpleQueue()
+        # Items handed to the journal: new ones not yet pending, answered ones not yet
+        # deleted; under _plock.
+        self._journaling = 0
         # (deadline, message ids) of callers waiting for the cloud. Tuples of atoms, which
         # the garbage collector stops tracking: at cloud_timeout_ms of traffic they are
         # many, and every full collection would walk them all.
@@ -386,6 +395,7 @@ class Agent:
                         due,
                     )
                     # Sent by an earlier run (most likely): the next send is a re-send.
+                    p.recovered = True
                     self._pending[item.message_id] = p
                     self._schedule(item.message_id, due)
             log.info(
@@ -886,7 +896,7 @@ class Agent:
                     break
                 ops.append(more)
             outgoing = [op for op in ops if isinstance(op, _Outgoing)]
-            answered = [op for op in ops if not isinstance(op, _Outgoing)]
+            answered = [op for op in ops if isinstance(op, bytes)]
             if (
                 not outgoing
                 and not stop
@@ -907,17 +917,14 @@ class Agent:
                 self._abandon(outgoing, OutboxError(f"the outbox journal failed: {exc}"))
             finally:
                 with self._plock:
-                    self._journaling -= sum(len(out.entries) for out in outgoing)
+                    self._journaling -= sum(len(out.entries) for out in outgoing) + len(answered)
                 for out in outgoing:
                     if out.done is not None:
                         out.done.set()
-            # The delete is durable: an answer handed out now cannot come back after a crash.
-            for mid, p, fut, outcome in answered:
-                self._finish(mid, p, fut, outcome)
             if stop:
                 return
 
-    def _await_insert(self, outgoing: list[_Outgoing], answered: list[_Answered]) -> bool:
+    def _await_insert(self, outgoing: list[_Outgoing], answered: list[bytes]) -> bool:
         """Only deletes are waiting while new items keep coming: wait a little for the next
         new items, so that both share one transaction and one fsync. A delete-only commit
         would cost an fsync of its own, and new items arriving during it would queue
@@ -958,20 +965,21 @@ class Agent:
                 _settle(fut, None, error)
 
     def _commit(
-        self, outgoing: list[_Outgoing], answered: list[_Answered]
+        self, outgoing: list[_Outgoing], answered: list[bytes]
     ) -> tuple[list[Eviction], bool]:
         """Store the new entries and delete the answered items in one transaction. Returns
         the evictions and whether the new entries were stored.
 
         When that transaction fails, each part is retried on its own, so a write the file
-        refuses cannot hold back the answers: if the deletes keep failing the answers are
-        handed out all the same (logged); if the inserts keep failing their callers get
-        :class:`OutboxError` and nothing of them is published."""
+        refuses cannot hold back new items: if the deletes keep failing (logged), the
+        answered items stay in the file and a restart hands them out again, marked
+        ``recovered``; if the inserts keep failing their callers get :class:`OutboxError`
+        and nothing of them is published."""
         outbox = self._outbox
         if outbox is None:
             return [], False
         add = [entry for out in outgoing for entry in out.entries]
-        remove = [mid for mid, _p, _f, _o in answered]
+        remove = answered
         try:
             return outbox.commit(add, remove)[0], True
         except (sqlite3.Error, OSError, OutboxFullError) as exc:
@@ -1122,7 +1130,7 @@ class Agent:
         if callback is None:
             return
         try:
-            callback(Delivery(mid.hex(), p.tag, answer, error))
+            callback(Delivery(mid.hex(), p.tag, answer, error, p.recovered))
         except Exception:
             log.exception("site %s: on_answer failed for %s", self.site, mid.hex())
 
@@ -1196,7 +1204,14 @@ class Agent:
                 m.duplicates.inc()
                 return
             fut, p.future = p.future, None
-        self._journal.put((mid, p, fut, outcome))
+            self._journaling += 1  # drained() waits for the delete
+        # Handed out first, deleted after: a crash in between costs a second outcome after
+        # the restart (marked recovered), never a lost one. Deleting first would turn the
+        # same moment into a lost answer: the restarted agent would not ask again.
+        try:
+            self._finish(mid, p, fut, outcome)
+        finally:
+            self._journal.put(mid)
 
     # resend thread: backoff, bounds by age, gauges
 

@@ -30,11 +30,12 @@ def _log_delivery(d: Delivery) -> None:
     answers too, under the message id the caller got."""
     if d.answer is not None:
         log.info(
-            "late cloud answer for %s (tag %s): label %s, confidence %s",
+            "late cloud answer for %s (tag %s): label %s, confidence %s%s",
             d.message_id,
             d.tag,
             d.answer.label,
             d.answer.confidence,
+            " (recovered from the outbox)" if d.recovered else "",
         )
     else:
         log.warning(

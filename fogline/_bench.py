@@ -574,6 +574,7 @@ def bench_faults(
         "evicted_counter": out["evicted_counter"],
         "busy_replies": out["busy_replies"],
         "resends": out["resends"],
+        "redelivered": out["redelivered"],
         "elapsed_s": out["elapsed_s"],
         "recovery_s": {f["kind"]: f["recovery_s"] for f in faults},
     }

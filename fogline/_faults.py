@@ -12,7 +12,10 @@ injects the faults on schedule and then reconciles the logs:
   tag that got an outcome, since a SIGKILL can fall between the commit and the log line);
 * ``answered`` / ``failed`` / ``evicted``: distinct tags with that final outcome;
 * ``lost`` = offered without any final outcome; ``duplicates`` = final outcomes beyond the
-  first per tag.
+  first per tag;
+* ``redelivered``: outcomes of items recovered from the outbox that the application had
+  already kept (handed out just before a SIGKILL, found again after the restart) and
+  therefore skipped, as the agent's ``Delivery.recovered`` asks of it.
 
 Used by ``fogline bench faults`` and by the fault-injection tests.
 """
@@ -78,6 +81,7 @@ class FaultReport:
     failed: int = 0
     lost: int = 0
     duplicates: int = 0
+    redelivered: int = 0
     evicted: int = 0
     evicted_counter: int = 0
     busy_replies: int = 0
@@ -202,6 +206,7 @@ def _reconcile(workdir: Path, report: FaultReport) -> None:
             report.evicted_counter += int(stats.get("evicted", 0))
             report.busy_replies += int(stats.get("cloud_busy", 0))
             report.resends += int(stats.get("resends", 0))
+            report.redelivered += int(stats.get("redelivered", 0))
     # A fault's recovery: from the moment it is over until every item offered by then
     # (including those offered while it lasted) has its final outcome.
     recoveries = []
@@ -404,6 +409,16 @@ class _Outcomes:
             self._file.close()
 
 
+def _kept_tags(out: Path) -> set[str]:
+    """The tags whose outcome an earlier feeder process already logged."""
+    tags: set[str] = set()
+    for path in out.glob("outcomes-*.jsonl"):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                tags.add(json.loads(line)["tag"])
+    return tags
+
+
 def _feed(args: argparse.Namespace) -> int:
     from fogline._frames import make_frames
     from fogline.edge_agent import (
@@ -420,8 +435,16 @@ def _feed(args: argparse.Namespace) -> int:
     outcomes = _Outcomes(out / f"outcomes-{args.run}-{pid}.jsonl")
     offered_log = (out / f"offered-{args.run}-{pid}.log").open("a", buffering=1)
     stats_path = out / f"stats-{args.run}-{pid}.json"
+    # An item recovered from the outbox may have had its outcome handed out (and logged)
+    # just before the previous process was killed: as an application must, this one
+    # checks recovered outcomes against what it already kept.
+    kept = _kept_tags(out)
+    skipped = [0]
 
     def on_answer(d: Delivery) -> None:
+        if d.recovered and d.tag in kept:
+            skipped[0] += 1
+            return
         if d.answer is not None:
             outcomes.record(d.tag, "answer")
         elif isinstance(d.error, OutboxEvictedError):
@@ -450,7 +473,7 @@ def _feed(args: argparse.Namespace) -> int:
     def write_stats() -> None:
         while not stop_stats.wait(0.25):
             tmp = stats_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(agent.stats()))
+            tmp.write_text(json.dumps({**agent.stats(), "redelivered": skipped[0]}))
             tmp.replace(stats_path)
 
     threading.Thread(target=write_stats, daemon=True).start()
@@ -481,7 +504,7 @@ def _feed(args: argparse.Namespace) -> int:
         drained = agent.drained()
     finally:
         stop_stats.set()
-        stats_path.write_text(json.dumps(agent.stats()))
+        stats_path.write_text(json.dumps({**agent.stats(), "redelivered": skipped[0]}))
         agent.stop()
         outcomes.close()
         offered_log.close()
