@@ -86,3 +86,15 @@ def test_items_evicted_by_the_outbox_bound_are_exactly_the_counted_evictions(
     assert report.evicted > 0
     assert report.evicted == report.evicted_counter
     assert report.answered + report.evicted == report.offered
+
+
+def test_the_application_knows_the_outcomes_an_earlier_process_kept(tmp_path: Path) -> None:
+    from fogline._faults import _kept_tags
+
+    (tmp_path / "outcomes-0-11.jsonl").write_text(
+        '{"tag": "0:1", "kind": "answer", "t": 1.0}\n{"tag": "0:2", "kind": "failed", "t": 2.0}\n'
+        '{"tag": "0:3", "ki'  # cut short by SIGKILL: not kept, so it is logged again
+    )
+    (tmp_path / "outcomes-1-12.jsonl").write_text('{"tag": "1:7", "kind": "answer", "t": 3.0}\n')
+    (tmp_path / "offered-0-11.log").write_text("0:4 1.0\n")
+    assert _kept_tags(tmp_path) == {"0:1", "0:2", "1:7"}
