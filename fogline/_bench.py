@@ -33,6 +33,30 @@ __all__ = ["app"]
 app = typer.Typer(no_args_is_help=True)
 
 
+class _Status:
+    """What a benchmark is doing, as a spinner on stderr (nothing with ``--json``)."""
+
+    def __init__(self, as_json: bool, text: str) -> None:
+        self._status: Any = None
+        if not as_json:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(text)
+
+    def __enter__(self) -> _Status:
+        if self._status is not None:
+            self._status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+    def update(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(text)
+
+
 def _emit(result: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:
         print(json.dumps(result))
@@ -230,46 +254,49 @@ def bench_edge(
     from fogline.reference import BUNDLE_DIR
     from fogline.sync import Bundle
 
-    bundle = Bundle.load(BUNDLE_DIR)
-    frames, labels = make_frames(samples, seed=11, split="holdout")
-    int8 = _session(bundle.edge_model_path, threads)
-    fp32 = _session(bundle.path(bundle.manifest["extra_models"]["edge_fp32"]), threads)
-    cloud = _session(bundle.cloud_model_path, threads)
+    with _Status(as_json, "loading the reference models") as status:
+        bundle = Bundle.load(BUNDLE_DIR)
+        frames, labels = make_frames(samples, seed=11, split="holdout")
+        int8 = _session(bundle.edge_model_path, threads)
+        fp32 = _session(bundle.path(bundle.manifest["extra_models"]["edge_fp32"]), threads)
+        cloud = _session(bundle.cloud_model_path, threads)
 
-    acc_int8 = _hybrid_accuracy(bundle, int8, cloud, frames, labels)
-    acc_fp32 = _hybrid_accuracy(bundle, fp32, cloud, frames, labels)
-    per_round = seconds / rounds
-    raw_runs: list[float] = []
-    fp32_runs: list[float] = []
-    agent_runs: list[float] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir,
-        _bench_broker(broker) as (url, _shared, _pid),
-    ):
-        config = AgentConfig(
-            site="bench-edge",
-            bundle_dir=bundle.root,
-            broker=MqttSettings.from_url(url, topic_prefix=f"fogline-bench/{os.getpid()}"),
-            cloud_timeout_ms=600_000,
-            runtime=RuntimeConfig(threads=threads, max_batch=batch),
-            outbox=OutboxConfig(
-                path=Path(tmpdir) / "outbox.db", retry_initial_ms=600_000, retry_max_ms=600_000
-            ),
-        )
-        agent = Agent(config)
-        agent.start()
-        settle_heap()
-        try:
-            # one warm pass, then rounds of whole passes
-            for start in range(0, min(len(frames), 4 * batch), batch):
-                agent.submit_batch(frames[start : start + batch])
-            for _ in range(rounds):
-                raw_runs.append(_raw_sps(int8, frames, batch, per_round))
-                fp32_runs.append(_raw_sps(fp32, frames, batch, per_round))
-                agent_runs.append(_agent_sps(agent, frames, batch, per_round))
-            stats = agent.stats()
-        finally:
-            agent.stop()
+        status.update("hybrid accuracy, INT8 and FP32 edge")
+        acc_int8 = _hybrid_accuracy(bundle, int8, cloud, frames, labels)
+        acc_fp32 = _hybrid_accuracy(bundle, fp32, cloud, frames, labels)
+        per_round = seconds / rounds
+        raw_runs: list[float] = []
+        fp32_runs: list[float] = []
+        agent_runs: list[float] = []
+        with (
+            tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir,
+            _bench_broker(broker) as (url, _shared, _pid),
+        ):
+            config = AgentConfig(
+                site="bench-edge",
+                bundle_dir=bundle.root,
+                broker=MqttSettings.from_url(url, topic_prefix=f"fogline-bench/{os.getpid()}"),
+                cloud_timeout_ms=600_000,
+                runtime=RuntimeConfig(threads=threads, max_batch=batch),
+                outbox=OutboxConfig(
+                    path=Path(tmpdir) / "outbox.db", retry_initial_ms=600_000, retry_max_ms=600_000
+                ),
+            )
+            agent = Agent(config)
+            agent.start()
+            settle_heap()
+            try:
+                # one warm pass, then rounds of whole passes
+                for start in range(0, min(len(frames), 4 * batch), batch):
+                    agent.submit_batch(frames[start : start + batch])
+                for k in range(rounds):
+                    status.update(f"round {k + 1} of {rounds}: INT8, FP32, the agent")
+                    raw_runs.append(_raw_sps(int8, frames, batch, per_round))
+                    fp32_runs.append(_raw_sps(fp32, frames, batch, per_round))
+                    agent_runs.append(_agent_sps(agent, frames, batch, per_round))
+                stats = agent.stats()
+            finally:
+                agent.stop()
     raw_sps, fp32_sps, agent_sps = max(raw_runs), max(fp32_runs), max(agent_runs)
     result = {
         "ort_raw_sps": round(raw_sps, 1),
@@ -374,49 +401,52 @@ def bench_e2e(
     from fogline.reference import BUNDLE_DIR
     from fogline.sync import Bundle, Thresholds
 
-    bundle = Bundle.load(BUNDLE_DIR)
-    total = int(rate * seconds)
-    frames, _labels = make_frames(min(total, 4096), seed=13, p_digit=1.0, split="holdout")
-    prefix = f"fogline-bench/{os.getpid()}"
-    with (
-        tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir,
-        _bench_broker(broker) as (url, shared, broker_pid),
-    ):
-        tmp = Path(tmpdir)
-        procs = _start_workers(workers, url, shared, prefix, tmp, max_batch, max_delay_ms)
-        agent = Agent(
-            AgentConfig(
-                site="bench-e2e",
-                bundle_dir=bundle.root,
-                broker=MqttSettings.from_url(url, topic_prefix=prefix),
-                thresholds=Thresholds(relevance=0.0, exit_confidence=1.0),
-                cloud_timeout_ms=30_000,
-                outbox=OutboxConfig(path=tmp / "outbox.db"),
+    with _Status(as_json, "starting the broker, the workers and the agent") as status:
+        bundle = Bundle.load(BUNDLE_DIR)
+        total = int(rate * seconds)
+        frames, _labels = make_frames(min(total, 4096), seed=13, p_digit=1.0, split="holdout")
+        prefix = f"fogline-bench/{os.getpid()}"
+        with (
+            tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmpdir,
+            _bench_broker(broker) as (url, shared, broker_pid),
+        ):
+            tmp = Path(tmpdir)
+            procs = _start_workers(workers, url, shared, prefix, tmp, max_batch, max_delay_ms)
+            agent = Agent(
+                AgentConfig(
+                    site="bench-e2e",
+                    bundle_dir=bundle.root,
+                    broker=MqttSettings.from_url(url, topic_prefix=prefix),
+                    thresholds=Thresholds(relevance=0.0, exit_confidence=1.0),
+                    cloud_timeout_ms=30_000,
+                    outbox=OutboxConfig(path=tmp / "outbox.db"),
+                )
             )
-        )
-        agent.start()
-        try:
-            for i in range(20):  # load every lazy path once
-                agent.submit_batch(frames[i : i + 1])[0].result(timeout=30)
-            settle_heap()
-            host_cpu_ms = _host_cpu_ms()
-            if warmup_s > 0:
-                _offer(agent, frames, rate, int(rate * warmup_s))
-            worker_pids = [proc.pid for proc, _port in procs]
-            before, cpu_before = agent.stats(), _cpu_snapshot(broker_pid, worker_pids)
-            ticks_before = _host_ticks()
-            run = _offer(agent, frames, rate, total)
-            ticks_after = _host_ticks()
-            after, cpu_after = agent.stats(), _cpu_snapshot(broker_pid, worker_pids)
-        finally:
-            agent.stop()
-            for proc, _port in procs:
-                proc.send_signal(signal.SIGTERM)
-            for proc, _port in procs:
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            agent.start()
+            try:
+                for i in range(20):  # load every lazy path once
+                    agent.submit_batch(frames[i : i + 1])[0].result(timeout=30)
+                settle_heap()
+                host_cpu_ms = _host_cpu_ms()
+                if warmup_s > 0:
+                    status.update(f"warming up: {warmup_s:g} s at {rate:g}/s")
+                    _offer(agent, frames, rate, int(rate * warmup_s))
+                status.update(f"measuring: {seconds:g} s at {rate:g}/s")
+                worker_pids = [proc.pid for proc, _port in procs]
+                before, cpu_before = agent.stats(), _cpu_snapshot(broker_pid, worker_pids)
+                ticks_before = _host_ticks()
+                run = _offer(agent, frames, rate, total)
+                ticks_after = _host_ticks()
+                after, cpu_after = agent.stats(), _cpu_snapshot(broker_pid, worker_pids)
+            finally:
+                agent.stop()
+                for proc, _port in procs:
+                    proc.send_signal(signal.SIGTERM)
+                for proc, _port in procs:
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
     forwarded = after["forwarded"] - before["forwarded"]
     bytes_sent = after["bytes_sent"] - before["bytes_sent"]
     per_forwarded = bytes_sent / forwarded if forwarded else 0.0
@@ -430,7 +460,7 @@ def bench_e2e(
         "shed": run.shed,
         "throughput_sps": round((len(run.cloud_ms) + run.edge) / run.elapsed_s, 1),
         "latency_ms": _percentiles(run.cloud_ms),
-        # what the application waits: latency_ms plus the fsynced outbox delete
+        # until the caller's done-callback runs (latency_ms ends as the answer arrives)
         "caller_latency_ms": _percentiles(run.caller_ms),
         "cpu_ms_per_item": _cpu_per_item(cpu_before, cpu_after, len(run.cloud_ms) + run.edge),
         "bytes_per_forwarded": round(per_forwarded, 1),

@@ -236,7 +236,7 @@ def bench_cloud(
     requests/s with batching ÷ without, at concurrency 16. The client shares the machine's
     cores with the server (see the module docstring).
     """
-    from fogline._bench import _emit
+    from fogline._bench import _emit, _Status
     from fogline.cloud_service._reference_mlp import reference_mlp_weights, write_reference_mlp
 
     warmup_s = min(1.0, seconds)
@@ -254,13 +254,17 @@ def bench_cloud(
         write_reference_mlp(
             repo_dir, name=_NO_BATCHING, layers=widths, config_toml="max_batch_size = 0\n"
         )
-        with _serve(repo_dir) as base:
+        with (
+            _Status(as_json, "starting the inference API") as status,
+            _serve(repo_dir) as base,
+        ):
             for key, model in (("batching_off", _NO_BATCHING), ("batching_on", _BATCHING)):
                 url = f"{base}/v2/models/{model}/infer"
-                result[key] = {
-                    f"c{c}": _figures(*asyncio.run(_load(url, body, headers, c, warmup_s, seconds)))
-                    for c in CONCURRENCIES
-                }
+                result[key] = {}
+                for c in CONCURRENCIES:
+                    status.update(f"{model}: {seconds:g} s at concurrency {c}")
+                    load = _load(url, body, headers, c, warmup_s, seconds)
+                    result[key][f"c{c}"] = _figures(*asyncio.run(load))
     top = f"c{CONCURRENCIES[-1]}"
     off = result["batching_off"][top]["rps"]
     result["batching_gain"] = round(result["batching_on"][top]["rps"] / off, 3) if off else 0.0
