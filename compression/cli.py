@@ -222,6 +222,13 @@ def quantize(
             holdout_fraction=holdout,
             progress=status.update,
         )
+    if report.speedup < 1.0:
+        # Small or memory-bound models can run slower in INT8: the target was met, but the
+        # FP32 model may be the better one to deploy.
+        status_console.print(
+            f"[yellow]warning:[/] the chosen INT8 model runs at {report.speedup:.2f}× the FP32 "
+            "model's speed on this machine; the FP32 model may serve better"
+        )
     if as_json:
         _print_json(report.to_dict())
     else:

@@ -303,3 +303,36 @@ def test_quantize_target_no_strategy_reaches_exits_1_naming_the_best(
     assert "best was cosine 0.9" in line
     assert "target 0.9999999 " in line
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize(("int8_vs_fp32_time", "warned"), [(2.0, True), (0.5, False)])
+def test_quantize_warns_when_the_chosen_int8_model_is_slower_than_fp32(
+    runner: CliRunner,
+    mlp: Path,
+    calibration: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    int8_vs_fp32_time: float,
+    warned: bool,
+) -> None:
+    import dataclasses
+
+    from fogline.compression import _quantize
+
+    real = _quantize.quantize_model
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        # The measured speed depends on the host: the test sets it.
+        report = real(*args, **kwargs)
+        return dataclasses.replace(
+            report, int8_latency_ms=report.fp32_latency_ms * int8_vs_fp32_time
+        )
+
+    monkeypatch.setattr(_quantize, "quantize_model", timed)
+    out = tmp_path / "mlp.int8.onnx"
+    args = ["model", "quantize", str(mlp), "--calibration", str(calibration), "-o", str(out)]
+    result = runner.invoke(app, [*args, "--json"])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["speedup"] == pytest.approx(1 / int8_vs_fp32_time)
+    assert ("the FP32 model may serve better" in result.stderr) is warned
