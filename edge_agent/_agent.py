@@ -21,10 +21,10 @@ in the outbox. A caller waits at most ``cloud_timeout_ms``: then it gets the edg
 goes to the ``on_answer`` callback. Items recovered from the outbox at start-up are
 detached from the start. Each forwarded item thus gets one final outcome in each run.
 
-Threads: the model thread (single submits), paho's network thread (results), the journal
-thread (outbox inserts and deletes in one transaction, then publishing), the
-resend thread (backoff, expiry, gauges) and the deadline thread (callers who waited long
-enough).
+Threads: the model thread (single submits), paho's network thread (results, handed out
+as they arrive), the journal thread (outbox inserts and deletes in one transaction, then
+publishing), the resend thread (backoff, expiry, gauges) and the deadline thread (callers
+who waited long enough).
 """
 
 from __future__ import annotations
