@@ -30,14 +30,14 @@ KEYS = {
 }
 
 
-def test_the_demo_answers_every_frame_and_prints_one_json_object_with_the_summary() -> None:
-    proc = subprocess.run(
-        [FOGLINE, "demo", "--json", "--samples", "1000", "--fps", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FOGLINE, "demo", "--json", *args], capture_output=True, text=True, timeout=120, check=False
     )
+
+
+def test_the_demo_answers_every_frame_and_prints_one_json_object_with_the_summary() -> None:
+    proc = _demo("--samples", "1000", "--fps", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert set(out) >= KEYS
@@ -61,13 +61,7 @@ def test_the_demo_runs_on_an_external_broker_with_a_shared_subscription(broker: 
 
 
 def test_an_unreachable_broker_is_a_one_line_error_and_exit_code_2() -> None:
-    proc = subprocess.run(
-        [FOGLINE, "demo", "--json", "--samples", "10", "--broker", "mqtt://127.0.0.1:1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = _demo("--samples", "10", "--broker", "mqtt://127.0.0.1:1")
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [

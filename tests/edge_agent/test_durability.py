@@ -3,6 +3,7 @@ Mosquitto, a stand-in cloud that comes and goes, and an agent process killed wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -492,14 +493,15 @@ def test_the_breaker_opens_after_repeated_timeouts_and_closes_when_the_cloud_ans
     _no_late_duplicates(agent, deliveries, 5)
 
 
-_KILLED_AGENT = """
-import sys, time
+# An agent in its own process (argv: host, port, prefix, bundle, outbox, site, extras...),
+# so that the tests can SIGKILL it.
+_AGENT_PROCESS = """
+import os, signal, sys, time
 import numpy as np
 from fogline._mqtt import MqttSettings
-from fogline.compression import Codec, Envelope, Kind, encode_envelope
 from fogline.edge_agent import Agent, AgentConfig, OutboxConfig, RuntimeConfig
 
-host, port, prefix, bundle, outbox, site, n = sys.argv[1:8]
+host, port, prefix, bundle, outbox, site = sys.argv[1:7]
 config = AgentConfig(
     site=site,
     bundle_dir=bundle,
@@ -509,12 +511,19 @@ config = AgentConfig(
     outbox=OutboxConfig(path=outbox),
 )
 agent = Agent(config).start()
+"""
+
+_KILLED_AGENT = (
+    _AGENT_PROCESS
+    + """
+n = sys.argv[7]
 batch = np.random.default_rng(7).integers(0, 256, (int(n), 1, 8, 8), dtype=np.uint8)
 agent.submit_batch(batch[: int(n) // 2], tags=[f"killed-{i}" for i in range(int(n) // 2)])
 agent.submit_batch(batch[int(n) // 2 :], tags=[f"killed-{i}" for i in range(int(n) // 2, int(n))])
 print("stored", flush=True)
 time.sleep(600)
 """
+)
 
 
 def _wait_for_line(proc: subprocess.Popen[str], expected: str, timeout_s: float = 60.0) -> None:
@@ -528,6 +537,45 @@ def _wait_for_line(proc: subprocess.Popen[str], expected: str, timeout_s: float 
         raise AssertionError(f"the agent process printed {line!r}, exit {proc.returncode}")
 
 
+@contextlib.contextmanager
+def _agent_process(
+    script: str,
+    broker: Broker,
+    topic_prefix: str,
+    bundle: Path,
+    outbox: Path,
+    site: str,
+    err: Any,
+    *extra: str,
+) -> Iterator[subprocess.Popen[str]]:
+    """Run ``script`` (after :data:`_AGENT_PROCESS`) in its own process; killed at exit."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            script,
+            broker.host,
+            str(broker.port),
+            topic_prefix,
+            str(bundle),
+            str(outbox),
+            site,
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
 def test_an_agent_killed_with_sigkill_loses_nothing_and_its_successor_answers_each_once(
     tmp_path, broker, topic_prefix, bundle_factory, make_agent, responder_factory
 ) -> None:
@@ -535,37 +583,18 @@ def test_an_agent_killed_with_sigkill_loses_nothing_and_its_successor_answers_ea
     outbox_path = tmp_path / "killed" / "outbox.db"
     n = 24
     err_path = tmp_path / "agent.err"
-    with err_path.open("w") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _KILLED_AGENT,
-                broker.host,
-                str(broker.port),
-                topic_prefix,
-                str(bundle),
-                str(outbox_path),
-                "site-k",
-                str(n),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
+    with (
+        err_path.open("w") as err,
+        _agent_process(
+            _KILLED_AGENT, broker, topic_prefix, bundle, outbox_path, "site-k", err, str(n)
+        ) as proc,
+    ):
         try:
-            try:
-                _wait_for_line(proc, "stored")
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{err_path.read_text()[-3000:]}") from None
-            os.kill(proc.pid, signal.SIGKILL)
-            assert proc.wait(10) == -signal.SIGKILL
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+            _wait_for_line(proc, "stored")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{err_path.read_text()[-3000:]}") from None
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
 
     deliveries = Deliveries()
     agent = make_agent(
@@ -582,23 +611,9 @@ def test_an_agent_killed_with_sigkill_loses_nothing_and_its_successor_answers_ea
     assert agent.stats()["evicted"] == 0
 
 
-_KILLED_AS_IT_ANSWERS = """
-import os, signal, sys
-import numpy as np
-from fogline._mqtt import MqttSettings
-from fogline.edge_agent import Agent, AgentConfig, OutboxConfig, RuntimeConfig
-
-host, port, prefix, bundle, outbox, site = sys.argv[1:7]
-config = AgentConfig(
-    site=site,
-    bundle_dir=bundle,
-    broker=MqttSettings(host=host, port=int(port), topic_prefix=prefix),
-    cloud_timeout_ms=60_000,
-    runtime=RuntimeConfig(max_batch=16, warmup_runs=1),
-    outbox=OutboxConfig(path=outbox),
-)
-agent = Agent(config).start()
-
+_KILLED_AS_IT_ANSWERS = (
+    _AGENT_PROCESS
+    + """
 def killed_as_it_answers(fut):
     # The application keeps the answer, and the process dies before anything else runs.
     print("answered", fut.result().label, flush=True)
@@ -608,6 +623,7 @@ frame = np.random.default_rng(3).integers(0, 256, (1, 8, 8), dtype=np.uint8)
 agent.submit(frame, tag="handed-0").add_done_callback(killed_as_it_answers)
 signal.pause()
 """
+)
 
 
 def test_an_agent_killed_as_it_hands_out_an_answer_hands_it_out_again_marked_recovered(
@@ -617,33 +633,15 @@ def test_an_agent_killed_as_it_hands_out_an_answer_hands_it_out_again_marked_rec
     responder_factory(bundle)
     outbox_path = tmp_path / "handed" / "outbox.db"
     err_path = tmp_path / "agent.err"
-    with err_path.open("w") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _KILLED_AS_IT_ANSWERS,
-                broker.host,
-                str(broker.port),
-                topic_prefix,
-                str(bundle),
-                str(outbox_path),
-                "site-h",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-        try:
-            assert proc.wait(60) == -signal.SIGKILL, err_path.read_text()[-3000:]
-            assert proc.stdout is not None
-            line = proc.stdout.read().strip()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+    with (
+        err_path.open("w") as err,
+        _agent_process(
+            _KILLED_AS_IT_ANSWERS, broker, topic_prefix, bundle, outbox_path, "site-h", err
+        ) as proc,
+    ):
+        assert proc.wait(60) == -signal.SIGKILL, err_path.read_text()[-3000:]
+        assert proc.stdout is not None
+        line = proc.stdout.read().strip()
     assert line.startswith("answered "), line
     kept_label = int(line.split()[1])
 
