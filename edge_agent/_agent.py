@@ -208,9 +208,10 @@ _JITTER = 0.2
 _GAUGE_EVERY_S = 0.5
 _EXPIRE_EVERY_S = 1.0
 _COMPRESS_PROBE_EVERY = 64
-# While new items come in transactions less than _BUSY_GAP_S apart on average, answered
-# items wait up to _DELETE_WAIT_S for the next insert's transaction instead of an fsync
-# of their own. At lower rates the fsync is cheaper than the wait, and they commit at once.
+# While new items come in transactions less than _BUSY_GAP_S apart on average, the
+# deletes of answered items (their answers are out already) wait up to _DELETE_WAIT_S for
+# the next insert's transaction instead of an fsync of their own. At lower rates the fsync
+# is cheaper than the wait, and they commit at once.
 _BUSY_GAP_S = 0.002
 _DELETE_WAIT_S = 0.004
 _FLAGS_OFFSET = 5  # the envelope's flags byte (docs/wire-format.md)
