@@ -26,35 +26,11 @@ import numpy as np
 import typer
 
 from fogline._bench_cloud import bench_cloud
-from fogline._cli import settle_heap
+from fogline._cli import Status, settle_heap
 
 __all__ = ["app"]
 
 app = typer.Typer(no_args_is_help=True)
-
-
-class _Status:
-    """What a benchmark is doing, as a spinner on stderr (nothing with ``--json``)."""
-
-    def __init__(self, as_json: bool, text: str) -> None:
-        self._status: Any = None
-        if not as_json:
-            from rich.console import Console
-
-            self._status = Console(stderr=True).status(text)
-
-    def __enter__(self) -> _Status:
-        if self._status is not None:
-            self._status.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.stop()
-
-    def update(self, text: str) -> None:
-        if self._status is not None:
-            self._status.update(text)
 
 
 def _emit(result: dict[str, Any], as_json: bool, title: str) -> None:
@@ -254,7 +230,7 @@ def bench_edge(
     from fogline.reference import BUNDLE_DIR
     from fogline.sync import Bundle
 
-    with _Status(as_json, "loading the reference models") as status:
+    with Status(not as_json, "loading the reference models") as status:
         bundle = Bundle.load(BUNDLE_DIR)
         frames, labels = make_frames(samples, seed=11, split="holdout")
         int8 = _session(bundle.edge_model_path, threads)
@@ -401,7 +377,7 @@ def bench_e2e(
     from fogline.reference import BUNDLE_DIR
     from fogline.sync import Bundle, Thresholds
 
-    with _Status(as_json, "starting the broker, the workers and the agent") as status:
+    with Status(not as_json, "starting the broker, the workers and the agent") as status:
         bundle = Bundle.load(BUNDLE_DIR)
         total = int(rate * seconds)
         frames, _labels = make_frames(min(total, 4096), seed=13, p_digit=1.0, split="holdout")

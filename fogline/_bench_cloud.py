@@ -236,7 +236,8 @@ def bench_cloud(
     requests/s with batching ÷ without, at concurrency 16. The client shares the machine's
     cores with the server (see the module docstring).
     """
-    from fogline._bench import _emit, _Status
+    from fogline._bench import _emit
+    from fogline._cli import Status
     from fogline.cloud_service._reference_mlp import reference_mlp_weights, write_reference_mlp
 
     warmup_s = min(1.0, seconds)
@@ -255,7 +256,7 @@ def bench_cloud(
             repo_dir, name=_NO_BATCHING, layers=widths, config_toml="max_batch_size = 0\n"
         )
         with (
-            _Status(as_json, "starting the inference API") as status,
+            Status(not as_json, "starting the inference API") as status,
             _serve(repo_dir) as base,
         ):
             for key, model in (("batching_off", _NO_BATCHING), ("batching_on", _BATCHING)):

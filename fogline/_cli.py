@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 
-__all__ = ["USAGE_ERROR", "fail"]
+__all__ = ["USAGE_ERROR", "Status", "fail"]
 
 USAGE_ERROR = 2
 
@@ -16,6 +16,35 @@ def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
     """Print ``error: message`` on one line to stderr and exit (2 by default), no traceback."""
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+class Status:
+    """What a long command is doing, as a rich spinner on stderr; nothing when ``show`` is
+    false (``--json``). A live display: stop it before another one (a progress bar)."""
+
+    def __init__(self, show: bool, text: str) -> None:
+        self._status: Any = None
+        if show:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(text)
+
+    def __enter__(self) -> Status:
+        if self._status is not None:
+            self._status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def update(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(text)
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
 
 def setup_logging(level: int | str, log_format: str = "text") -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from fogline._cli import fail, settle_heap
+from fogline._cli import Status, fail, settle_heap
 
 __all__ = ["DemoResult", "demo", "run_demo"]
 
@@ -162,7 +162,9 @@ def run_demo(
     futures: list[Future[Answer]] = [Future() for _ in range(samples)]
     late = _Late()
     started = time.perf_counter()
+    starting = Status(progress, f"starting the broker, a cloud worker and {sites} agents")
     with (
+        starting,
         tempfile.TemporaryDirectory(prefix="fogline-demo-") as tmp,
         _broker(broker_url) as (
             url,
@@ -204,6 +206,7 @@ def run_demo(
             for agent in agents:
                 agent.start()
             settle_heap()
+            starting.stop()
             _stream(agents, frames, futures, fps=fps, batch=batch, progress=progress)
             answers: list[Answer | None] = []
             with Progress(transient=True, disable=not progress) as bar:
