@@ -34,6 +34,8 @@ __all__ = [
     "decode_envelope",
     "decode_message",
     "encode_envelope",
+    "is_compressed",
+    "is_resent",
     "join_envelopes",
     "mark_resent",
     "now_us",
@@ -390,6 +392,24 @@ def mark_resent(data: bytes) -> bytes:
     frame = bytearray(data[: -_CRC.size])
     frame[_FLAGS_AT] |= _FLAG_RESENT
     return bytes(frame) + _CRC.pack(zlib.crc32(frame))
+
+
+def _flags(data: bytes) -> int:
+    if len(data) < _HEAD.size + _CRC.size or data[:2] != MAGIC:
+        raise ValueError("not an encoded envelope")
+    return data[_FLAGS_AT]
+
+
+def is_compressed(data: bytes) -> bool:
+    """Whether the encoded envelope ``data`` has a zstd-compressed body (its flags byte;
+    the frame is not otherwise checked)."""
+    return bool(_flags(data) & _FLAG_ZSTD)
+
+
+def is_resent(data: bytes) -> bool:
+    """Whether the encoded envelope ``data`` has its *resent* flag set (see
+    :func:`mark_resent`; the frame is not otherwise checked)."""
+    return bool(_flags(data) & _FLAG_RESENT)
 
 
 def _decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
