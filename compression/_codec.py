@@ -423,12 +423,16 @@ def _decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = json.loads(body[_U16.size : pos])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EnvelopeError("bad_meta", "meta is not JSON") from exc
+    except RecursionError as exc:  # nested deeper than the interpreter's stack allows
+        raise EnvelopeError("bad_meta", "meta is nested too deep") from exc
     if not isinstance(meta, dict):
         raise EnvelopeError("bad_meta", "meta is not a JSON object")
     if pos >= end:
         raise EnvelopeError("truncated", "tensor count runs past the end of the message")
     count = body[pos]
     pos += 1
+    if count > _MAX_TENSORS:
+        raise EnvelopeError("bad_tensor", f"{count} tensors, at most {_MAX_TENSORS} allowed")
     tensors: dict[str, np.ndarray] = {}
     for _ in range(count):
         name, pos = _text(body, pos, end, "tensor name")
