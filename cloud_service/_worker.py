@@ -57,6 +57,7 @@ from fogline.compression import (
     Codec,
     Envelope,
     Kind,
+    ResultMeta,
     decode_message,
     encode_envelope,
     join_envelopes,
@@ -550,11 +551,11 @@ class CloudWorker:
             return True
         served = self._served.get(env.bundle)
         if served is None:
-            self._reply(env, {"status": "error", "error": str(UnknownBundleError(env.bundle))})
+            self._reply(env, ResultMeta.failed(str(UnknownBundleError(env.bundle))))
             return True
         problem = _check_features(env.tensors, served.inputs)
         if problem is not None:
-            self._reply(env, {"status": "error", "error": f"bundle {env.bundle}: {problem}"})
+            self._reply(env, ResultMeta.failed(f"bundle {env.bundle}: {problem}"))
             return True
         key: _Key = (env.site, env.message_id)
         item = _Item(env, received_us, delivery)
@@ -589,7 +590,7 @@ class CloudWorker:
         with self._dlock:
             self._in_flight.pop(key, None)
             twins = list(item.twins)
-        self._reply(env, {"status": "busy", "retry_after_ms": busy_ms})
+        self._reply(env, ResultMeta.busy(busy_ms))
         self._ack(twins)
         return True
 
@@ -716,7 +717,7 @@ class CloudWorker:
             # items are refused like a full queue, and their agents re-send them.
             retry_ms = getattr(exc, "retry_after_ms", self.config.batching.busy_retry_after_ms)
             for item in items:
-                self._reply(item.env, {"status": "busy", "retry_after_ms": retry_ms})
+                self._reply(item.env, ResultMeta.busy(retry_ms))
                 self._ack(self._finish_item(item, None))
             return
         except (BackendError, ValueError, KeyError, TypeError) as exc:
@@ -725,7 +726,7 @@ class CloudWorker:
                     self._run_group(served, batch, [i], start_s, stored, acks)
                 return
             log.warning("inference failed for one item of %s: %s", served.bundle.id, exc)
-            self._reply(items[0].env, {"status": "error", "error": f"inference failed: {exc}"})
+            self._reply(items[0].env, ResultMeta.failed(f"inference failed: {exc}"))
             self._ack(self._finish_item(items[0], None))
             return
         self.metrics.batch_size.observe(len(items))
@@ -740,13 +741,7 @@ class CloudWorker:
             confidence = float(rows[k].reshape(-1)[label])
             confidence = round(confidence, 6) if math.isfinite(confidence) else 0.0
             queue_ms = round(max(0.0, start_s - batch.enqueued_s[i]) * 1000.0, 3)
-            meta = {
-                "status": "ok",
-                "label": label,
-                "confidence": confidence,
-                "queue_ms": queue_ms,
-                "compute_ms": compute_ms,
-            }
+            meta = ResultMeta.ok(label, confidence, queue_ms=queue_ms, compute_ms=compute_ms)
             outgoing.append(self._result(item.env, meta, {served.output: rows[k]}))
             answers.append((item, label, confidence))
         # Encode first, then publish: the results for one site travel joined in one message.
@@ -774,22 +769,24 @@ class CloudWorker:
     def _result(
         self,
         request: Envelope,
-        meta: dict[str, Any],
+        meta: ResultMeta,
         tensors: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[str, bytes]:
-        """The topic and encoded RESULT envelope answering ``request``."""
-        meta["worker"] = self.worker_id
+        """The topic and encoded RESULT envelope answering ``request``; the meta's
+        ``worker`` is this worker's id."""
+        wire = meta.to_meta()
+        wire["worker"] = self.worker_id
         result = Envelope(
             kind=Kind.RESULT,
             message_id=request.message_id,
             site=request.site,
             bundle=request.bundle,
             tensors=tensors or {},
-            meta=meta,
+            meta=wire,
             created_us=request.created_us,
             codec=Codec.FP16,
         )
-        self.metrics.results.labels(meta["status"]).inc()
+        self.metrics.results.labels(meta.status.value).inc()
         return self.topics.results(request.site), encode_envelope(result, compress=False)
 
     def _publish(self, messages: list[tuple[str, bytes]]) -> None:
@@ -811,7 +808,7 @@ class CloudWorker:
     def _reply(
         self,
         request: Envelope,
-        meta: dict[str, Any],
+        meta: ResultMeta,
         tensors: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Publish a RESULT for ``request`` to its site's results topic."""
@@ -826,12 +823,7 @@ class CloudWorker:
         output: np.ndarray,
     ) -> None:
         """Answer a re-sent item with the result it already has."""
-        meta: dict[str, Any] = {
-            "status": "ok",
-            "label": label,
-            "confidence": confidence,
-            "duplicate": True,
-        }
+        meta = ResultMeta.ok(label, confidence, duplicate=True)
         self._reply(request, meta, {output_name: output.reshape(-1)})
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "decode_envelope",
     "decode_message",
     "encode_envelope",
+    "is_compressed",
+    "is_resent",
     "join_envelopes",
     "mark_resent",
     "now_us",
@@ -392,6 +394,24 @@ def mark_resent(data: bytes) -> bytes:
     return bytes(frame) + _CRC.pack(zlib.crc32(frame))
 
 
+def _flags(data: bytes) -> int:
+    if len(data) < _HEAD.size + _CRC.size or data[:2] != MAGIC:
+        raise ValueError("not an encoded envelope")
+    return data[_FLAGS_AT]
+
+
+def is_compressed(data: bytes) -> bool:
+    """Whether the encoded envelope ``data`` has a zstd-compressed body (its flags byte;
+    the frame is not otherwise checked)."""
+    return bool(_flags(data) & _FLAG_ZSTD)
+
+
+def is_resent(data: bytes) -> bool:
+    """Whether the encoded envelope ``data`` has its *resent* flag set (see
+    :func:`mark_resent`; the frame is not otherwise checked)."""
+    return bool(_flags(data) & _FLAG_RESENT)
+
+
 def _decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     end = len(body)
     if end < _U16.size:
@@ -403,12 +423,16 @@ def _decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = json.loads(body[_U16.size : pos])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EnvelopeError("bad_meta", "meta is not JSON") from exc
+    except RecursionError as exc:  # nested deeper than the interpreter's stack allows
+        raise EnvelopeError("bad_meta", "meta is nested too deep") from exc
     if not isinstance(meta, dict):
         raise EnvelopeError("bad_meta", "meta is not a JSON object")
     if pos >= end:
         raise EnvelopeError("truncated", "tensor count runs past the end of the message")
     count = body[pos]
     pos += 1
+    if count > _MAX_TENSORS:
+        raise EnvelopeError("bad_tensor", f"{count} tensors, at most {_MAX_TENSORS} allowed")
     tensors: dict[str, np.ndarray] = {}
     for _ in range(count):
         name, pos = _text(body, pos, end, "tensor name")

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "CompressionError",
     "EnvelopeError",
+    "MetaError",
     "ModelError",
     "QuantizationError",
     "SplitError",
@@ -37,3 +38,12 @@ class SplitError(CompressionError):
 
 class QuantizationError(CompressionError):
     """No quantization strategy met the agreement target, or quantization failed."""
+
+
+class MetaError(EnvelopeError):
+    """An envelope's meta does not follow the typed contract (:class:`ResultMeta`,
+    :class:`FeatureMeta`). ``field`` names the offending key."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__("bad_meta", f"{field}: {detail}")
+        self.field = field

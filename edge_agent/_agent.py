@@ -49,7 +49,18 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from fogline.compression import Codec, Envelope, Kind, encode_envelope, mark_resent, now_us
+from fogline.compression import (
+    Codec,
+    Envelope,
+    Kind,
+    MetaError,
+    ResultMeta,
+    ResultStatus,
+    encode_envelope,
+    is_compressed,
+    mark_resent,
+    now_us,
+)
 from fogline.edge_agent._breaker import STATE_CODES, CircuitBreaker
 from fogline.edge_agent._config import AgentConfig
 from fogline.edge_agent._metrics import AgentMetrics
@@ -214,8 +225,6 @@ _COMPRESS_PROBE_EVERY = 64
 # is cheaper than the wait, and they commit at once.
 _BUSY_GAP_S = 0.002
 _DELETE_WAIT_S = 0.004
-_FLAGS_OFFSET = 5  # the envelope's flags byte (docs/wire-format.md)
-_FLAG_ZSTD = 0x01
 _LOCAL: tuple[tuple[Source, Decision], ...] = (("dropped", Decision.DROP), ("edge", Decision.EXIT))
 
 
@@ -841,7 +850,7 @@ class Agent:
                 _settle(futures[i], None, ModelError(str(exc)))
                 continue
             if probe:
-                self._compress = bool(payload[_FLAGS_OFFSET] & _FLAG_ZSTD)
+                self._compress = is_compressed(payload)
             if len(payload) > max_bytes:
                 _settle(
                     futures[i],
@@ -1145,43 +1154,39 @@ class Agent:
             self.metrics.duplicates.inc()
             log.debug("site %s: result for %s matches nothing pending", self.site, mid.hex())
             return
-        meta = env.meta
-        worker = meta.get("worker")
-        worker = worker if isinstance(worker, str) else None
-        status = meta.get("status")
         m = self.metrics
         self._breaker.record_success()
-        if status == "busy":
-            m.cloud_results.labels(status="busy").inc()
-            retry = meta.get("retry_after_ms")
-            retry_s = (
-                float(retry) / 1000.0
-                if isinstance(retry, int | float) and not isinstance(retry, bool) and retry > 0
-                else self._retry_initial_s
-            )
-            at = time.monotonic() + retry_s * random.uniform(1, 1 + 2 * _JITTER)
-            with self._plock:
-                if self._pending.get(mid) is p:
-                    p.busy = True
-                    p.next_at = at
-                    self._schedule(mid, at)
-            return
         outcome: Answer | AgentError
         hexid = mid.hex()
-        if status == "ok":
-            label, confidence, problem = _label_of(env)
-            if problem is not None:
-                m.rejected.labels(reason="bad_result").inc()
-                log.warning("site %s: unusable result for %s: %s", self.site, hexid, problem)
-                outcome = CloudFailedError(hexid, f"malformed result: {problem}", worker)
-            else:
+        try:
+            meta = _result_meta(env)
+        except MetaError as exc:
+            raw = env.meta.get("worker")
+            worker = raw if isinstance(raw, str) else None
+            m.rejected.labels(reason="bad_result").inc()
+            log.warning("site %s: unusable result for %s: %s", self.site, hexid, exc.detail)
+            outcome = CloudFailedError(hexid, f"malformed result: {exc.detail}", worker)
+        else:
+            worker = meta.worker
+            if meta.status is ResultStatus.BUSY:
+                m.cloud_results.labels(status="busy").inc()
+                retry = meta.retry_after_ms
+                retry_s = retry / 1000.0 if retry else self._retry_initial_s
+                at = time.monotonic() + retry_s * random.uniform(1, 1 + 2 * _JITTER)
+                with self._plock:
+                    if self._pending.get(mid) is p:
+                        p.busy = True
+                        p.next_at = at
+                        self._schedule(mid, at)
+                return
+            if meta.status is ResultStatus.OK:
                 ms = (time.perf_counter() - p.arrived) * 1000.0
                 m.cloud_results.labels(status="ok").inc()
                 m.latency.observe("cloud", ms / 1000.0)
                 outcome = Answer(
                     "cloud",
-                    label,
-                    confidence,
+                    meta.label,
+                    meta.confidence,
                     p.rel,
                     p.conf,
                     self.thresholds,
@@ -1192,14 +1197,9 @@ class Agent:
                     "ok",
                     p.tag,
                 )
-        elif status == "error":
-            m.cloud_results.labels(status="error").inc()
-            reason = meta.get("error")
-            outcome = CloudFailedError(hexid, str(reason or "unspecified error"), worker)
-        else:
-            m.rejected.labels(reason="bad_result").inc()
-            log.warning("site %s: result for %s has unknown status %r", self.site, hexid, status)
-            outcome = CloudFailedError(hexid, f"unknown result status {status!r}", worker)
+            else:
+                m.cloud_results.labels(status="error").inc()
+                outcome = CloudFailedError(hexid, meta.error or "unspecified error", worker)
         with self._plock:
             if self._pending.pop(mid, None) is not p:
                 m.duplicates.inc()
@@ -1336,21 +1336,17 @@ def _uuid4_bytes(n: int) -> list[bytes]:
     return [flat[16 * k : 16 * k + 16] for k in range(n)]
 
 
-def _label_of(env: Envelope) -> tuple[int | None, float | None, str | None]:
-    """Label and confidence of an ``ok`` result: from meta, else from its output tensor."""
+def _result_meta(env: Envelope) -> ResultMeta:
+    """The typed meta of a RESULT; an ``ok`` one without a label or confidence in its meta
+    takes them from its output tensor (argmax and its probability)."""
     meta = env.meta
-    label = meta.get("label")
-    confidence = meta.get("confidence")
-    if label is None and env.tensors:
-        probs = np.asarray(next(iter(env.tensors.values())), dtype=np.float32).reshape(-1)
-        if probs.size:
-            label = int(np.argmax(probs))
-            if confidence is None:
+    if meta.get("status") == "ok" and env.tensors:
+        label, confidence = meta.get("label"), meta.get("confidence")
+        if label is None or confidence is None:
+            probs = np.asarray(next(iter(env.tensors.values())), dtype=np.float32).reshape(-1)
+            if label is None and probs.size:
+                label = int(np.argmax(probs))
+            if confidence is None and isinstance(label, int) and 0 <= label < probs.size:
                 confidence = float(probs[label])
-    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-        return None, None, f"label {label!r} is not a class index"
-    if confidence is not None:
-        if isinstance(confidence, bool) or not isinstance(confidence, int | float):
-            return None, None, f"confidence {confidence!r} is not a number"
-        confidence = float(confidence)
-    return label, confidence, None
+            meta = {**meta, "label": label, "confidence": confidence}
+    return ResultMeta.from_meta(meta)

@@ -257,3 +257,18 @@ def test_marking_an_envelope_resent_sets_only_that_flag_and_keeps_it_valid() -> 
     assert decode_envelope(encode_envelope(got)).resent is True
     with pytest.raises(ValueError, match="not an encoded envelope"):
         mark_resent(b"nonsense")
+
+
+def test_the_flag_helpers_read_what_the_encoder_set() -> None:
+    from fogline.compression import is_compressed, is_resent, mark_resent
+
+    big = _env(tensors={"x": np.zeros((1, 4096), dtype=np.float32)})
+    packed = encode_envelope(big)
+    plain = encode_envelope(big, compress=False)
+    assert is_compressed(packed)
+    assert not is_compressed(plain)
+    assert not is_resent(plain)
+    assert is_resent(mark_resent(plain))
+    assert not is_compressed(mark_resent(plain))
+    with pytest.raises(ValueError, match="not an encoded envelope"):
+        is_resent(b"nope")
