@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 FOGLINE := $(VENV)/bin/fogline
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-PKGS := fogline edge_agent cloud_service sync compression residency
+PKGS := fogline edge_agent cloud_service sync compression residency messaging
 
 .PHONY: demo test lint typecheck unit install-demo install-dev clean
 
@@ -39,7 +39,7 @@ lint: install-dev
 typecheck: install-dev
 	@rm -rf build/typecheck && mkdir -p build/typecheck/fogline
 	@for f in fogline/*; do ln -s ../../../$$f build/typecheck/fogline/$$(basename $$f); done
-	@for p in edge_agent cloud_service sync compression residency; do ln -s ../../../$$p build/typecheck/fogline/$$p; done
+	@for p in edge_agent cloud_service sync compression residency messaging; do ln -s ../../../$$p build/typecheck/fogline/$$p; done
 	cd build/typecheck && ../../$(VENV)/bin/mypy -p fogline --config-file ../../pyproject.toml
 
 unit: install-dev

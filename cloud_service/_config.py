@@ -5,7 +5,7 @@ to the same rules as one read from a file. :meth:`CloudConfig.from_toml` adds wh
 a file needs: unknown keys and wrong types are refused with the dotted key that is wrong
 (``batching.max_batch_size``), and relative bundle and TLS file paths are taken relative to
 the file (TLS files must exist). The ``[broker]`` table is read by
-:func:`fogline._config.broker_settings`, the same parser the edge agent uses.
+:func:`fogline.messaging.broker_settings`, the same parser the edge agent uses.
 """
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fogline._config import ConfigValueError, Section, broker_settings, load_toml
-from fogline._mqtt import MqttSettings, Topics, parse_broker_url
 from fogline.cloud_service.errors import ConfigError
+from fogline.messaging import (
+    ConfigValueError,
+    MqttSettings,
+    Section,
+    Topics,
+    broker_settings,
+    load_toml,
+    parse_broker_url,
+)
 
 __all__ = [
     "BACKEND_KINDS",

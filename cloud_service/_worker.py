@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 from paho.mqtt.client import MQTTMessageInfo
 
-from fogline._mqtt import Inbound, MqttConnection, MqttError
 from fogline.cloud_service._backends import Backend, BackendChoice, select_backend
 from fogline.cloud_service._batcher import Batch, BatchPolicy, BatchRunner
 from fogline.cloud_service._config import CloudConfig
@@ -63,6 +62,7 @@ from fogline.compression import (
     join_envelopes,
     now_us,
 )
+from fogline.messaging import Inbound, MqttConnection, MqttError
 from fogline.sync import Bundle, BundleError
 
 __all__ = ["CloudWorker"]

@@ -187,7 +187,7 @@ def serve(
 def _has_broker(config: Path | None) -> bool:
     if config is None:
         return False
-    from fogline._config import load_toml
+    from fogline.messaging import load_toml
 
     try:
         return "broker" in load_toml(config)

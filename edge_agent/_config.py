@@ -45,10 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fogline._config import ConfigValueError, Section, broker_settings, load_toml
-from fogline._mqtt import MqttSettings
 from fogline.compression import Codec
 from fogline.edge_agent.errors import ConfigError
+from fogline.messaging import ConfigValueError, MqttSettings, Section, broker_settings, load_toml
 from fogline.reference import BUNDLE_DIR
 from fogline.sync import Thresholds
 

@@ -1,6 +1,6 @@
 """MQTT adapter of the agent: publish feature envelopes, hand result envelopes back.
 
-One :class:`~fogline._mqtt.MqttConnection` per agent (QoS 1, reconnect with backoff,
+One :class:`~fogline.messaging.MqttConnection` per agent (QoS 1, reconnect with backoff,
 ``TCP_NODELAY``, TLS, MQTT 3.1.1 or 5). Correlating results with requests is the agent's
 job (it owns the outbox); this layer only checks that a message on the result topic is
 a well-formed result for this site.
@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
-from fogline._mqtt import MqttConnection, MqttError, MqttSettings
 from fogline.compression import Envelope, Kind, decode_message, join_envelopes
 from fogline.edge_agent._metrics import AgentMetrics
 from fogline.edge_agent.errors import BrokerError
+from fogline.messaging import MqttConnection, MqttError, MqttSettings
 
 __all__ = ["Transport"]
 
