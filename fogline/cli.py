@@ -39,6 +39,46 @@ def version() -> None:
     print(__version__)
 
 
+# The extra that brings each optional top-level module (pyproject's optional-dependencies).
+_EXTRA_OF_MODULE = {
+    "onnxruntime": "edge",
+    "paho": "edge",
+    "zstandard": "edge",
+    "cryptography": "edge",
+    "fastapi": "edge",
+    "starlette": "edge",
+    "pydantic": "edge",
+    "uvicorn": "edge",
+    "prometheus_client": "edge",
+    "pythonjsonlogger": "edge",
+    "sqlalchemy": "cloud",
+    "onnx": "tools",
+    "torch": "tools",
+    "sklearn": "tools",
+    "tensorrt": "gpu",
+    "amqtt": "broker",
+    "httpx": "demo",
+}
+# Commands whose whole set of optional modules one extra brings.
+_EXTRA_OF_COMMAND = {"demo": "demo", "bench": "demo"}
+
+
+def missing_extra_message(argv: list[str], module: str) -> str:
+    """The one line that names the extra to install for a missing ``module``."""
+    top = module.split(".", maxsplit=1)[0]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    extra = _EXTRA_OF_COMMAND.get(command) or _EXTRA_OF_MODULE.get(top, "all")
+    words = " ".join(a for a in argv[:2] if not a.startswith("-")) or "this command"
+    return (
+        f"error: fogline {words} needs the '{extra}' extra (missing module {top}): "
+        f"pip install 'fogline[{extra}]'"
+    )
+
+
 def main() -> None:
     """Console entry point."""
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except ModuleNotFoundError as exc:
+        print(missing_extra_message(sys.argv[1:], exc.name or "?"), file=sys.stderr)
+        sys.exit(2)
