@@ -1,12 +1,22 @@
 """The MQTT connection: one paho client with reconnects, ``TCP_NODELAY``, writes from the
-publishing thread, re-subscription after reconnect, and MQTT 5 publish properties."""
+publishing thread, re-subscription after reconnect, and MQTT 5 publish properties.
+
+What happens to the connection is said out loud (``fogline.messaging`` logger): the first
+connect, every loss with its reason, reconnect attempts with their backoff (rate-limited),
+the recovery, a broker's refusal, and a session taken over by another client with the same
+client id. Nothing that escapes a message handler stops the network thread: it is logged
+with the message's identity, counted, and the loop goes on.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +32,16 @@ from ._settings import MqttSettings
 from .errors import MqttBadDataError, MqttTransportError
 
 __all__ = ["Inbound", "InboundHandler", "MessageHandler", "MqttConnection", "Received"]
+
+log = logging.getLogger("fogline.messaging")
+
+# MQTT 5 DISCONNECT reason "Session taken over": another client connected with our id.
+_SESSION_TAKEN_OVER = 142
+# With MQTT 3.1.1 a takeover has no reason code; it shows as connections the broker closes
+# again and again within seconds of being made.
+_FLAP_LIFETIME_S = 10.0
+_FLAP_WINDOW_S = 60.0
+_FLAP_COUNT = 3
 
 
 MessageHandler = Callable[[str, bytes], None]
@@ -97,6 +117,8 @@ class _Client(mqtt.Client):
         self._net_thread: threading.Thread | None = None
         self._net_ident: int | None = None
         self._wake_w: socket.socket | None = None
+        self.last_connect_error: OSError | None = None
+        self.loop_restarts = 0
 
     def start_network_thread(self, name: str) -> None:
         if not self._direct:
@@ -136,7 +158,41 @@ class _Client(mqtt.Client):
 
     def _network_main(self) -> None:
         self._net_ident = threading.get_ident()
-        self.loop_forever(retry_first_connection=True)
+        self._supervised_loop()
+
+    def _thread_main(self) -> None:
+        # paho's own network thread (threaded mode, used over TLS) runs the same supervisor.
+        try:
+            self._supervised_loop()
+        finally:
+            self._thread = None
+
+    def _supervised_loop(self) -> None:
+        # The network thread carries every message of the process: if anything escapes
+        # paho's loop (a callback bug, an internal error), it is logged and counted and the
+        # loop is entered again, rather than leaving a process that looks connected and
+        # receives nothing.
+        while True:
+            try:
+                self.loop_forever(retry_first_connection=True)
+                return
+            except Exception:  # the network thread's supervisor
+                self.loop_restarts += 1
+                log.exception(
+                    "MQTT network loop of %s failed; restarting it", self._client_id.decode()
+                )
+                if self._thread_terminate:
+                    return
+                time.sleep(1.0)
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            rc = super().reconnect()
+        except OSError as exc:
+            self.last_connect_error = exc
+            raise
+        self.last_connect_error = None
+        return rc
 
     def _wake(self) -> None:
         w = self._wake_w
@@ -161,6 +217,27 @@ class _Client(mqtt.Client):
         if self._direct and threading.get_ident() != self._net_ident:
             self._wake()
         super()._call_socket_register_write()
+
+
+class _RateLimit:
+    """At most one log line per key and interval; says how many were held back."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str, now: float) -> tuple[bool, int]:
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False, 0
+        self._last[key] = now
+        return True, self._held.pop(key, 0)
+
+
+def _held_note(held: int) -> str:
+    return f" ({held} similar lines held back)" if held else ""
 
 
 class MqttConnection:
@@ -198,6 +275,17 @@ class MqttConnection:
         self._lock = threading.Lock()
         self.connects = 0
         self.disconnects = 0
+        #: Messages whose handler raised (logged, acknowledged when manual, then dropped).
+        self.handler_errors = 0
+        #: Sessions taken over by another client with the same client id (MQTT 5 reason
+        #: code, or with 3.1.1 a run of connections closed right after connecting).
+        self.takeovers = 0
+        self._stopping = False
+        self._connected_at: float | None = None
+        self._lost_at: float | None = None
+        self._failed_attempts = 0
+        self._short_lived: deque[float] = deque()
+        self._limit = _RateLimit(10.0)
         proto = mqtt.MQTTv5 if settings.protocol == "5" else mqtt.MQTTv311
         kwargs: dict[str, Any] = {
             "callback_api_version": CallbackAPIVersion.VERSION2,
@@ -227,6 +315,7 @@ class MqttConnection:
             if settings.tls_insecure:
                 client.tls_insecure_set(True)
         client.on_socket_open = self._on_socket_open
+        client.on_connect_fail = self._handle_connect_fail
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -248,6 +337,7 @@ class MqttConnection:
         so nothing published after ``start`` returns can miss a subscriber.
         """
         s = self.settings
+        self._stopping = False
         with mapped_errors(f"cannot connect to broker {s.host}:{s.port}"):
             if s.protocol == "5":
                 self._client.connect_async(
@@ -265,14 +355,17 @@ class MqttConnection:
                 raise error_for_code(
                     refused, f"broker {s.host}:{s.port} refused the connection: {refused}"
                 )
+            last = self._client.last_connect_error
             raise MqttTransportError(
                 f"no connection to broker {s.host}:{s.port} within {s.connect_timeout_s:g} s"
+                + (f": {_describe(last)}" if last is not None else "")
             )
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
 
     def stop(self) -> None:
+        self._stopping = True
         try:
             self._client.disconnect()
         finally:
@@ -348,10 +441,38 @@ class MqttConnection:
     def _handle_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
+        now = time.monotonic()
         if reason.is_failure:
             self.refused = reason
+            self._failed_attempts += 1
+            ok, held = self._limit.allow("refused", now)
+            if ok:
+                log.error(
+                    "broker %s refused the connection of %r: %s%s",
+                    self._where(),
+                    self.settings.client_id,
+                    reason,
+                    _held_note(held),
+                )
             return
         self.refused = None
+        if self._lost_at is not None:
+            log.info(
+                "reconnected to broker %s after %.1f s (%d failed attempts)",
+                self._where(),
+                now - self._lost_at,
+                self._failed_attempts,
+            )
+        elif self.connects == 0:
+            log.info(
+                "connected to broker %s as %r (MQTT %s)",
+                self._where(),
+                self.settings.client_id,
+                self.settings.protocol,
+            )
+        self._lost_at = None
+        self._failed_attempts = 0
+        self._connected_at = now
         self.connects += 1
         self._generation += 1
         with self._lock:
@@ -373,14 +494,126 @@ class MqttConnection:
             if not self._pending_subs:
                 self._subscribed.set()
 
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        now = time.monotonic()
+        if self._lost_at is None:
+            self._lost_at = now
+        self._failed_attempts += 1
+        err = self._client.last_connect_error
+        what = _describe(err) if err is not None else "connection failed"
+        if isinstance(err, ssl.SSLCertVerificationError):
+            ok, held = self._limit.allow("verify", now)
+            if ok:
+                log.error(
+                    "cannot verify the certificate of broker %s: %s; check ca_file and the "
+                    "broker's certificate%s",
+                    self._where(),
+                    what,
+                    _held_note(held),
+                )
+            return
+        ok, held = self._limit.allow("connect_fail", now)
+        if ok:
+            log.warning(
+                "cannot reach broker %s (attempt %d): %s; next attempt in %d s%s",
+                self._where(),
+                self._failed_attempts,
+                what,
+                self._next_delay_s(),
+                _held_note(held),
+            )
+
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
+        was_connected = self._connected.is_set()
         self.disconnects += 1
         self._connected.clear()
         self._subscribed.clear()
+        if self._stopping or not was_connected:
+            return
+        now = time.monotonic()
+        self._lost_at = now
+        lived_s = now - self._connected_at if self._connected_at is not None else None
+        if getattr(reason, "value", None) == _SESSION_TAKEN_OVER:
+            self.takeovers += 1
+            log.warning(
+                "broker %s: another client connected with client id %r and took over this "
+                "session; every process needs its own client id",
+                self._where(),
+                self.settings.client_id,
+            )
+            return
+        ok, held = self._limit.allow("lost", now)
+        if ok:
+            log.warning(
+                "lost the connection to broker %s: %s; reconnecting in %d s%s",
+                self._where(),
+                reason,
+                self._next_delay_s(),
+                _held_note(held),
+            )
+        if lived_s is not None and lived_s < _FLAP_LIFETIME_S:
+            self._short_lived.append(now)
+            while self._short_lived and now - self._short_lived[0] > _FLAP_WINDOW_S:
+                self._short_lived.popleft()
+            if len(self._short_lived) >= _FLAP_COUNT:
+                self.takeovers += 1
+                self._short_lived.clear()
+                ok, _ = self._limit.allow("flap", now)
+                if ok:
+                    log.warning(
+                        "broker %s closed the connection %d times within %d s, each within "
+                        "%d s of connecting: another client is probably using client id %r",
+                        self._where(),
+                        _FLAP_COUNT,
+                        _FLAP_WINDOW_S,
+                        _FLAP_LIFETIME_S,
+                        self.settings.client_id,
+                    )
+
+    def _where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    def _next_delay_s(self) -> int:
+        # paho doubles its wait after every failed attempt, from the minimum up to the
+        # maximum, and starts again from the minimum after a successful connect.
+        s = self.settings
+        current = getattr(self._client, "_reconnect_delay", None)
+        lo, hi = max(1, int(s.reconnect_min_s)), max(1, int(s.reconnect_max_s))
+        return lo if current is None else min(hi, int(current) * 2)
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._dispatch(msg)
+        except Exception as exc:  # one message must not stop the network thread
+            self.handler_errors += 1
+            acked = False
+            if self._manual_ack and msg.qos > 0:
+                # Left unacknowledged, the message would hold one slot of the broker's
+                # in-flight window until the next reconnect, and then come back: a handful
+                # of such messages would stop delivery altogether.
+                with contextlib.suppress(Exception):
+                    acked = self._client.ack(msg.mid, msg.qos) == mqtt.MQTT_ERR_SUCCESS
+            ok, held = self._limit.allow("handler", time.monotonic())
+            if ok:
+                log.error(  # noqa: TRY400 - the traceback is chosen by exc_info below
+                    "the handler failed on a message on %r (mid %d, qos %d, %d bytes)%s: "
+                    "%s: %.200s%s",
+                    msg.topic,
+                    msg.mid,
+                    msg.qos,
+                    len(msg.payload),
+                    "; acknowledged and dropped" if acked else "; dropped",
+                    type(exc).__name__,
+                    exc,
+                    _held_note(held),
+                    # A RecursionError's traceback is thousands of frames: the type and
+                    # message say enough.
+                    exc_info=not isinstance(exc, RecursionError),
+                )
+
+    def _dispatch(self, msg: mqtt.MQTTMessage) -> None:
         if self._on_received is not None:
             props = getattr(msg, "properties", None)
             expiry = getattr(props, "MessageExpiryInterval", None) if props else None
@@ -403,3 +636,12 @@ class MqttConnection:
             self._on_inbound(msg.topic, bytes(msg.payload), inbound)
         elif self._on_message is not None:
             self._on_message(msg.topic, bytes(msg.payload))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return (
+        text
+        if isinstance(exc, OSError) and text != type(exc).__name__
+        else (f"{type(exc).__name__}: {text}")
+    )

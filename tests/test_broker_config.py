@@ -10,6 +10,7 @@ the config documents for it. Certificates come from the shipped
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -35,6 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fogline._broker import MOSQUITTO_CONF as BENCH_MOSQUITTO_CONF
 from fogline._broker import MosquittoProcess, free_port
 from fogline._mqtt import MqttConnection, MqttSettings, Topics
+from fogline.messaging import MqttTransportError
 from tests.conftest import (
     MOSQUITTO_CONF,
     MOSQUITTO_DIR,
@@ -484,6 +486,41 @@ def test_client_without_the_ca_cannot_verify_the_broker(secure_broker: Broker) -
     client.tls_set()  # the system's CAs, which never signed the broker's certificate
     with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
         client.connect(secure_broker.host, secure_broker.port_for(TLS_PORT))
+
+
+@pytest.fixture(scope="module")
+def foreign_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA of someone else's: it signed nothing the broker presents."""
+    out = tmp_path_factory.mktemp("foreign-pki")
+    subprocess.run(
+        [sys.executable, str(CERT_SCRIPT), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return out / "ca.crt"
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_attack_fogline_connection_refuses_a_broker_it_cannot_verify(
+    clients: Clients, foreign_ca: Path, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker a site is pointed at presents a certificate its CA never signed (an
+    # impostor, or a wrong ca_file): fogline's own connection must not talk to it at all.
+    caplog.set_level(logging.INFO, logger="fogline.messaging")
+    settings = clients.settings(
+        "site-a", tls=True, ca_file=str(foreign_ca), protocol=protocol, connect_timeout_s=3.0
+    )
+    conn = MqttConnection(settings)
+    with pytest.raises(MqttTransportError, match="certificate verify failed"):
+        conn.start()
+    assert conn.connects == 0
+    assert not conn.is_connected
+    (record,) = [r for r in caplog.records if "cannot verify the certificate" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    # The same settings with the right CA connect: what failed was the verification.
+    right = clients.connect(clients.settings("site-a", tls=True, protocol=protocol))
+    assert right.conn.is_connected
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
