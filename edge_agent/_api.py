@@ -8,16 +8,22 @@
 * ``GET /readyz`` — 200 once the model is warm and MQTT is connected, 503 before.
 * ``GET /metrics`` — this agent's Prometheus registry, text format.
 
-Errors are JSON ``{"error": message, "type": name}``: 422 for an input that does not fit
-the model (the message names the field and the problem), 503 when the agent is not
-running or overloaded (with ``Retry-After``), 504 when the cloud did not answer in time,
-502 when it answered with an error. HTTP status codes live here, not in the errors.
+Errors are JSON ``{"error": message, "type": name}``, on every route and status: 413 for
+a body over ``http.max_body_bytes`` (refused from ``Content-Length`` before anything is
+read, or as soon as the stream passes the limit), 422 for an input that does not fit the
+model (the message names the field and the problem, and repeats at most a few hundred
+characters of what was sent), 404/405 for an unknown route or method, 503 when the agent
+is not running or overloaded (with ``Retry-After``), 504 when the cloud did not answer in
+time, 502 when it answered with an error. The body is read as JSON whatever its
+``Content-Type`` says, as the cloud's inference API does. HTTP status codes live here,
+not in the errors.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 from typing import Any
 
@@ -27,7 +33,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fogline import __version__
 from fogline.edge_agent._agent import Agent
@@ -47,6 +54,20 @@ from fogline.edge_agent.errors import (
 )
 
 __all__ = ["create_app"]
+
+# How much of a refused value an error message repeats: enough to recognise it, never the
+# whole body back.
+_ECHO_CHARS = 200
+# Priorities are stored in the outbox as SQLite integers; a 32-bit range leaves the ordering
+# every caller needs and keeps a value like 2**63 out of the journal.
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+_STATUS_TYPES = {
+    400: "BadRequest",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "RequestTooLarge",
+    415: "UnsupportedMediaType",
+}
 
 _DTYPES = (
     "bool",
@@ -77,8 +98,19 @@ class InferRequest(BaseModel):
         description="your correlation string, returned with the answer",
     )
     priority: int = Field(
-        default=0, description="outbox eviction priority if forwarded (lowest evicted first)"
+        default=0,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="outbox eviction priority if forwarded (lowest evicted first)",
     )
+
+
+class _BodyError(Exception):
+    """A request body refused before it reaches the model: status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _error(
@@ -128,10 +160,24 @@ def _decode(req: InferRequest, spec: InputSpec) -> np.ndarray:
             raise InputError("'data' is not a rectangular array (rows of unequal length)") from None
         if arr.dtype.kind not in "biuf":
             raise InputError("'data' must hold only numbers")
+        if spec.dtype.kind != "b" and _holds_bool(req.data):
+            # JSON true is not the number 1: a client that sends it has a bug to hear about.
+            raise InputError("'data' must hold only numbers, not true/false")
         if req.shape is not None and list(arr.shape) != req.shape:
             raise InputError(f"'data' has shape {list(arr.shape)} but 'shape' says {req.shape}")
         arr = InputSpec("data", dtype, tuple(arr.shape)).cast(arr, "'data'")
     return spec.item(arr)
+
+
+def _holds_bool(data: Any) -> bool:
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _finite(value: Any) -> Any:
@@ -147,11 +193,59 @@ def _validation_message(errors: list[Any]) -> str:
             continue
         where = ".".join(loc) or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+    return _clip("; ".join(parts) or "invalid request")
 
 
-def create_app(agent: Agent) -> FastAPI:
-    """The HTTP API over ``agent``. The caller starts and stops the agent."""
+def _clip(text: str, limit: int = 4 * _ECHO_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more characters)"
+
+
+def _error_detail(errors: list[Any]) -> list[dict[str, Any]]:
+    """pydantic's errors without the ``input`` each one carries: that is the body itself."""
+    out = []
+    for err in errors[:5]:
+        item = {k: v for k, v in err.items() if k in ("type", "loc", "msg")}
+        item["msg"] = _clip(str(item.get("msg", "")), _ECHO_CHARS)
+        out.append(jsonable_encoder(item))
+    return out
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise _BodyError(400, f"Content-Length must be an integer, got {declared[:40]!r}")
+        if int(declared) > limit:
+            raise _BodyError(
+                413, f"the request body is {int(declared)} bytes, over the {limit}-byte limit"
+            )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BodyError(413, f"the request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(body: bytes) -> InferRequest:
+    try:
+        obj = json.loads(body)
+    except RecursionError:
+        raise InputError("the request body is nested too deeply") from None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise InputError("the request body is not valid JSON") from None
+    return InferRequest.model_validate(obj)
+
+
+def create_app(agent: Agent, *, max_body_bytes: int | None = None) -> FastAPI:
+    """The HTTP API over ``agent``. The caller starts and stops the agent.
+
+    ``max_body_bytes`` defaults to the agent's ``http.max_body_bytes``."""
+    limit = agent.config.http.max_body_bytes if max_body_bytes is None else max_body_bytes
+    if limit <= 0:
+        raise ValueError(f"max_body_bytes must be positive, got {limit}")
     app = FastAPI(
         title=f"fogline edge agent ({agent.site})",
         version=__version__,
@@ -159,20 +253,51 @@ def create_app(agent: Agent) -> FastAPI:
         redoc_url=None,
     )
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
+    def _invalid_response(errors: list[Any]) -> JSONResponse:
         return JSONResponse(
             {
                 "error": _validation_message(errors),
                 "type": "RequestValidationError",
-                "detail": jsonable_encoder(errors),
+                "detail": _error_detail(errors),
             },
             status_code=422,
         )
 
-    @app.post("/v1/infer")
-    async def infer(req: InferRequest) -> Response:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _invalid_response(list(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _STATUS_TYPES.get(exc.status_code, "HTTPError")
+        return JSONResponse(
+            {"error": _clip(str(exc.detail)), "type": kind},
+            status_code=exc.status_code,
+            headers=dict(exc.headers or {}),
+        )
+
+    body_schema = InferRequest.model_json_schema()
+
+    @app.post(
+        "/v1/infer",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": body_schema}},
+            }
+        },
+    )
+    async def infer(request: Request) -> Response:
+        try:
+            req = _parse(await _read_body(request, limit))
+        except _BodyError as exc:
+            return JSONResponse(
+                {"error": str(exc), "type": _STATUS_TYPES[exc.status]}, status_code=exc.status
+            )
+        except InputError as exc:
+            return _error(422, exc)
+        except ValidationError as exc:
+            return _invalid_response(list(exc.errors()))
         try:
             spec = agent.input_spec
         except NotRunningError as exc:

@@ -129,11 +129,15 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     allow_remote: bool = False
+    # A 64×64 frame as JSON lists is about 16 KiB; 8 MiB leaves room for large inputs and
+    # keeps one request from holding hundreds of MB while it is parsed.
+    max_body_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise ConfigError("http.host", "must be a non-empty string")
         _int(self.port, "http.port", minimum=0, maximum=65535)
+        _int(self.max_body_bytes, "http.max_body_bytes", minimum=1)
         if not isinstance(self.allow_remote, bool):
             raise ConfigError("http.allow_remote", "must be true or false")
         if not self.allow_remote and not _is_loopback(self.host):
@@ -341,7 +345,12 @@ _RUNTIME_KEYS: dict[str, type] = {
     "warmup_runs": int,
     "max_queue": int,
 }
-_HTTP_KEYS: dict[str, type] = {"host": str, "port": int, "allow_remote": bool}
+_HTTP_KEYS: dict[str, type] = {
+    "host": str,
+    "port": int,
+    "allow_remote": bool,
+    "max_body_bytes": int,
+}
 _OUTBOX_KEYS: dict[str, type] = {
     "max_items": int,
     "max_bytes": int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,15 @@ import uvicorn
 
 from fogline._broker import free_port
 from fogline._mqtt import MqttSettings
-from fogline.edge_agent import Agent, AgentConfig, BreakerConfig, RuntimeConfig, create_app
+from fogline.edge_agent import (
+    Agent,
+    AgentConfig,
+    BreakerConfig,
+    ConfigError,
+    HttpConfig,
+    RuntimeConfig,
+    create_app,
+)
 from tests.conftest import make_tiny_bundle
 from tests.edge_agent.conftest import cloud_labels, frames
 
@@ -132,6 +141,11 @@ def test_infer_answers_locally_without_the_cloud(bundle_factory, agent_factory, 
         ({"b64": "AAAA", "shape": [-3]}, "negative dimension"),
         ({"data": [1], "shape": "x"}, "shape: Input should be a valid list"),
         ({"data": [1], "colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"data": [[True] * 8] * 8}, "not true/false"),
+        ({"data": [[1] * 7 + [False]] * 8}, "not true/false"),
+        ({"data": [[1] * 8] * 8, "priority": 2**63}, "priority: Input should be less than"),
+        ({"data": [[1] * 8] * 8, "priority": -(2**63)}, "priority: Input should be greater"),
+        ({"data": [[1] * 8] * 8, "priority": 1.5}, "priority: Input should be a valid integer"),
     ],
 )
 def test_a_bad_body_gets_a_4xx_that_names_the_problem(
@@ -148,6 +162,96 @@ def test_a_body_that_is_not_json_is_refused(dropping_api: httpx.Client) -> None:
     )
     assert r.status_code == 422
     assert "not valid JSON" in r.json()["error"]
+
+
+def test_attack_a_deeply_nested_body_is_refused_without_a_crash(dropping_api: httpx.Client) -> None:
+    body = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = dropping_api.post("/v1/infer", content=body)
+    assert r.status_code == 422
+    assert "nested too deeply" in r.json()["error"]
+    assert dropping_api.get("/healthz").status_code == 200
+
+
+def test_attack_a_declared_huge_body_is_refused_before_it_is_read(
+    dropping_api: httpx.Client,
+) -> None:
+    # A Content-Length of about a terabyte and no body: the answer must come at once, not
+    # after waiting for bytes that never arrive.
+    host, port = dropping_api.base_url.host, dropping_api.base_url.port
+    assert port is not None
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 999999999999\r\n\r\n"
+        )
+        head = sock.recv(65536).decode("latin-1")
+    assert head.startswith("HTTP/1.1 413"), head[:200]
+    assert "over the 8388608-byte limit" in head
+
+
+def test_attack_a_streamed_body_over_the_limit_is_cut_off_with_413(
+    dropping_api: httpx.Client,
+) -> None:
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        yield b'{"data": "'
+        for _ in range(200):  # 12.5 MiB in all, no Content-Length (chunked)
+            sent += 65536
+            yield b"x" * 65536
+        yield b'"}'
+
+    r = dropping_api.post("/v1/infer", content=chunks())
+    assert r.status_code == 413
+    assert r.json() == {
+        "error": "the request body is over the 8388608-byte limit",
+        "type": "RequestTooLarge",
+    }
+
+
+def test_a_refused_value_is_not_echoed_back_whole(dropping_api: httpx.Client) -> None:
+    huge = "x" * 1_000_000
+    r = dropping_api.post("/v1/infer", json={"data": [[1] * 8] * 8, "tag": huge})
+    assert r.status_code == 422
+    assert "tag: String should have at most 1024 characters" in r.json()["error"]
+    assert len(r.content) < 4096
+
+
+def test_a_json_body_is_read_whatever_its_content_type_says(dropping_api: httpx.Client) -> None:
+    # As the cloud's inference API does: the body is JSON by contract, not by header.
+    for content_type in (None, "text/plain", "application/octet-stream"):
+        headers = {} if content_type is None else {"content-type": content_type}
+        r = dropping_api.post(
+            "/v1/infer",
+            content=b'{"data": ' + str([[1] * 8] * 8).encode() + b"}",
+            headers=headers,
+        )
+        assert r.status_code == 200, (content_type, r.text)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "kind"),
+    [
+        ("GET", "/no/such/route", 404, "NotFound"),
+        ("GET", "/v1/infer", 405, "MethodNotAllowed"),
+        ("DELETE", "/readyz", 405, "MethodNotAllowed"),
+    ],
+)
+def test_unknown_routes_and_methods_answer_in_the_documented_error_shape(
+    dropping_api: httpx.Client, method: str, path: str, status: int, kind: str
+) -> None:
+    r = dropping_api.request(method, path)
+    assert r.status_code == status
+    body = r.json()
+    assert set(body) == {"error", "type"}
+    assert body["type"] == kind
+
+
+def test_the_body_limit_is_configured_and_validated() -> None:
+    with pytest.raises(ConfigError, match=r"http\.max_body_bytes"):
+        HttpConfig(max_body_bytes=0)
+    assert HttpConfig(max_body_bytes=1024).max_body_bytes == 1024
 
 
 def test_a_cloud_timeout_is_a_504_when_the_agent_must_not_degrade(
