@@ -273,6 +273,24 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, type]]] = {
 }
 
 
+def _sqlite_url_from(url: str, base_dir: Path | None) -> str:
+    """A relative SQLite path in a config file's ``[store] url`` is taken from the file's
+    folder, as bundle paths are, not from wherever the process happens to start.
+
+    ``sqlite:///results.db`` is relative (three slashes), ``sqlite:////var/x.db``
+    absolute; ``sqlite://`` and ``:memory:`` are in memory and ``file:`` URIs are left
+    as written.
+    """
+    scheme, sep, rest = url.partition("://")
+    if base_dir is None or not sep or not scheme.startswith("sqlite") or not rest.startswith("/"):
+        return url
+    path, qsep, query = rest[1:].partition("?")
+    if not path or path.startswith((":memory:", "/", "file:")):
+        return url
+    resolved = (base_dir / Path(path).expanduser()).absolute()
+    return f"{scheme}:///{resolved}{qsep}{query}"
+
+
 def _read(top: Section) -> CloudConfig:
     kwargs: dict[str, Any] = {}
     raw_broker = top.raw("broker")
@@ -302,6 +320,8 @@ def _read(top: Section) -> CloudConfig:
         values = sec.read(keys)
         if "engine_cache_dir" in values:
             values["engine_cache_dir"] = Path(values["engine_cache_dir"]).expanduser()
+        if name == "store" and isinstance(values.get("url"), str):
+            values["url"] = _sqlite_url_from(values["url"], sec.base_dir)
         sec.done()
         kwargs[name] = sec.build(klass, values)
     top.done()

@@ -171,3 +171,38 @@ def test_configs_are_frozen() -> None:
     cfg = CloudConfig()
     with pytest.raises(AttributeError):
         cfg.threads = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("sqlite:///results.db", "sqlite:///{dir}/results.db"),
+        ("sqlite:///data/results.db?timeout=5", "sqlite:///{dir}/data/results.db?timeout=5"),
+        ("sqlite+pysqlite:///r.db", "sqlite+pysqlite:///{dir}/r.db"),
+        ("sqlite:////var/lib/fogline/results.db", "sqlite:////var/lib/fogline/results.db"),
+        ("sqlite://", "sqlite://"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("postgresql+psycopg://fogline@db/fogline", "postgresql+psycopg://fogline@db/fogline"),
+    ],
+)
+def test_a_relative_sqlite_store_follows_the_config_file_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str, expected: str
+) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = conf_dir / "cloud.toml"
+    path.write_text(f'[store]\nurl = "{written}"\n')
+    monkeypatch.chdir(tmp_path)  # anywhere but the config's folder
+    cfg = CloudConfig.from_toml(path)
+    assert cfg.store.url == expected.format(dir=conf_dir)
+
+
+def test_the_shipped_systemd_unit_keeps_the_default_store_in_its_state_directory() -> None:
+    unit = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "fogline-cloud.service"
+    settings = dict(
+        line.split("=", 1)
+        for line in unit.read_text().splitlines()
+        if "=" in line and line[0] != "#"
+    )
+    assert settings["WorkingDirectory"] == f"/var/lib/{settings['StateDirectory']}"
+    assert CloudConfig().store.url == "sqlite:///fogline-results.db"  # relative: in the working dir
