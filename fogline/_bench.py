@@ -26,6 +26,7 @@ import numpy as np
 import typer
 
 from fogline._bench_cloud import bench_cloud
+from fogline._bench_mqtt import bench_mqtt
 from fogline._cli import Status, settle_heap
 
 __all__ = ["app"]
@@ -590,3 +591,4 @@ def bench_faults(
 
 
 app.command("cloud")(bench_cloud)
+app.command("mqtt")(bench_mqtt)
