@@ -2,7 +2,8 @@
 
 The codec is imported eagerly: the edge agent and the cloud worker use it on every message.
 The model tools (split, quantization) need onnx and onnxruntime's quantization tooling, which
-an edge-only install may lack, so they load on first use.
+an edge-only install may lack, so they load on first use; so does :func:`onnxruntime_errors`
+(the one map of onnxruntime's errors), which imports onnxruntime.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fogline.compression.errors import (
 )
 
 if TYPE_CHECKING:
+    from fogline.compression._ort_errors import onnxruntime_errors
     from fogline.compression._quantize import QuantizationReport, quantize_model
     from fogline.compression._split import SplitReport, split_model
 
@@ -64,11 +66,13 @@ __all__ = [
     "join_envelopes",
     "mark_resent",
     "now_us",
+    "onnxruntime_errors",
     "quantize_model",
     "split_model",
 ]
 
 _LAZY = {
+    "onnxruntime_errors": "fogline.compression._ort_errors",
     "QuantizationReport": "fogline.compression._quantize",
     "quantize_model": "fogline.compression._quantize",
     "SplitReport": "fogline.compression._split",

@@ -1,4 +1,8 @@
-"""Feature codec and the versioned wire envelope (see ``docs/wire-format.md``).
+"""The versioned wire envelope: framing, flags, checksum (see ``docs/wire-format.md``).
+
+How each tensor is stored is not decided here: the framing writes a tensor's name, dtype
+code and shape and looks the rest up in the tensor codec table
+(:mod:`fogline.compression._tensor_codecs`).
 
 The format is hand-written with :mod:`struct` rather than a general serializer because
 it is tiny, fixed, and on the hot path of every forwarded item; a general-purpose
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from fogline.compression._tensor_codecs import CODECS, Codec, TensorCodec, codec_for, tensor_type
 from fogline.compression.errors import EnvelopeError
 
 __all__ = [
@@ -55,7 +60,6 @@ _HEAD = struct.Struct("<2sBBBB16sQQ")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_F32 = struct.Struct("<f")
 _CRC = struct.Struct("<I")
 _MAX_NDIM = 8
 _MAX_TENSORS = 64
@@ -68,45 +72,9 @@ class Kind(enum.IntEnum):
     RESULT = 2  # cloud → edge: the cloud's answer (meta ``status`` says ok/busy/error)
 
 
-class Codec(enum.IntEnum):
-    """How floating-point tensors are stored in the body."""
-
-    FP32 = 0  # as is
-    INT8 = 1  # symmetric per-tensor int8 with an fp32 scale
-    FP16 = 2  # half precision
-
-    @classmethod
-    def parse(cls, name: str) -> Codec:
-        try:
-            return cls[name.upper()]
-        except KeyError:
-            raise ValueError(
-                f"unknown feature codec {name!r}; expected one of int8, fp16, fp32"
-            ) from None
-
-
-# dtype codes on the wire; float tensors may be re-coded by the codec
-_DTYPES: dict[int, np.dtype[Any]] = {
-    1: np.dtype("<f4"),
-    2: np.dtype("<f2"),
-    3: np.dtype("<f8"),
-    4: np.dtype("i1"),
-    5: np.dtype("u1"),
-    6: np.dtype("<i4"),
-    7: np.dtype("<i8"),
-    8: np.dtype("?"),
-    9: np.dtype("<i2"),
-    10: np.dtype("<u2"),
-}
-_CODES = {dt: code for code, dt in _DTYPES.items()}
-_INT8_QUANT = 0x80  # dtype code bit: int8 payload with scale, decodes to float32
-_Q8 = _CODES[np.dtype("i1")] | _INT8_QUANT
-# Below this absolute maximum, 127 / amax overflows float32: quantize in float64 instead.
-_TINY_AMAX = 1e-30
 # One encoder for every envelope: json.dumps with options builds a new one per call.
 _META_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 _KINDS = {int(k): k for k in Kind}
-_CODECS = {int(c): c for c in Codec}
 _LOCAL = threading.local()
 
 
@@ -143,7 +111,7 @@ class Envelope:
         return uuid.UUID(bytes=self.message_id)
 
 
-def _encode_tensor(out: list[bytes], name: str, array: np.ndarray, codec: Codec) -> None:
+def _encode_tensor(out: list[bytes], name: str, array: np.ndarray, codec: TensorCodec) -> None:
     arr = np.asarray(array)
     name_b = name.encode()
     if not name_b or len(name_b) > 255:
@@ -151,38 +119,13 @@ def _encode_tensor(out: list[bytes], name: str, array: np.ndarray, codec: Codec)
     ndim = arr.ndim
     if ndim > _MAX_NDIM:
         raise ValueError(f"tensor {name!r} has {ndim} dims, at most {_MAX_NDIM} allowed")
-    floating = arr.dtype.kind == "f"
-    if floating and codec is Codec.INT8:
-        amax = float(np.abs(arr).max()) if arr.size else 0.0
-        if _TINY_AMAX < amax < math.inf:
-            scale = amax / 127.0
-            # |x| / scale <= 127 by construction: rounding cannot leave the int8 range
-            data = np.rint(arr * np.float32(1.0 / scale)).astype(np.int8)
-        elif 0 < amax < math.inf:  # so small that 1 / scale overflows float32
-            scale = amax / 127.0
-            data = np.clip(np.rint(arr.astype(np.float64) / scale), -127, 127).astype(np.int8)
-        else:  # all zero, or inf/nan present: clip what does not fit
-            scale = 1.0
-            data = np.clip(np.nan_to_num(arr), -127, 127).round().astype(np.int8)
-        out.append(
-            struct.pack(
-                f"<B{len(name_b)}sBB{ndim}If", len(name_b), name_b, _Q8, ndim, *arr.shape, scale
-            )
-        )
-        out.append(data.tobytes())
-        return
-    if floating and codec is Codec.FP16:
-        arr = arr.astype("<f2")
-    elif floating and codec is Codec.FP32 and arr.dtype.itemsize < 4:
-        arr = arr.astype("<f4")
-    dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
-    code = _CODES.get(dt)
-    if code is None:
-        raise ValueError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
+    code, params, data = codec.encode(arr, name)
     out.append(
         struct.pack(f"<B{len(name_b)}sBB{ndim}I", len(name_b), name_b, code, ndim, *arr.shape)
     )
-    out.append(np.ascontiguousarray(arr, dtype=dt).tobytes())
+    if params:
+        out.append(params)
+    out.append(data)
 
 
 def encode_envelope(env: Envelope, *, zstd_level: int = 3, compress: bool = True) -> bytes:
@@ -190,9 +133,12 @@ def encode_envelope(env: Envelope, *, zstd_level: int = 3, compress: bool = True
     meta_b = _META_JSON.encode(dict(env.meta)).encode()
     if len(meta_b) > 0xFFFF:
         raise ValueError("envelope meta is larger than 64 KiB")
+    codec = CODECS.get(env.codec)
+    if codec is None:
+        raise ValueError(f"envelope codec {env.codec!r} is not one of {sorted(CODECS)}")
     parts: list[bytes] = [_U16.pack(len(meta_b)), meta_b, _U8.pack(len(env.tensors))]
     for name, array in env.tensors.items():
-        _encode_tensor(parts, name, array, env.codec)
+        _encode_tensor(parts, name, array, codec)
     body = b"".join(parts)
     flags = _FLAG_RESENT if env.resent else 0
     if compress:
@@ -273,9 +219,7 @@ def decode_envelope(data: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> Env
     kind_e = _KINDS.get(kind)
     if kind_e is None:
         raise EnvelopeError("unknown_kind", f"message kind {kind} is not known")
-    codec_e = _CODECS.get(codec)
-    if codec_e is None:
-        raise EnvelopeError("unknown_codec", f"codec {codec} is not known")
+    codec_e = codec_for(codec).codec
     if flags & ~_KNOWN_FLAGS:
         raise EnvelopeError("unknown_flags", f"flags {flags:#x} carry unknown bits")
     site, pos = _text(data, _HEAD.size, end, "site")
@@ -446,28 +390,25 @@ def _decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             raise EnvelopeError("truncated", "shape runs past the end of the message")
         shape = struct.unpack_from(f"<{ndim}I", body, pos)
         pos += 4 * ndim
-        quant = code & _INT8_QUANT
-        dtype = _DTYPES.get(code & ~_INT8_QUANT)
-        if dtype is None or (quant and dtype != np.dtype("i1")):
-            raise EnvelopeError("bad_tensor", f"tensor {name!r} has unknown dtype code {code}")
-        scale = 0.0
-        if quant:
-            if pos + _F32.size > end:
-                raise EnvelopeError("truncated", "scale runs past the end of the message")
-            scale = _F32.unpack_from(body, pos)[0]
-            pos += _F32.size
+        ttype = tensor_type(code, name)
+        params = b""
+        if ttype.params_size:
+            stop = pos + ttype.params_size
+            if stop > end:
+                raise EnvelopeError(
+                    "truncated", f"{ttype.params_name} runs past the end of the message"
+                )
+            params = body[pos:stop]
+            pos = stop
         count_elems = math.prod(shape)
-        stop = pos + count_elems * dtype.itemsize
+        stop = pos + count_elems * ttype.storage.itemsize
         if stop > end:
             raise EnvelopeError(
                 "truncated", f"tensor {name!r} data runs past the end of the message"
             )
-        arr = np.frombuffer(body, dtype=dtype, count=count_elems, offset=pos).reshape(shape)
+        arr = np.frombuffer(body, dtype=ttype.storage, count=count_elems, offset=pos)
         pos = stop
-        if quant:
-            if not math.isfinite(scale):
-                raise EnvelopeError("bad_tensor", f"tensor {name!r} has a non-finite scale")
-            arr = arr * np.float32(scale)
+        arr = ttype.decode(arr.reshape(shape), params, name)
         if name in tensors:
             raise EnvelopeError("bad_tensor", f"tensor {name!r} appears twice")
         tensors[name] = arr

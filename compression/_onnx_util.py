@@ -1,8 +1,10 @@
 """ONNX plumbing shared by the split and the quantizer.
 
 Loading with one-line errors, the model's input/output signatures, sample data that a model
-accepts (random or from an ``.npz``), and onnxruntime sessions. onnx and onnxruntime raise
-their own exception classes; they are translated into :class:`ModelError` here, in one place.
+accepts (random or from an ``.npz``), and onnxruntime sessions. onnx's exceptions are
+translated into :class:`ModelError` here; onnxruntime's are mapped by
+:func:`~fogline.compression._ort_errors.onnxruntime_errors`, the one map for the whole
+distribution.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from fogline.compression._ort_errors import ORT_PREFIX
 from fogline.compression.errors import ModelError
 
 __all__ = [
-    "ORT_ERRORS",
     "Dim",
     "TensorSpec",
     "bind_unnamed",
@@ -48,18 +49,6 @@ __all__ = [
 Dim = int | str | None
 """One dimension: a fixed size, a named dynamic axis (``"batch"``), or an unnamed dynamic axis."""
 
-ORT_ERRORS: tuple[type[Exception], ...] = (
-    *(
-        obj
-        for obj in vars(_ort_state).values()
-        if isinstance(obj, type) and issubclass(obj, Exception)
-    ),
-    RuntimeError,
-    OSError,
-    ValueError,
-)
-"""Everything onnxruntime raises when a model cannot be loaded or run."""
-
 # protobuf ships no type stubs; its parse error is looked up rather than imported
 _DecodeError: type[Exception] = importlib.import_module("google.protobuf.message").DecodeError
 
@@ -72,7 +61,7 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = lines[0] if lines else type(exc).__name__
     # onnxruntime prefixes messages with "[ONNXRuntimeError] : 1 : FAIL : "
-    line = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", line)
+    line = ORT_PREFIX.sub("", line)
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 

@@ -45,7 +45,6 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from fogline.compression._onnx_util import (
-    ORT_ERRORS,
     TensorSpec,
     bind_unnamed,
     coerce,
@@ -58,6 +57,7 @@ from fogline.compression._onnx_util import (
     shape_matches,
     suggest,
 )
+from fogline.compression._ort_errors import onnxruntime_errors
 from fogline.compression.errors import ModelError, QuantizationError
 
 __all__ = [
@@ -928,10 +928,8 @@ def quantize_model(
     holdout_idx = sorted(order[:n_holdout])
     calib_idx = sorted(order[n_holdout:])[:MAX_CALIBRATION_SAMPLES]
 
-    try:
+    with onnxruntime_errors(into=ModelError, what=f"{model_path}: onnxruntime cannot load it"):
         fp32 = make_session(model_path)
-    except ORT_ERRORS as exc:
-        raise ModelError(f"{model_path}: onnxruntime cannot load it: {one_line(exc)}") from exc
     all_outputs = [o.name for o in fp32.get_outputs()]
     for name in outputs or ():
         if name not in all_outputs:
@@ -942,10 +940,8 @@ def quantize_model(
 
     say(f"measuring FP32 on {len(holdout_idx)} held-out samples")
     holdout = list(samples.batches(holdout_idx, CALIBRATION_BATCH))
-    try:
+    with onnxruntime_errors(into=ModelError, what="the model rejects the calibration data"):
         reference = _collect(fp32, holdout, all_outputs)
-    except ORT_ERRORS as exc:
-        raise ModelError(f"the model rejects the calibration data: {one_line(exc)}") from exc
     measured = (
         list(outputs) if outputs else [n for n in all_outputs if reference[n].dtype.kind == "f"]
     )

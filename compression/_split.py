@@ -30,7 +30,6 @@ import onnx
 from onnx import helper
 
 from fogline.compression._onnx_util import (
-    ORT_ERRORS,
     TensorSpec,
     input_specs,
     load_model,
@@ -42,6 +41,7 @@ from fogline.compression._onnx_util import (
     suggest,
     validate_feeds,
 )
+from fogline.compression._ort_errors import onnxruntime_errors
 from fogline.compression.errors import ModelError, SplitError
 
 __all__ = [
@@ -327,10 +327,8 @@ def _fill_missing_types(
     probe.CopyFrom(model)
     for name in missing:
         probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    try:
+    with onnxruntime_errors(into=SplitError, what=f"cannot tell the type of {', '.join(missing)}"):
         session = make_session(probe)
-    except ORT_ERRORS as exc:
-        raise SplitError(f"cannot tell the type of {', '.join(missing)}: {one_line(exc)}") from exc
     for out in session.get_outputs():
         if out.name in missing and out.type in _ORT_TYPES:
             shape = [d if isinstance(d, int) else (d or None) for d in out.shape]
@@ -550,18 +548,19 @@ class _Prover:
     def case(self, name: str, feeds: Mapping[str, np.ndarray]) -> ProofCase:
         shapes = {k: tuple(int(d) for d in v.shape) for k, v in feeds.items()}
         reference = run_session(self.original, feeds)
+        # a part that fails is a failed case, not an error: map, then catch
         try:
-            edge_out = run_session(self.edge, feeds)
-        except ORT_ERRORS as exc:
-            detail = f"edge part failed: {one_line(exc)}"
-            return ProofCase(name, "failed", detail=detail, input_shapes=shapes)
+            with onnxruntime_errors(into=SplitError, what="edge part failed"):
+                edge_out = run_session(self.edge, feeds)
+        except SplitError as exc:
+            return ProofCase(name, "failed", detail=str(exc), input_shapes=shapes)
         try:
-            cloud_out = run_session(
-                self.cloud, {b.name: edge_out[b.name] for b in self.plan.boundary}
-            )
-        except ORT_ERRORS as exc:
-            detail = f"cloud part failed: {one_line(exc)}"
-            return ProofCase(name, "failed", detail=detail, input_shapes=shapes)
+            with onnxruntime_errors(into=SplitError, what="cloud part failed"):
+                cloud_out = run_session(
+                    self.cloud, {b.name: edge_out[b.name] for b in self.plan.boundary}
+                )
+        except SplitError as exc:
+            return ProofCase(name, "failed", detail=str(exc), input_shapes=shapes)
         checks = [
             _compare(o, "edge", reference[o], edge_out[o], self.tol) for o in self.plan.edge_outputs
         ]
@@ -578,9 +577,11 @@ class _Prover:
         for size in _DYNAMIC_SIZES:
             feeds = random_inputs(specs, seed=seed, dynamic_size=size)
             try:
-                run_session(self.original, feeds)
-            except ORT_ERRORS as exc:
-                errors.append(one_line(exc))
+                what = f"at dynamic size {size}" if dynamic else "at its fixed shapes"
+                with onnxruntime_errors(into=SplitError, what=what):
+                    run_session(self.original, feeds)
+            except SplitError as exc:
+                errors.append(str(exc))
                 if not dynamic:
                     break  # no dynamic axes: another size changes nothing
                 continue
@@ -633,7 +634,7 @@ def split_model(
     given = validate_feeds(specs, inputs, "sample input") if inputs is not None else None
     plan = _plan(original, names, model_path)
 
-    try:
+    with onnxruntime_errors(into=SplitError, what="onnxruntime cannot load the model or a part"):
         prover = _Prover(
             make_session(original),
             make_session(plan.edge),
@@ -641,15 +642,11 @@ def split_model(
             plan,
             _Tolerance(rtol, atol),
         )
-    except ORT_ERRORS as exc:
-        raise SplitError(f"onnxruntime cannot load the model or a part: {one_line(exc)}") from exc
 
     cases = [prover.random_case(specs, seed, have_given=given is not None)]
     if given is not None:
-        try:
+        with onnxruntime_errors(into=ModelError, what="the model rejects the sample inputs"):
             cases.append(prover.case("given", given))
-        except ORT_ERRORS as exc:
-            raise ModelError(f"the model rejects the sample inputs: {one_line(exc)}") from exc
 
     out.mkdir(parents=True, exist_ok=True)
     edge_path, cloud_path = out / EDGE_FILE, out / CLOUD_FILE
