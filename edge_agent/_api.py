@@ -29,9 +29,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from fogline import __version__
 from fogline.edge_agent._agent import Agent
 from fogline.edge_agent._runtime import InputSpec
+from fogline.edge_agent._version import fogline_version
 from fogline.edge_agent.errors import (
     AgentError,
     BrokerError,
@@ -154,7 +154,7 @@ def create_app(agent: Agent) -> FastAPI:
     """The HTTP API over ``agent``. The caller starts and stops the agent."""
     app = FastAPI(
         title=f"fogline edge agent ({agent.site})",
-        version=__version__,
+        version=fogline_version(),
         docs_url=None,
         redoc_url=None,
     )
