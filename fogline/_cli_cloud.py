@@ -44,6 +44,177 @@ def with_reference_bundle(config: CloudConfig) -> CloudConfig:
     return config if config.bundles else config.with_overrides(bundles=(BUNDLE_DIR,))
 
 
+def _report(findings: list[Finding]) -> dict[str, Any]:
+    return {
+        "findings": [dataclasses.asdict(f) for f in findings],
+        "gpu_usable": gpu_usable(findings),
+    }
+
+
+def _print_table(findings: list[Finding]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="fogline cloud doctor")
+    table.add_column("check")
+    table.add_column("usable")
+    table.add_column("detail", overflow="fold")
+    for f in findings:
+        # details hold text such as fogline[gpu], which rich would read as markup
+        table.add_row(
+            escape(f.check), "[green]yes[/]" if f.usable else "[red]no[/]", escape(f.detail)
+        )
+    console = Console()
+    console.print(table)
+    if gpu_usable(findings):
+        console.print("A GPU path is usable.")
+    else:
+        console.print("No GPU path is usable here: models run on the CPU with onnxruntime.")
+
+
+def doctor_command(
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+    require_gpu: Annotated[
+        bool, typer.Option("--require-gpu", help="Exit 1 when no GPU path is usable.")
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="cloud.toml whose backend and engine cache to check."),
+    ] = None,
+) -> None:
+    """Show which inference backends and providers this host can use, and why not the others.
+
+    Exits 0 whatever it finds, unless --require-gpu is given and no GPU path is usable (1).
+    """
+    engine_cache_dir: Path | None = None
+    backend = "auto"
+    device_id = 0
+    if config is not None:
+        from fogline.cloud_service._config import CloudConfig
+
+        try:
+            cfg = CloudConfig.from_toml(config)
+        except CloudDataError as exc:
+            fail(str(exc))
+        engine_cache_dir = cfg.tensorrt.engine_cache_dir
+        backend = cfg.backend
+        device_id = int(getattr(cfg.tensorrt, "device_id", 0))
+    findings = diagnose(engine_cache_dir=engine_cache_dir, backend=backend, device_id=device_id)
+    if json_output:
+        print(json.dumps(_report(findings)))
+    else:
+        _print_table(findings)
+    if require_gpu and not gpu_usable(findings):
+        raise typer.Exit(1)
+
+
+def batch_command(
+    model_repository: Annotated[
+        Path, typer.Option("--model-repository", help="Model repository directory.")
+    ],
+    model: Annotated[str, typer.Option("--model", help="Model to score with.")],
+    input_file: Annotated[
+        Path,
+        typer.Option("--input", "-i", help=".npz with one array per model input, items first."),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write outputs (.npz).")],
+    version: Annotated[
+        str | None, typer.Option("--version", help="Model version (default: the latest).")
+    ] = None,
+    chunk: Annotated[
+        int | None,
+        typer.Option("--chunk", help="Rows per request (default: the model's max_batch_size)."),
+    ] = None,
+    threads: Annotated[
+        int, typer.Option(help="onnxruntime intra-op threads (0: one per core).")
+    ] = 0,
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime or tensorrt.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Score a file of inputs through a model of the repository, at low priority."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from fogline.cloud_service._repository import ModelRepository
+
+    if chunk is not None and chunk < 1:
+        fail(f"--chunk must be at least 1, got {chunk}")
+    if threads < 0:
+        fail(f"--threads must be 0 or more, got {threads}")
+    if backend not in ("auto", "onnxruntime", "tensorrt"):
+        fail(f"--backend {backend!r} must be auto, onnxruntime or tensorrt")
+    try:
+        arrays = load_inputs(input_file)
+        repository = ModelRepository(
+            model_repository, models=[model], backend=backend, threads=threads
+        )
+    except CloudDataError as exc:
+        fail(str(exc))
+    console = Console(stderr=True)
+    try:
+        try:
+            if version is None:
+                repository.start()
+            else:
+                repository.load(model, version)
+        except CloudDataError as exc:
+            fail(str(exc))
+        except CloudServiceError as exc:
+            fail(str(exc), code=1)
+        began = time.monotonic()
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("items"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            total = max((a.shape[0] for a in arrays.values() if a.ndim), default=0)
+            task = bar.add_task(f"{model}", total=total or None)
+            try:
+                outputs = score(
+                    repository,
+                    model,
+                    arrays,
+                    version=version,
+                    chunk=chunk,
+                    on_progress=lambda n: bar.advance(task, n),
+                    source=str(input_file),
+                )
+            except CloudDataError as exc:
+                fail(str(exc))
+            except CloudServiceError as exc:
+                fail(str(exc), code=1)
+        try:
+            save_outputs(output, outputs)
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc}", code=1)
+        elapsed = time.monotonic() - began
+        items = next(iter(outputs.values())).shape[0] if outputs else 0
+        rate = items / elapsed if elapsed > 0 else float("inf")
+        typer.echo(
+            f"scored {items} items with {model} in {elapsed:.2f} s ({rate:.0f} items/s) -> {output}"
+        )
+    finally:
+        repository.stop()
+
+
+app.command("doctor")(doctor_command)
+app.command("batch")(batch_command)
+
+
 @app.command("serve")
 def serve(
     config: Annotated[
@@ -213,173 +384,6 @@ def _has_broker(config: Path | None) -> bool:
         return False
 
 
-def _report(findings: list[Finding]) -> dict[str, Any]:
-    return {
-        "findings": [dataclasses.asdict(f) for f in findings],
-        "gpu_usable": gpu_usable(findings),
-    }
-
-
-def _print_table(findings: list[Finding]) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title="fogline cloud doctor")
-    table.add_column("check")
-    table.add_column("usable")
-    table.add_column("detail", overflow="fold")
-    for f in findings:
-        # details hold text such as fogline[gpu], which rich would read as markup
-        table.add_row(
-            escape(f.check), "[green]yes[/]" if f.usable else "[red]no[/]", escape(f.detail)
-        )
-    console = Console()
-    console.print(table)
-    if gpu_usable(findings):
-        console.print("A GPU path is usable.")
-    else:
-        console.print("No GPU path is usable here: models run on the CPU with onnxruntime.")
-
-
-def doctor_command(
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
-    ] = False,
-    require_gpu: Annotated[
-        bool, typer.Option("--require-gpu", help="Exit 1 when no GPU path is usable.")
-    ] = False,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="cloud.toml whose backend and engine cache to check."),
-    ] = None,
-) -> None:
-    """Show which inference backends and providers this host can use, and why not the others.
-
-    Exits 0 whatever it finds, unless --require-gpu is given and no GPU path is usable (1).
-    """
-    engine_cache_dir: Path | None = None
-    backend = "auto"
-    device_id = 0
-    if config is not None:
-        from fogline.cloud_service._config import CloudConfig
-
-        try:
-            cfg = CloudConfig.from_toml(config)
-        except CloudDataError as exc:
-            fail(str(exc))
-        engine_cache_dir = cfg.tensorrt.engine_cache_dir
-        backend = cfg.backend
-        device_id = int(getattr(cfg.tensorrt, "device_id", 0))
-    findings = diagnose(engine_cache_dir=engine_cache_dir, backend=backend, device_id=device_id)
-    if json_output:
-        print(json.dumps(_report(findings)))
-    else:
-        _print_table(findings)
-    if require_gpu and not gpu_usable(findings):
-        raise typer.Exit(1)
-
-
-def batch_command(
-    model_repository: Annotated[
-        Path, typer.Option("--model-repository", help="Model repository directory.")
-    ],
-    model: Annotated[str, typer.Option("--model", help="Model to score with.")],
-    input_file: Annotated[
-        Path,
-        typer.Option("--input", "-i", help=".npz with one array per model input, items first."),
-    ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write outputs (.npz).")],
-    version: Annotated[
-        str | None, typer.Option("--version", help="Model version (default: the latest).")
-    ] = None,
-    chunk: Annotated[
-        int | None,
-        typer.Option("--chunk", help="Rows per request (default: the model's max_batch_size)."),
-    ] = None,
-    threads: Annotated[
-        int, typer.Option(help="onnxruntime intra-op threads (0: one per core).")
-    ] = 0,
-    backend: Annotated[str, typer.Option(help="auto, onnxruntime or tensorrt.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
-) -> None:
-    """Score a file of inputs through a model of the repository, at low priority."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from fogline.cloud_service._repository import ModelRepository
-
-    if chunk is not None and chunk < 1:
-        fail(f"--chunk must be at least 1, got {chunk}")
-    if threads < 0:
-        fail(f"--threads must be 0 or more, got {threads}")
-    if backend not in ("auto", "onnxruntime", "tensorrt"):
-        fail(f"--backend {backend!r} must be auto, onnxruntime or tensorrt")
-    try:
-        arrays = load_inputs(input_file)
-        repository = ModelRepository(
-            model_repository, models=[model], backend=backend, threads=threads
-        )
-    except CloudDataError as exc:
-        fail(str(exc))
-    console = Console(stderr=True)
-    try:
-        try:
-            if version is None:
-                repository.start()
-            else:
-                repository.load(model, version)
-        except CloudDataError as exc:
-            fail(str(exc))
-        except CloudServiceError as exc:
-            fail(str(exc), code=1)
-        began = time.monotonic()
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("items"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console, disable=not progress) as bar:
-            total = max((a.shape[0] for a in arrays.values() if a.ndim), default=0)
-            task = bar.add_task(f"{model}", total=total or None)
-            try:
-                outputs = score(
-                    repository,
-                    model,
-                    arrays,
-                    version=version,
-                    chunk=chunk,
-                    on_progress=lambda n: bar.advance(task, n),
-                    source=str(input_file),
-                )
-            except CloudDataError as exc:
-                fail(str(exc))
-            except CloudServiceError as exc:
-                fail(str(exc), code=1)
-        try:
-            save_outputs(output, outputs)
-        except OSError as exc:
-            fail(f"cannot write {output}: {exc}", code=1)
-        elapsed = time.monotonic() - began
-        items = next(iter(outputs.values())).shape[0] if outputs else 0
-        rate = items / elapsed if elapsed > 0 else float("inf")
-        typer.echo(
-            f"scored {items} items with {model} in {elapsed:.2f} s ({rate:.0f} items/s) -> {output}"
-        )
-    finally:
-        repository.stop()
-
-
 def token_command(
     name: Annotated[
         str, typer.Option("--name", help="Who the token is for (letters, digits, . _ -).")
@@ -410,8 +414,6 @@ def token_command(
     )
 
 
-app.command("doctor")(doctor_command)
-app.command("batch")(batch_command)
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for the inference API.")
 tokens_app.command("create")(token_command)
 app.add_typer(tokens_app, name="token")
