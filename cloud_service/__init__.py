@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from fogline.cloud_service._store import ResultStore, StoredResult
     from fogline.cloud_service._worker import CloudWorker
 
-# The package is imported by ``fogline --help`` (through ``cli``); onnxruntime, FastAPI
+# The package is imported by ``fogline --help`` (through its command module); onnxruntime, FastAPI
 # and SQLAlchemy load only when one of these names is first used.
 _LAZY = {
     "create_app": "_app",

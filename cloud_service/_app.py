@@ -11,9 +11,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from fogline import __version__
 from fogline.cloud_service._metrics import CONTENT_TYPE_LATEST
 from fogline.cloud_service._store import normalize_message_id
+from fogline.cloud_service._version import fogline_version
 from fogline.cloud_service._worker import CloudWorker
 from fogline.cloud_service.errors import StoreError
 
@@ -28,7 +28,7 @@ def create_app(worker: CloudWorker) -> FastAPI:
     """A FastAPI app serving ``worker``'s results and health."""
     app = FastAPI(
         title="fogline cloud worker",
-        version=__version__,
+        version=fogline_version(),
         docs_url=None,
         redoc_url=None,
     )

@@ -15,9 +15,9 @@ Scopes: ``infer`` (``POST …/infer``), ``read`` (server and model metadata, mod
 readiness), ``admin`` (everything, including loading and unloading models). Health
 endpoints need no token.
 
-``fogline cloud token create`` (:func:`token_command`) mints a token, prints it once and
-appends its hash to the file. This module stays free of FastAPI and numpy so the CLI can
-import it cheaply.
+``fogline cloud token create`` mints a token (:func:`generate_token`), prints it once and
+appends its hash to the file (:func:`add_token`). This module stays free of FastAPI and
+numpy so the CLI can import it cheaply.
 """
 
 from __future__ import annotations
@@ -28,18 +28,14 @@ import json
 import os
 import re
 import secrets
-import sys
 import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-
-from fogline._cli import fail
 from fogline.cloud_service.errors import ConfigError
 
 __all__ = [
@@ -51,7 +47,6 @@ __all__ = [
     "generate_token",
     "hash_token",
     "load_token_store",
-    "token_command",
     "write_token_file",
 ]
 
@@ -272,33 +267,3 @@ def add_token(path: Path, entry: TokenEntry) -> None:
     if any(e.name == entry.name for e in entries):
         raise ConfigError(f"token file {path} already has a token named {entry.name!r}")
     write_token_file(path, [*entries, entry])
-
-
-def token_command(
-    name: Annotated[
-        str, typer.Option("--name", help="Who the token is for (letters, digits, . _ -).")
-    ],
-    scope: Annotated[
-        list[Scope],
-        typer.Option("--scope", help="infer, read or admin; repeat for several."),
-    ],
-    file: Annotated[
-        Path, typer.Option("--file", help="Token file to add the hash to (TOML, or .json).")
-    ] = Path("tokens.toml"),
-) -> None:
-    """Mint an API token: print it once, store only its SHA-256 in the token file (0600).
-
-    The token cannot be recovered later; mint a new one if it is lost.
-    """
-    try:
-        secret, entry = generate_token(name, scope)
-        add_token(file, entry)
-    except (ValueError, OSError) as exc:
-        # ConfigError is a ValueError; neither message ever contains the secret.
-        fail(str(exc))
-    print(secret)
-    print(
-        f"token {entry.name!r} ({', '.join(sorted(entry.scopes))}) added to {file}; "
-        f"this is the only time it is shown",
-        file=sys.stderr,
-    )

@@ -21,16 +21,12 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import typer
 
-from fogline._cli import fail
 from fogline.cloud_service._serving import Lane, ModelMetadata
 from fogline.cloud_service.errors import (
-    CloudDataError,
-    CloudServiceError,
     InferenceInputError,
     QueueFullError,
 )
@@ -38,7 +34,7 @@ from fogline.cloud_service.errors import (
 if TYPE_CHECKING:
     from fogline.cloud_service._repository import ModelRepository
 
-__all__ = ["batch_command", "load_inputs", "save_outputs", "score"]
+__all__ = ["load_inputs", "save_outputs", "score"]
 
 DEFAULT_IN_FLIGHT = 4
 
@@ -197,103 +193,3 @@ def save_outputs(path: str | Path, outputs: Mapping[str, np.ndarray]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def batch_command(
-    model_repository: Annotated[
-        Path, typer.Option("--model-repository", help="Model repository directory.")
-    ],
-    model: Annotated[str, typer.Option("--model", help="Model to score with.")],
-    input_file: Annotated[
-        Path,
-        typer.Option("--input", "-i", help=".npz with one array per model input, items first."),
-    ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write outputs (.npz).")],
-    version: Annotated[
-        str | None, typer.Option("--version", help="Model version (default: the latest).")
-    ] = None,
-    chunk: Annotated[
-        int | None,
-        typer.Option("--chunk", help="Rows per request (default: the model's max_batch_size)."),
-    ] = None,
-    threads: Annotated[
-        int, typer.Option(help="onnxruntime intra-op threads (0: one per core).")
-    ] = 0,
-    backend: Annotated[str, typer.Option(help="auto, onnxruntime or tensorrt.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
-) -> None:
-    """Score a file of inputs through a model of the repository, at low priority."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from fogline.cloud_service._repository import ModelRepository
-
-    if chunk is not None and chunk < 1:
-        fail(f"--chunk must be at least 1, got {chunk}")
-    if threads < 0:
-        fail(f"--threads must be 0 or more, got {threads}")
-    if backend not in ("auto", "onnxruntime", "tensorrt"):
-        fail(f"--backend {backend!r} must be auto, onnxruntime or tensorrt")
-    try:
-        arrays = load_inputs(input_file)
-        repository = ModelRepository(
-            model_repository, models=[model], backend=backend, threads=threads
-        )
-    except CloudDataError as exc:
-        fail(str(exc))
-    console = Console(stderr=True)
-    try:
-        try:
-            if version is None:
-                repository.start()
-            else:
-                repository.load(model, version)
-        except CloudDataError as exc:
-            fail(str(exc))
-        except CloudServiceError as exc:
-            fail(str(exc), code=1)
-        began = time.monotonic()
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("items"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console, disable=not progress) as bar:
-            total = max((a.shape[0] for a in arrays.values() if a.ndim), default=0)
-            task = bar.add_task(f"{model}", total=total or None)
-            try:
-                outputs = score(
-                    repository,
-                    model,
-                    arrays,
-                    version=version,
-                    chunk=chunk,
-                    on_progress=lambda n: bar.advance(task, n),
-                    source=str(input_file),
-                )
-            except CloudDataError as exc:
-                fail(str(exc))
-            except CloudServiceError as exc:
-                fail(str(exc), code=1)
-        try:
-            save_outputs(output, outputs)
-        except OSError as exc:
-            fail(f"cannot write {output}: {exc}", code=1)
-        elapsed = time.monotonic() - began
-        items = next(iter(outputs.values())).shape[0] if outputs else 0
-        rate = items / elapsed if elapsed > 0 else float("inf")
-        typer.echo(
-            f"scored {items} items with {model} in {elapsed:.2f} s ({rate:.0f} items/s) -> {output}"
-        )
-    finally:
-        repository.stop()

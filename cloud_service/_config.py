@@ -49,12 +49,6 @@ DEFAULT_SHARE_GROUP = "fogline-cloud"
 DEFAULT_STORE_URL = "sqlite:///fogline-results.db"
 
 
-def _default_bundles() -> tuple[Path, ...]:
-    from fogline.reference import BUNDLE_DIR
-
-    return (BUNDLE_DIR,)
-
-
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -152,12 +146,14 @@ class CloudConfig:
     ``share_group`` names the MQTT shared subscription (``$share/<group>/…``) that lets
     several workers split the load; ``None`` subscribes to the plain topic, which the
     embedded broker (no shared subscriptions) needs. ``threads`` is the backend's
-    intra-op thread count (0: the backend's default).
+    intra-op thread count (0: the backend's default). ``bundles`` empty means none is
+    configured: the caller chooses one (``fogline cloud serve`` fills in the packaged
+    reference bundle), since this package does not know where any bundle lives.
     """
 
     broker: MqttSettings = field(default_factory=MqttSettings)
     share_group: str | None = DEFAULT_SHARE_GROUP
-    bundles: tuple[Path, ...] = field(default_factory=_default_bundles)
+    bundles: tuple[Path, ...] = ()
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -174,8 +170,6 @@ class CloudConfig:
                 f"share_group {self.share_group!r} must not contain '/', '+', '#' or NUL"
             )
         object.__setattr__(self, "bundles", tuple(Path(b) for b in self.bundles))
-        if not self.bundles:
-            raise ValueError("bundles must name at least one bundle directory")
         if self.backend not in BACKEND_KINDS:
             raise ValueError(
                 f"backend must be one of {', '.join(BACKEND_KINDS)}, got {self.backend!r}"
@@ -305,6 +299,9 @@ def _read(top: Section) -> CloudConfig:
     if (group := top.get("share_group", str)) is not None:
         kwargs["share_group"] = group or None
     if (bundles := top.get("bundles", list)) is not None:
+        if not bundles:
+            # An empty list in a file is a mistake, not a request for the default bundle.
+            top.fail("bundles", "must name at least one bundle directory")
         paths = []
         for i, item in enumerate(bundles):
             if not isinstance(item, str) or not item:

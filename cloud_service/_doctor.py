@@ -4,25 +4,21 @@ why not the others.
 :func:`diagnose` gathers the facts (:meth:`HostFacts.gather`: imports, versions, devices,
 the engine cache directory) and turns them into :class:`Finding` rows
 (:func:`findings_from`, pure, so every branch is testable without a GPU).
-:func:`doctor_command` prints them as a table or JSON. Heavy libraries (onnxruntime,
-tensorrt, torch) are imported only when a diagnosis runs, never when the CLI loads.
+The ``fogline cloud doctor`` command prints them as a table or JSON. Heavy libraries
+(onnxruntime, tensorrt, torch) are imported only when a diagnosis runs, never when the CLI
+loads.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
 
-import typer
-
-__all__ = ["Finding", "HostFacts", "diagnose", "doctor_command", "findings_from", "gpu_usable"]
+__all__ = ["Finding", "HostFacts", "diagnose", "findings_from", "gpu_usable"]
 
 _ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
 _GPU_EXTRA = "pip install 'fogline[gpu]'"
@@ -267,73 +263,3 @@ def diagnose(
     return findings_from(
         HostFacts.gather(engine_cache_dir=engine_cache_dir, backend=backend, device_id=device_id)
     )
-
-
-def _report(findings: list[Finding]) -> dict[str, Any]:
-    return {
-        "findings": [dataclasses.asdict(f) for f in findings],
-        "gpu_usable": gpu_usable(findings),
-    }
-
-
-def _print_table(findings: list[Finding]) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title="fogline cloud doctor")
-    table.add_column("check")
-    table.add_column("usable")
-    table.add_column("detail", overflow="fold")
-    for f in findings:
-        # details hold text such as fogline[gpu], which rich would read as markup
-        table.add_row(
-            escape(f.check), "[green]yes[/]" if f.usable else "[red]no[/]", escape(f.detail)
-        )
-    console = Console()
-    console.print(table)
-    if gpu_usable(findings):
-        console.print("A GPU path is usable.")
-    else:
-        console.print("No GPU path is usable here: models run on the CPU with onnxruntime.")
-
-
-def doctor_command(
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
-    ] = False,
-    require_gpu: Annotated[
-        bool, typer.Option("--require-gpu", help="Exit 1 when no GPU path is usable.")
-    ] = False,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="cloud.toml whose backend and engine cache to check."),
-    ] = None,
-) -> None:
-    """Show which inference backends and providers this host can use, and why not the others.
-
-    Exits 0 whatever it finds, unless --require-gpu is given and no GPU path is usable (1).
-    """
-    from fogline._cli import fail
-
-    engine_cache_dir: Path | None = None
-    backend = "auto"
-    device_id = 0
-    if config is not None:
-        from fogline.cloud_service._config import CloudConfig
-        from fogline.cloud_service.errors import CloudDataError
-
-        try:
-            cfg = CloudConfig.from_toml(config)
-        except CloudDataError as exc:
-            fail(str(exc))
-        engine_cache_dir = cfg.tensorrt.engine_cache_dir
-        backend = cfg.backend
-        device_id = int(getattr(cfg.tensorrt, "device_id", 0))
-    findings = diagnose(engine_cache_dir=engine_cache_dir, backend=backend, device_id=device_id)
-    if json_output:
-        print(json.dumps(_report(findings)))
-    else:
-        _print_table(findings)
-    if require_gpu and not gpu_usable(findings):
-        raise typer.Exit(1)

@@ -33,7 +33,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from fogline import __version__
 from fogline.cloud_service._auth import Scope, TokenStore
 from fogline.cloud_service._oip import (
     BINARY_HEADER,
@@ -46,6 +45,7 @@ from fogline.cloud_service._oip import (
     server_metadata_json,
 )
 from fogline.cloud_service._serving import Lane, ModelMetadata, ModelProvider
+from fogline.cloud_service._version import fogline_version
 from fogline.cloud_service.errors import (
     BackendError,
     CloudDataError,
@@ -242,7 +242,7 @@ def create_inference_app(
     cors_origins: tuple[str, ...] = (),
     registry: CollectorRegistry | None = None,
     server_name: str = "fogline",
-    server_version: str = __version__,
+    server_version: str | None = None,
 ) -> FastAPI:
     """The Open Inference Protocol API over ``provider``.
 
@@ -253,8 +253,10 @@ def create_inference_app(
     ``cors_origins`` enables CORS for exactly those origins (off when empty).
     ``fogline_http_requests_total{route,status}`` is counted in ``registry`` (a fresh one
     if ``None``, reachable as ``app.state.metrics_registry``); the app serves no
-    ``/metrics`` itself.
+    ``/metrics`` itself. ``server_version`` defaults to the installed fogline version.
     """
+    if server_version is None:
+        server_version = fogline_version()
     if auth is None and not insecure_no_auth:
         raise ValueError(
             "the inference API needs a token store (auth=...); pass insecure_no_auth=True "

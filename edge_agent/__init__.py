@@ -42,10 +42,17 @@ if TYPE_CHECKING:
         RuntimeConfig,
         load_config,
     )
+    from fogline.edge_agent._pipeline import (
+        BatchDecision,
+        Decision,
+        ItemDecision,
+        decide_batch,
+        decide_item,
+    )
     from fogline.edge_agent._runtime import InputSpec
 
-# The package is imported by ``fogline --help`` (through ``cli``); onnxruntime and FastAPI
-# load only when one of these names is first used.
+# The package is imported by ``fogline --help`` (through the agent's command module);
+# onnxruntime and FastAPI load only when one of these names is first used.
 _LAZY = {
     "Agent": "_agent",
     "Answer": "_agent",
@@ -59,6 +66,13 @@ _LAZY = {
     "RuntimeConfig": "_config",
     "load_config": "_config",
     "InputSpec": "_runtime",
+    # The decision rule (drop, answer at the edge, forward), for anyone who must decide
+    # exactly as the agent does: the reference build measures its bundle with it.
+    "BatchDecision": "_pipeline",
+    "Decision": "_pipeline",
+    "ItemDecision": "_pipeline",
+    "decide_batch": "_pipeline",
+    "decide_item": "_pipeline",
 }
 
 
@@ -82,6 +96,7 @@ __all__ = [
     "AgentError",
     "AgentPeerError",
     "Answer",
+    "BatchDecision",
     "BreakerConfig",
     "BrokerError",
     "CloudBusyError",
@@ -89,10 +104,12 @@ __all__ = [
     "CloudTimeoutError",
     "CloudUnavailableError",
     "ConfigError",
+    "Decision",
     "Delivery",
     "HttpConfig",
     "InputError",
     "InputSpec",
+    "ItemDecision",
     "ModelError",
     "NotRunningError",
     "OutboxConfig",
@@ -102,5 +119,7 @@ __all__ = [
     "RuntimeConfig",
     "Source",
     "create_app",
+    "decide_batch",
+    "decide_item",
     "load_config",
 ]

@@ -259,7 +259,7 @@ class Agent:
             raise TypeError("Agent needs an AgentConfig")
         self.config = config
         try:
-            self.bundle = Bundle.load(config.bundle_dir)
+            self.bundle = Bundle.load(config.bundle_path())
         except BundleError as exc:
             raise ModelError(f"bundle at {config.bundle_dir} is unusable: {exc}") from exc
         self.thresholds: Thresholds = config.thresholds or self.bundle.thresholds

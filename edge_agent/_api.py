@@ -36,9 +36,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fogline import __version__
 from fogline.edge_agent._agent import Agent
 from fogline.edge_agent._runtime import InputSpec
+from fogline.edge_agent._version import fogline_version
 from fogline.edge_agent.errors import (
     AgentError,
     BrokerError,
@@ -248,7 +248,7 @@ def create_app(agent: Agent, *, max_body_bytes: int | None = None) -> FastAPI:
         raise ValueError(f"max_body_bytes must be positive, got {limit}")
     app = FastAPI(
         title=f"fogline edge agent ({agent.site})",
-        version=__version__,
+        version=fogline_version(),
         docs_url=None,
         redoc_url=None,
     )

@@ -7,7 +7,7 @@ errors too: a typo must not silently fall back to a default.
 Example::
 
     site = "site-a"
-    bundle_dir = "/var/lib/fogline/bundle"   # default: the bundled reference model
+    bundle_dir = "/var/lib/fogline/bundle"   # `fogline agent run` default: the reference bundle
     codec = "int8"                           # default: the bundle's codec
     cloud_timeout_ms = 10000
 
@@ -48,7 +48,6 @@ from typing import Any
 from fogline.compression import Codec
 from fogline.edge_agent.errors import ConfigError
 from fogline.messaging import ConfigValueError, MqttSettings, Section, broker_settings, load_toml
-from fogline.reference import BUNDLE_DIR
 from fogline.sync import Thresholds
 
 __all__ = [
@@ -231,7 +230,11 @@ class BreakerConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """Everything one edge agent needs. Defaults give a loopback agent on the reference bundle.
+    """Everything one edge agent needs. Defaults give a loopback agent.
+
+    ``bundle_dir`` ``None`` means none is configured: an agent cannot start without one
+    (:meth:`bundle_path`), and ``fogline agent run`` fills in the packaged reference bundle;
+    this package does not know where any bundle lives.
 
     ``client_id`` defaults to ``fogline-agent-<site>``; ``codec`` (a :class:`Codec` or its
     name) and ``thresholds`` default to the bundle's own. ``broker.client_id`` is ignored:
@@ -239,7 +242,7 @@ class AgentConfig:
     """
 
     site: str
-    bundle_dir: Path = BUNDLE_DIR
+    bundle_dir: Path | None = None
     broker: MqttSettings = field(default_factory=MqttSettings)
     client_id: str = ""
     codec: Codec | None = None
@@ -254,7 +257,7 @@ class AgentConfig:
         _check_site(self.site)
         if isinstance(self.bundle_dir, str):
             object.__setattr__(self, "bundle_dir", Path(self.bundle_dir))
-        if not isinstance(self.bundle_dir, Path):
+        if self.bundle_dir is not None and not isinstance(self.bundle_dir, Path):
             raise ConfigError("bundle_dir", "must be a path")
         if not isinstance(self.broker, MqttSettings):
             raise ConfigError("broker", "must be MqttSettings")
@@ -287,6 +290,12 @@ class AgentConfig:
     def outbox_path(self) -> Path:
         """The outbox file of this agent."""
         return self.outbox.path_for(self.site)
+
+    def bundle_path(self) -> Path:
+        """The bundle directory to run; :class:`ConfigError` when none is configured."""
+        if self.bundle_dir is None:
+            raise ConfigError("bundle_dir", "is not set: name the bundle directory to run")
+        return self.bundle_dir
 
     def mqtt_settings(self) -> MqttSettings:
         """The broker settings with this agent's client id."""

@@ -225,10 +225,10 @@ def bench_edge(
     shared host's speed moves from one minute to the next, and measuring one after the
     other would put that drift into the ratios.
     """
-    from fogline._frames import make_frames
     from fogline._mqtt import MqttSettings
     from fogline.edge_agent import Agent, AgentConfig, OutboxConfig, RuntimeConfig
     from fogline.reference import BUNDLE_DIR
+    from fogline.reference._frames import make_frames
     from fogline.sync import Bundle
 
     with Status(not as_json, "loading the reference models") as status:
@@ -372,10 +372,10 @@ def bench_e2e(
     Inputs are submitted one at a time, each at its scheduled instant; answers are
     collected by callbacks, as an application would, not held until the end.
     """
-    from fogline._frames import make_frames
     from fogline._mqtt import MqttSettings
     from fogline.edge_agent import Agent, AgentConfig, OutboxConfig
     from fogline.reference import BUNDLE_DIR
+    from fogline.reference._frames import make_frames
     from fogline.sync import Bundle, Thresholds
 
     with Status(not as_json, "starting the broker, the workers and the agent") as status:

@@ -1,6 +1,6 @@
 """``fogline bench cloud``: Open Inference Protocol throughput with batching off and on.
 
-An MLP on 256 FP32 features (:mod:`fogline.cloud_service._reference_mlp`; by default
+An MLP on 256 FP32 features (:mod:`fogline.reference._mlp`; by default
 256 → 4096 → 2048 → 10, about 9.5 million parameters, ``--layers`` picks others) is
 written twice into a temporary Triton-layout repository: ``mlp`` with dynamic batching
 (up to 32 rows, ``--max-queue-delay-ms``) and ``mlp_nobatch`` with ``max_batch_size = 0``
@@ -109,7 +109,7 @@ def _serve(repo_dir: Path, timeout_s: float = 120.0) -> Iterator[str]:
 def _request_body() -> tuple[bytes, dict[str, str]]:
     """One batch-1 request in the binary tensor data form, built once per benchmark."""
     from fogline.cloud_service._oip import BINARY_HEADER
-    from fogline.cloud_service._reference_mlp import REFERENCE_MLP_INPUT, REFERENCE_MLP_OUTPUT
+    from fogline.reference._mlp import REFERENCE_MLP_INPUT, REFERENCE_MLP_OUTPUT
 
     x = np.random.default_rng(0).standard_normal((1, _FEATURES)).astype("<f4")
     raw = x.tobytes()
@@ -238,7 +238,7 @@ def bench_cloud(
     """
     from fogline._bench import _emit
     from fogline._cli import Status
-    from fogline.cloud_service._reference_mlp import reference_mlp_weights, write_reference_mlp
+    from fogline.reference._mlp import reference_mlp_weights, write_reference_mlp
 
     warmup_s = min(1.0, seconds)
     body, headers = _request_body()

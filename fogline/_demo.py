@@ -148,11 +148,11 @@ def run_demo(
     cloud before it gets the edge's degraded answer)."""
     from rich.progress import Progress
 
-    from fogline._frames import make_frames
     from fogline._mqtt import MqttSettings
     from fogline.cloud_service import CloudConfig, CloudWorker, StoreConfig
     from fogline.edge_agent import Agent, AgentConfig, Answer, OutboxConfig
     from fogline.reference import BUNDLE_DIR
+    from fogline.reference._frames import make_frames
     from fogline.sync import Bundle
 
     bundle = Bundle.load(BUNDLE_DIR)

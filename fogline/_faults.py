@@ -420,7 +420,7 @@ def _kept_tags(out: Path) -> set[str]:
 
 
 def _feed(args: argparse.Namespace) -> int:
-    from fogline._frames import make_frames
+    from fogline._cli_agent import with_reference_bundle
     from fogline.edge_agent import (
         Agent,
         Answer,
@@ -429,6 +429,7 @@ def _feed(args: argparse.Namespace) -> int:
         OutboxEvictedError,
         load_config,
     )
+    from fogline.reference._frames import make_frames
 
     out = Path(args.out)
     pid = os.getpid()
@@ -464,7 +465,7 @@ def _feed(args: argparse.Namespace) -> int:
             outcomes.record(tag, "failed")
         # timeouts, unavailability, shutdown: the item stays in the outbox
 
-    config = load_config(args.config)
+    config = with_reference_bundle(load_config(args.config))
     agent = Agent(config, on_answer=on_answer)
     agent.start(wait_connected=False)
     frames, _labels = make_frames(64, seed=5, p_digit=1.0)

@@ -12,10 +12,10 @@ import typer
 
 from fogline import __version__
 from fogline._bench import app as bench_app
+from fogline._cli_agent import app as agent_app
+from fogline._cli_cloud import app as cloud_app
+from fogline._cli_model import app as model_app
 from fogline._demo import demo
-from fogline.cloud_service.cli import app as cloud_app
-from fogline.compression.cli import app as model_app
-from fogline.edge_agent.cli import app as agent_app
 
 __all__ = ["app", "main"]
 

@@ -12,6 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from fogline._cli_cloud import token_command
 from fogline.cloud_service._auth import (
     TOKEN_PREFIX,
     Scope,
@@ -21,7 +22,6 @@ from fogline.cloud_service._auth import (
     generate_token,
     hash_token,
     load_token_store,
-    token_command,
     write_token_file,
 )
 from fogline.cloud_service.errors import ConfigError

@@ -12,11 +12,12 @@ import typer
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from fogline._cli_cloud import batch_command
 from fogline.cloud_service._backends import BackendChoice
-from fogline.cloud_service._batch_job import batch_command, load_inputs, save_outputs, score
-from fogline.cloud_service._reference_mlp import reference_mlp_forward, write_reference_mlp
+from fogline.cloud_service._batch_job import load_inputs, save_outputs, score
 from fogline.cloud_service._repository import ModelRepository
 from fogline.cloud_service.errors import InferenceInputError
+from fogline.reference._mlp import reference_mlp_forward, write_reference_mlp
 
 app = typer.Typer()
 app.command()(batch_command)

@@ -117,7 +117,7 @@ def _wait_http(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) -
 def test_serve_with_a_model_repository_answers_the_inference_protocol_behind_tokens(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    from fogline.cloud_service._reference_mlp import write_reference_mlp
+    from fogline.reference._mlp import write_reference_mlp
 
     repo = tmp_path / "models"
     write_reference_mlp(repo, name="mlp")

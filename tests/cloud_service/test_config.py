@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fogline._cli_cloud import with_reference_bundle
 from fogline.cloud_service import (
     BatchingConfig,
     CloudConfig,
@@ -22,9 +23,9 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_serve_the_reference_bundle_on_a_shared_subscription() -> None:
+def test_defaults_name_no_bundle_and_subscribe_to_a_shared_subscription() -> None:
     cfg = CloudConfig()
-    assert cfg.bundles == (BUNDLE_DIR,)
+    assert cfg.bundles == ()  # the serve command fills in the reference bundle
     assert cfg.share_group == "fogline-cloud"
     assert cfg.batching == BatchingConfig(32, 2.0, 10_000)
     assert cfg.store.url == "sqlite:///fogline-results.db"
@@ -165,6 +166,15 @@ def test_command_line_overrides_replace_only_what_they_name(tmp_path: Path) -> N
     assert cfg.store.url == "sqlite://"
     with pytest.raises(ConfigError, match="mqtt://"):
         base.with_overrides(broker_url="ftp://x")
+
+
+def test_the_serve_command_serves_the_reference_bundle_when_none_is_configured(
+    tmp_path: Path,
+) -> None:
+    assert with_reference_bundle(CloudConfig()).bundles == (BUNDLE_DIR,)
+    assert with_reference_bundle(CloudConfig(bundles=(tmp_path,))).bundles == (tmp_path,)
+    from_file = CloudConfig.from_toml(write(tmp_path, 'backend = "onnxruntime"'))
+    assert with_reference_bundle(from_file).bundles == (BUNDLE_DIR,)
 
 
 def test_configs_are_frozen() -> None:

@@ -13,11 +13,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from fogline._cli_cloud import doctor_command
 from fogline.cloud_service._doctor import (
     Finding,
     HostFacts,
     diagnose,
-    doctor_command,
     findings_from,
     gpu_usable,
 )

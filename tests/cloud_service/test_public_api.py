@@ -70,7 +70,7 @@ def test_errors_split_into_bad_data_and_failed_service() -> None:
 
 def test_the_cli_module_does_not_import_the_heavy_dependencies() -> None:
     code = (
-        "import sys, fogline.cloud_service.cli; "
+        "import sys, fogline._cli_cloud; "
         "print(sorted(m for m in ('onnxruntime', 'fastapi', 'sqlalchemy', 'torch') "
         "if m in sys.modules))"
     )

@@ -20,13 +20,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fogline.cloud_service._backends import Backend, BackendChoice, OnnxRuntimeBackend
 from fogline.cloud_service._metrics import CloudMetrics
-from fogline.cloud_service._reference_mlp import (
-    REFERENCE_MLP_INPUT,
-    REFERENCE_MLP_OUTPUT,
-    build_reference_mlp,
-    reference_mlp_forward,
-    write_reference_mlp,
-)
 from fogline.cloud_service._repository import (
     ModelRepository,
     VersionState,
@@ -42,6 +35,13 @@ from fogline.cloud_service.errors import (
     ModelNotReadyError,
     QueueFullError,
     UnknownModelError,
+)
+from fogline.reference._mlp import (
+    REFERENCE_MLP_INPUT,
+    REFERENCE_MLP_OUTPUT,
+    build_reference_mlp,
+    reference_mlp_forward,
+    write_reference_mlp,
 )
 
 # onnxruntime as chosen; skips probing the host for GPUs in every test

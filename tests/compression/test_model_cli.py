@@ -272,9 +272,9 @@ def test_build_reference_calls_the_builder_and_prints_its_summary(
         progress("training")
         return {"bundle": "reference@1", "speed": {"int8_vs_fp32_speedup": 2.5}}
 
-    fake = types.ModuleType("fogline.compression._reference")
+    fake = types.ModuleType("fogline.reference._build")
     fake.build_reference = build_reference  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fogline.compression._reference", fake)
+    monkeypatch.setitem(sys.modules, "fogline.reference._build", fake)
 
     args = ["model", "build-reference", "-o", str(tmp_path), "--seed", "3", "--quick"]
     table = runner.invoke(app, args)

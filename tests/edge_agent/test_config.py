@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from fogline._cli_agent import with_reference_bundle
 from fogline.compression import Codec
 from fogline.edge_agent import (
+    Agent,
     AgentConfig,
     BreakerConfig,
     ConfigError,
@@ -31,7 +33,7 @@ def test_a_minimal_config_gets_loopback_defaults_and_a_per_site_client_id(tmp_pa
     assert cfg.site == "site-a"
     assert cfg.client_id == "fogline-agent-site-a"
     assert cfg.mqtt_settings().client_id == "fogline-agent-site-a"
-    assert cfg.bundle_dir == BUNDLE_DIR
+    assert cfg.bundle_dir is None  # the command fills in the reference bundle
     assert cfg.codec is None
     assert cfg.thresholds is None
     assert cfg.cloud_timeout_ms == 10_000
@@ -122,6 +124,22 @@ def test_command_line_overrides_win_over_the_file(tmp_path: Path) -> None:
 def test_config_without_a_file_needs_only_a_site() -> None:
     cfg = load_config(None, {"site": "solo"})
     assert cfg.site == "solo"
+
+
+def test_the_agent_command_runs_the_reference_bundle_when_none_is_configured(
+    tmp_path: Path,
+) -> None:
+    cfg = load_config(None, {"site": "solo"})
+    with pytest.raises(ConfigError, match="bundle_dir: is not set"):
+        cfg.bundle_path()
+    assert with_reference_bundle(cfg).bundle_path() == BUNDLE_DIR
+    own = cfg.replace(bundle_dir=tmp_path)
+    assert with_reference_bundle(own).bundle_dir == tmp_path
+
+
+def test_an_agent_without_a_bundle_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="bundle_dir"):
+        Agent(AgentConfig(site="a"))
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ EXPECTED = {
     "AgentError",
     "AgentPeerError",
     "Answer",
+    "BatchDecision",
     "BreakerConfig",
     "BrokerError",
     "CloudBusyError",
@@ -24,10 +25,12 @@ EXPECTED = {
     "CloudTimeoutError",
     "CloudUnavailableError",
     "ConfigError",
+    "Decision",
     "Delivery",
     "HttpConfig",
     "InputError",
     "InputSpec",
+    "ItemDecision",
     "ModelError",
     "NotRunningError",
     "OutboxConfig",
@@ -37,6 +40,8 @@ EXPECTED = {
     "RuntimeConfig",
     "Source",
     "create_app",
+    "decide_batch",
+    "decide_item",
     "load_config",
 }
 
@@ -70,7 +75,7 @@ def test_errors_split_into_bad_data_and_failed_peers() -> None:
 
 def test_the_command_module_does_not_load_onnxruntime_or_fastapi() -> None:
     code = (
-        "import sys, fogline.edge_agent.cli, fogline.edge_agent; "
+        "import sys, fogline._cli_agent, fogline.edge_agent; "
         "print(sorted(m for m in ('onnxruntime', 'fastapi', 'uvicorn') if m in sys.modules))"
     )
     out = subprocess.run(

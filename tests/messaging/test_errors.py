@@ -90,39 +90,100 @@ def test_paho_defines_no_exception_type_left_unmapped() -> None:
     assert paho_errors == {"MalformedPacket", "WebsocketConnectionError"}
 
 
-# Imports of the root package still to be removed from components (issue 13, item 5).
-KNOWN_ROOT_IMPORTS = {
-    ("cloud_service/_app.py", "fogline"),
-    ("cloud_service/_auth.py", "fogline._cli"),
-    ("cloud_service/_batch_job.py", "fogline._cli"),
-    ("cloud_service/_doctor.py", "fogline._cli"),
-    ("cloud_service/_oip_app.py", "fogline"),
-    ("cloud_service/cli.py", "fogline._cli"),
-    ("compression/_reference.py", "fogline._frames"),
-    ("compression/cli.py", "fogline._cli"),
-    ("edge_agent/_api.py", "fogline"),
-    ("edge_agent/cli.py", "fogline._cli"),
-}
+def _module_name(path: Path) -> str:
+    """The dotted name a component file is installed under (``fogline.edge_agent._api``)."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["fogline", *parts])
+
+
+def _is_root(module: str) -> bool:
+    """Whether ``module`` is the root package or one of its own modules, as opposed to a
+    component installed under the ``fogline.`` namespace."""
+    parts = module.split(".")
+    return parts[0] == "fogline" and (len(parts) == 1 or parts[1] not in COMPONENTS)
+
+
+def root_imports_in(source: str, module: str, *, is_package: bool = False) -> set[str]:
+    """Every root-package module that ``source`` (the code of ``module``) imports: plain and
+    ``from`` imports, relative ones resolved, and ``importlib.import_module("…")``."""
+    found = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            # `from fogline import edge_agent` names a component; `from fogline import
+            # __version__` (or `reference`, `cli`, `_cli`) names the root package's own.
+            targets = [f"{base}.{a.name}" if base == "fogline" else base for a in node.names]
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and ast.unparse(node.func) in ("importlib.import_module", "import_module", "__import__")
+        ):
+            targets = [node.args[0].value]
+        found.update(t for t in targets if _is_root(t))
+    return found
 
 
 def _root_imports() -> set[tuple[str, str]]:
     found = set()
     for package in COMPONENTS:
         for path in sorted((REPO / package).rglob("*.py")):
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-            for node in ast.walk(tree):
-                names = []
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names = [node.module]
-                elif isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                for name in names:
-                    if name == "fogline" or name.startswith("fogline._"):
-                        found.add((path.relative_to(REPO).as_posix(), name))
+            source = path.read_text(encoding="utf-8")
+            is_package = path.name == "__init__.py"
+            for name in root_imports_in(source, _module_name(path), is_package=is_package):
+                found.add((path.relative_to(REPO).as_posix(), name))
     return found
 
 
-def test_no_component_imports_the_root_package_beyond_known_work() -> None:
-    found = _root_imports()
-    assert not {m for _, m in found} & {"fogline._mqtt", "fogline._config"}
-    assert found <= KNOWN_ROOT_IMPORTS, sorted(found - KNOWN_ROOT_IMPORTS)
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import fogline",
+        "import fogline._cli",
+        "import fogline.reference as ref",
+        "from fogline import __version__",
+        "from fogline import reference",
+        "from fogline import cli",
+        "from fogline._cli import fail",
+        "from fogline.reference import BUNDLE_DIR",
+        "from fogline.reference._frames import make_frames",
+        "from fogline.cli import app",
+        "from .. import __version__",
+        "from ..reference import BUNDLE_DIR",
+        "def f():\n    from fogline._frames import make_frames",
+        "import importlib\nimportlib.import_module('fogline._bench')",
+    ],
+)
+def test_any_import_of_the_root_package_from_a_component_is_found(source: str) -> None:
+    assert root_imports_in(source, "fogline.edge_agent._api")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import fogline.edge_agent",
+        "from fogline import edge_agent, messaging",
+        "from fogline.messaging import MqttSettings",
+        "from fogline.sync import Bundle",
+        "from . import errors",
+        "from ._pipeline import decide_batch",
+        "from ..compression import Codec",
+    ],
+)
+def test_imports_of_components_are_not_root_imports(source: str) -> None:
+    assert not root_imports_in(source, "fogline.edge_agent._api")
+
+
+def test_no_component_imports_the_root_package() -> None:
+    assert _root_imports() == set()

@@ -1,6 +1,6 @@
 """Build the reference bundle: a digit-spotting model split into an INT8 edge and a cloud tail.
 
-The model reads raw camera-like frames (:mod:`fogline._frames`, uint8 ``[N, 1, 64, 64]``)
+The model reads raw camera-like frames (:mod:`fogline.reference._frames`, uint8 ``[N, 1, 64, 64]``)
 through a shared convolutional backbone with three edge heads:
 
 - ``relevance``: probability that a digit is in the frame (the filter: drop below threshold),
@@ -15,7 +15,9 @@ uses the training split's digits less a fifth kept for validation; the models ar
 exported to ONNX, the edge part is quantized to INT8 by
 :func:`fogline.compression._quantize.quantize_model`, the exit threshold is chosen on
 validation frames, and the bundle is measured on frames of held-out digits (never
-trained on). The figures go into the manifest so that anyone can check them.
+trained on). The figures go into the manifest so that anyone can check them; every frame is
+routed by the agent's own decision rule (:func:`fogline.edge_agent.decide_batch`), so the
+figures say what an agent running the bundle does, NaN and infinite head values included.
 """
 
 from __future__ import annotations
@@ -40,11 +42,18 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from fogline._frames import FRAME_SHAPE, NO_DIGIT, digit_pool, frames_from_digits, make_frames
-from fogline.compression._codec import Codec, Envelope, Kind, decode_envelope, encode_envelope
-from fogline.sync import write_manifest
+from fogline.compression import Codec, Envelope, Kind, decode_envelope, encode_envelope
+from fogline.edge_agent import Decision, decide_batch
+from fogline.reference._frames import (
+    FRAME_SHAPE,
+    NO_DIGIT,
+    digit_pool,
+    frames_from_digits,
+    make_frames,
+)
+from fogline.sync import Thresholds, write_manifest
 
-__all__ = ["build_reference", "decide"]
+__all__ = ["build_reference", "decide", "routes"]
 
 BUNDLE_NAME = "reference"
 BUNDLE_VERSION = "1"
@@ -67,8 +76,8 @@ CLOUD_FILE = "cloud.onnx"
 FULL_FILE = "full.onnx"
 MODEL_FILES = (EDGE_FILE, EDGE_FP32_FILE, CLOUD_FILE, FULL_FILE)
 
-# decision routes
-DROPPED, EXITED, FORWARDED = 0, 1, 2
+# decision routes: the agent's own codes
+DROPPED, EXITED, FORWARDED = int(Decision.DROP), int(Decision.EXIT), int(Decision.FORWARD)
 
 # purposes for deriving independent frame streams from one seed
 _TRAIN_STREAM, _VALIDATION_STREAM, _CALIBRATION_STREAM, _EVAL_STREAM = 1, 2, 3, 4
@@ -451,6 +460,33 @@ def _export_all(edge: _Edge, cloud: _Cloud, out: Path) -> None:
 # ---------------------------------------------------------------------------- decisions
 
 
+def routes(
+    relevance: np.ndarray,
+    exit_probs: np.ndarray | None,
+    *,
+    relevance_threshold: float,
+    exit_threshold: float,
+) -> np.ndarray:
+    """Where each frame goes (``DROPPED``/``EXITED``/``FORWARDED``), decided by the agent's
+    own rule (:func:`fogline.edge_agent.decide_batch`) so that the build measures exactly
+    what a running agent does: below ``relevance_threshold`` a frame is dropped, at or above
+    ``exit_threshold`` of the exit head's top probability it is answered at the edge, and a
+    NaN from either head sends it to the cloud. ``exit_probs`` ``None``: no exit head.
+    """
+    rel = np.asarray(relevance, dtype=np.float32).reshape(-1)
+    outputs = {"relevance": rel}
+    if exit_probs is not None:
+        outputs["exit_probs"] = np.asarray(exit_probs, dtype=np.float32)
+    batch = decide_batch(
+        outputs,
+        thresholds=Thresholds(relevance=relevance_threshold, exit_confidence=exit_threshold),
+        filter_output="relevance",
+        exit_output=None if exit_probs is None else "exit_probs",
+        batch_size=len(rel),
+    )
+    return batch.decisions.astype(np.int64)
+
+
 def decide(
     relevance: np.ndarray,
     exit_probs: np.ndarray,
@@ -461,19 +497,21 @@ def decide(
 ) -> tuple[np.ndarray, np.ndarray]:
     """What the hybrid answers for each frame, and where the answer comes from.
 
-    A frame whose relevance is below ``relevance_threshold`` is dropped (answer
-    :data:`~fogline._frames.NO_DIGIT`); otherwise the edge answers if the exit head's top
-    probability reaches ``exit_threshold``, else the cloud tail answers. Returns
-    ``(predictions, routes)`` with routes ``DROPPED``/``EXITED``/``FORWARDED``.
+    Routes come from :func:`routes` (the agent's rule); a dropped frame answers
+    :data:`~fogline.reference._frames.NO_DIGIT`, an exited one the exit head's top class, a
+    forwarded one the cloud tail's. Returns ``(predictions, routes)``.
     """
-    rel = np.asarray(relevance, dtype=np.float32).reshape(-1)
-    keep = rel >= relevance_threshold
-    exits = keep & (np.max(exit_probs, axis=1) >= exit_threshold)
+    where = routes(
+        relevance,
+        exit_probs,
+        relevance_threshold=relevance_threshold,
+        exit_threshold=exit_threshold,
+    )
     predictions = np.where(
-        keep, np.where(exits, np.argmax(exit_probs, axis=1), np.argmax(cloud_probs, axis=1)), -1
-    ).astype(np.int64)
-    routes = np.where(keep, np.where(exits, EXITED, FORWARDED), DROPPED).astype(np.int64)
-    return predictions, routes
+        where == EXITED, np.argmax(exit_probs, axis=1), np.argmax(cloud_probs, axis=1)
+    )
+    predictions = np.where(where == DROPPED, NO_DIGIT, predictions).astype(np.int64)
+    return predictions, where
 
 
 def _accuracy_points(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -581,14 +619,20 @@ def _hybrid(
     bundle_id: str,
 ) -> dict[str, Any]:
     """Hybrid figures for one edge model: the cloud tail sees codec-decoded features."""
-    keep = edge.relevance.reshape(-1) >= RELEVANCE_THRESHOLD
-    forwarded = keep & (np.max(edge.exit_probs, axis=1) < exit_threshold)
+    where = routes(
+        edge.relevance,
+        edge.exit_probs,
+        relevance_threshold=RELEVANCE_THRESHOLD,
+        exit_threshold=exit_threshold,
+    )
+    keep = where != DROPPED
+    forwarded = where == FORWARDED
     cloud_probs = np.zeros((len(labels), 10), dtype=np.float32)
     sizes: list[int] = []
     if forwarded.any():
         decoded, sizes = _through_codec(edge.features[forwarded], bundle_id)
         cloud_probs[forwarded] = _run(cloud_path, decoded)["probs"]
-    preds, routes = decide(
+    preds, _ = decide(
         edge.relevance,
         edge.exit_probs,
         cloud_probs,
@@ -604,16 +648,20 @@ def _hybrid(
         ),
         "edge_only_accuracy": _accuracy_points(edge_only, labels),
         "hybrid_accuracy": _accuracy_points(preds, labels),
-        "share_dropped": float(np.mean(routes == DROPPED)),
-        "share_exited": float(np.mean(routes == EXITED)),
-        "share_forwarded": float(np.mean(routes == FORWARDED)),
+        "share_dropped": float(np.mean(where == DROPPED)),
+        "share_exited": float(np.mean(where == EXITED)),
+        "share_forwarded": float(np.mean(where == FORWARDED)),
         "forwarded_message_bytes_mean": float(np.mean(sizes)) if sizes else 0.0,
     }
 
 
 def _cloud_only(full_path: Path, frames: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     out = _run(full_path, frames)
-    keep = out["relevance"].reshape(-1) >= RELEVANCE_THRESHOLD
+    # The cloud-only baseline keeps the agent's filter step and nothing else.
+    where = routes(
+        out["relevance"], None, relevance_threshold=RELEVANCE_THRESHOLD, exit_threshold=1.0
+    )
+    keep = where != DROPPED
     preds = np.where(keep, np.argmax(out["probs"], axis=1), NO_DIGIT)
     is_digit = labels != NO_DIGIT
     return {
@@ -728,13 +776,18 @@ def build_reference(
         val_edge = _run_edge(work / EDGE_FILE, val_frames)
         val_cloud = _run(work / CLOUD_FILE, val_edge.features)["probs"]
         val_cloud_only = _cloud_only(work / FULL_FILE, val_frames, val_labels)
-        exit_threshold = _choose_exit_threshold(
-            val_edge.relevance,
-            val_edge.exit_probs,
-            val_cloud,
-            val_labels,
-            relevance_threshold=RELEVANCE_THRESHOLD,
-            target_points=val_cloud_only["accuracy"] - EXIT_TOLERANCE_POINTS,
+        # Rounded as the manifest records it, before any figure is measured: the agent
+        # compares against the manifest's value, so the figures must too.
+        exit_threshold = round(
+            _choose_exit_threshold(
+                val_edge.relevance,
+                val_edge.exit_probs,
+                val_cloud,
+                val_labels,
+                relevance_threshold=RELEVANCE_THRESHOLD,
+                target_points=val_cloud_only["accuracy"] - EXIT_TOLERANCE_POINTS,
+            ),
+            4,
         )
         val_hybrid = _hybrid(
             val_edge,
@@ -853,7 +906,7 @@ def build_reference(
             "cloud": {"model": CLOUD_FILE, "output": "probs"},
             "thresholds": {
                 "relevance": RELEVANCE_THRESHOLD,
-                "exit_confidence": round(exit_threshold, 4),
+                "exit_confidence": exit_threshold,
             },
             "codec": {"kind": "int8", "zstd_level": ZSTD_LEVEL},
             "labels": list(LABELS),

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fogline._cli import fail, settle_heap, setup_logging
+from fogline.reference import BUNDLE_DIR
 
 if TYPE_CHECKING:
+    from fogline.edge_agent import AgentConfig
     from fogline.edge_agent._agent import Delivery
 
-__all__ = ["app"]
+__all__ = ["app", "with_reference_bundle"]
 
 log = logging.getLogger("fogline.edge_agent")
 
@@ -43,10 +45,17 @@ def _log_delivery(d: Delivery) -> None:
         )
 
 
+def with_reference_bundle(config: AgentConfig) -> AgentConfig:
+    """``config`` on the packaged reference bundle when it names no bundle of its own.
+
+    The agent package does not know where the reference bundle lives; the command does.
+    """
+    return config if config.bundle_dir is not None else config.replace(bundle_dir=BUNDLE_DIR)
+
+
 app = typer.Typer(no_args_is_help=True)
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-log = logging.getLogger("fogline.edge_agent")
 
 
 @app.callback()
@@ -86,7 +95,7 @@ def run(
         fail("give --config agent.toml or at least --site")
     overrides = {"site": site, "broker.url": broker, "bundle_dir": bundle, "http.port": port}
     try:
-        cfg = load_config(config, overrides)
+        cfg = with_reference_bundle(load_config(config, overrides))
     except AgentDataError as exc:
         fail(str(exc))
 

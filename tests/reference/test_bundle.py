@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fogline._frames import FRAME_SHAPE, NO_DIGIT, make_frames
 from fogline.compression import Codec, Envelope, Kind, decode_envelope, encode_envelope
 from fogline.reference import BUNDLE_DIR
+from fogline.reference._frames import FRAME_SHAPE, NO_DIGIT, make_frames
 from fogline.sync import Bundle
 
 # recorded figures are reproduced to within this many points (onnxruntime may sum in
@@ -201,7 +201,7 @@ def test_a_forwarded_feature_message_costs_about_a_hundred_bytes(bundle: Bundle)
 
 @pytest.mark.slow
 def test_a_quick_build_writes_a_bundle_that_loads_and_runs(tmp_path: Path) -> None:
-    from fogline.compression._reference import build_reference
+    from fogline.reference._build import build_reference
 
     messages: list[str] = []
     out = tmp_path / "bundle"
@@ -227,7 +227,7 @@ def test_the_exported_edge_computes_what_the_trained_edge_computes() -> None:
     weights, gives the trained network's outputs on any frame, borders included."""
     import torch
 
-    from fogline.compression._reference import _DeployedEdge, _Edge
+    from fogline.reference._build import _DeployedEdge, _Edge
 
     torch.manual_seed(3)
     edge = _Edge()

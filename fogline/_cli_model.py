@@ -302,7 +302,7 @@ def build_reference(
 
     target_dir = out_dir if out_dir is not None else BUNDLE_DIR
     try:
-        from fogline.compression._reference import build_reference as build
+        from fogline.reference._build import build_reference as build
     except ImportError as exc:
         fail(
             f"building the reference model needs the 'tools' extra "

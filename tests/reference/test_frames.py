@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fogline._frames import (
+from fogline.reference._frames import (
     FRAME_SHAPE,
     NO_DIGIT,
     digit_pool,
