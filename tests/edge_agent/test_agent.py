@@ -385,25 +385,3 @@ def test_an_unreachable_broker_fails_start_when_asked_to_wait(
         agent.start()
     assert not agent.running
 
-
-def test_answered_items_wait_for_the_next_new_items_to_share_their_transaction(
-    bundle_factory, agent_factory
-) -> None:
-    from fogline.edge_agent._agent import _Outgoing
-
-    agent = agent_factory(bundle_factory(**FORWARD_ALL), start=False)
-    answered_op = (b"\x01" * 16, None, None, None)
-    new_items = _Outgoing(None)
-    agent._journal.put(answered_op)
-    agent._journal.put(new_items)
-    outgoing: list[object] = []
-    answered: list[object] = []
-    assert agent._await_insert(outgoing, answered) is False
-    assert outgoing == [new_items]
-    assert answered == [answered_op]
-    # Nothing new comes: it gives up and the deletes are committed alone.
-    assert agent._await_insert(outgoing, answered) is False
-    assert (len(outgoing), len(answered)) == (1, 1)
-    # The stop marker ends the wait and is reported.
-    agent._journal.put(None)
-    assert agent._await_insert([], []) is True
