@@ -384,4 +384,3 @@ def test_an_unreachable_broker_fails_start_when_asked_to_wait(
     with pytest.raises(BrokerError, match="no connection to broker"):
         agent.start()
     assert not agent.running
-
