@@ -54,34 +54,26 @@ from fogline.compression import (
     Envelope,
     FeatureMeta,
     Kind,
-    MetaError,
-    ResultStatus,
     encode_envelope,
     is_compressed,
-    mark_resent,
     now_us,
 )
-from fogline.edge_agent._answer import Answer, Delivery, Source, result_meta, settle
+from fogline.edge_agent._answer import Answer, Delivery, Source, settle
 from fogline.edge_agent._breaker import STATE_CODES, CircuitBreaker
 from fogline.edge_agent._config import AgentConfig
+from fogline.edge_agent._courier import Courier, Item, PendingItem
 from fogline.edge_agent._delivery import DeliveryCore, DeliveryPolicy, Pending
-from fogline.edge_agent._journal import Journal, Outgoing
+from fogline.edge_agent._journal import Outgoing
 from fogline.edge_agent._loaded import LoadedBundle
 from fogline.edge_agent._metrics import AgentMetrics
 from fogline.edge_agent._outbox import Eviction, OutboxLimits
 from fogline.edge_agent._pipeline import BatchDecision, Decision, decide_batch
 from fogline.edge_agent._runtime import EdgeRuntime, InputSpec
-from fogline.edge_agent._transport import Transport
 from fogline.edge_agent.errors import (
     AgentError,
-    CloudBusyError,
-    CloudFailedError,
-    CloudTimeoutError,
-    CloudUnavailableError,
     ModelError,
     NotRunningError,
     OutboxError,
-    OutboxEvictedError,
     OverloadedError,
 )
 from fogline.sync import Bundle, Thresholds
@@ -90,12 +82,7 @@ __all__ = ["Agent", "Answer", "Delivery", "Source"]
 
 log = logging.getLogger("fogline.edge_agent")
 
-_Pending = Pending[Future[Answer]]
-_Item = tuple[_Pending, Future[Answer]]  # what the journal carries for each new item
 _STOP = object()
-_RESEND_TICK_S = 0.02
-_GAUGE_EVERY_S = 0.5
-_EXPIRE_EVERY_S = 1.0
 _COMPRESS_PROBE_EVERY = 64
 _LOCAL: tuple[tuple[Source, Decision], ...] = (("dropped", Decision.DROP), ("edge", Decision.EXIT))
 
@@ -129,11 +116,8 @@ class Agent:
         self.metrics.info.info(
             {"site": self.site, "bundle": self.bundle_id, "codec": self.codec.name.lower()}
         )
-        self._transport = Transport(
-            config.mqtt_settings(), self.site, self._on_result, self.metrics
-        )
         b, ob = config.breaker, config.outbox
-        self._delivery: DeliveryCore[Future[Answer]] = DeliveryCore(
+        delivery: DeliveryCore[Future[Answer]] = DeliveryCore(
             DeliveryPolicy(
                 timeout_s=config.cloud_timeout_ms / 1000.0,
                 retry_initial_s=ob.retry_initial_ms / 1000.0,
@@ -147,10 +131,22 @@ class Agent:
                 max_open_s=b.max_open_ms / 1000.0,
             ),
         )
-        self.metrics.pending.set_function(lambda: len(self._delivery))
+        self._delivery = delivery
+        self._halt = threading.Event()
+        self._courier = Courier(
+            site=self.site,
+            settings=config.mqtt_settings(),
+            delivery=delivery,
+            metrics=self.metrics,
+            timeout_ms=config.cloud_timeout_ms,
+            loaded=lambda: self._loaded,
+            on_answer=lambda: self.on_answer,
+            halt=self._halt,
+        )
+        self._transport = self._courier.transport
+        self.metrics.pending.set_function(lambda: len(delivery))
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
-        self.metrics.circuit_state.set_function(lambda: STATE_CODES[self._delivery.breaker.state])
-        self._journal: Journal[_Item] | None = None
+        self.metrics.circuit_state.set_function(lambda: STATE_CODES[delivery.breaker.state])
         self._compress = True
         self._encoded = 0
         self._state: Literal["new", "running", "stopped"] = "new"
@@ -158,7 +154,6 @@ class Agent:
         self._active = 0
         self._cond = threading.Condition(threading.Lock())
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.runtime.max_queue)
-        self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # the bundle in use
@@ -220,15 +215,20 @@ class Agent:
         )
         runtime.warm_up()
         self._loaded = self._loaded.with_runtime(runtime)
-        self._open_journal()
-        journal = self._journal
-        if journal is None:
-            raise NotRunningError(f"agent for {self.site}: the outbox did not open")
+        ob = self.config.outbox
+        courier = self._courier
+        journal = courier.open(
+            self.config.outbox_path,
+            OutboxLimits(ob.max_items, ob.max_bytes, ob.max_age_s),
+            synchronous=ob.synchronous,
+            # Looked up at each call, so that a test may replace the method.
+            release=lambda out, ev, stored: self._release(out, ev, stored),  # noqa: PLW0108
+        )
         loops = {
             "model": self._model_loop,
-            "deadlines": self._deadline_loop,
+            "deadlines": courier.deadline_loop,
             "journal": journal.run,
-            "resend": self._resend_loop,
+            "resend": courier.resend_loop,
         }
         self._threads = [
             threading.Thread(target=fn, name=f"fogline-agent-{self.site}-{name}", daemon=True)
@@ -241,39 +241,6 @@ class Agent:
                 raise NotRunningError(f"agent for {self.site} was stopped while starting")
             self._accepting = True
         self._transport.start(wait=wait_connected)
-
-    def _open_journal(self) -> None:
-        ob = self.config.outbox
-        path = self.config.outbox_path
-        delivery = self._delivery
-        journal: Journal[_Item] = Journal(
-            path,
-            OutboxLimits(ob.max_items, ob.max_bytes, ob.max_age_s),
-            synchronous="full" if ob.synchronous == "full" else "normal",
-            site=self.site,
-            # Looked up at each call, so that a test may replace the method.
-            release=lambda out, ev, stored: self._release(out, ev, stored),  # noqa: PLW0108
-            fail=self._fail,
-            finished=delivery.journal_done,
-        )
-        self._journal = journal
-        recovered = journal.items()
-        if recovered:
-            now_w, now_p = time.time(), time.perf_counter()
-            delivery.recover(
-                (
-                    (item.message_id, item.tag, now_p - max(0.0, now_w - item.created_s))
-                    for item in recovered
-                ),
-                time.monotonic(),
-            )
-            log.info(
-                "site %s: %d unanswered items recovered from the outbox %s",
-                self.site,
-                len(recovered),
-                path,
-            )
-        self._update_gauges()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Refuse new inputs, finish the batches in progress, fail what waits, disconnect.
@@ -289,7 +256,7 @@ class Agent:
         if not was_running:
             return
         self._halt.set()
-        journal = self._journal
+        journal = self._courier.journal
         if self._threads:
             # The model thread first: what it forwards still goes through the journal.
             with contextlib.suppress(queue.Full):
@@ -307,14 +274,7 @@ class Agent:
                 break
             if item is not _STOP:
                 settle(item[1], None, NotRunningError(message))
-        for fut in self._delivery.take_waiters():
-            settle(fut, None, NotRunningError(message + "; the item stays in the outbox"))
-        self._transport.stop()
-        if journal is not None:
-            try:
-                journal.close()
-            except OutboxError:
-                log.exception("site %s: closing the outbox failed", self.site)
+        self._courier.close(message + "; the item stays in the outbox")
         log.info("agent for site %s stopped", self.site)
 
     def __enter__(self) -> Agent:
@@ -379,6 +339,7 @@ class Agent:
         """Counters for demos and benchmarks (the same numbers ``/metrics`` exposes)."""
         m = self.metrics
         v = m.value
+        journal = self._courier.journal
         return {
             "inputs": int(v("fogline_agent_inputs_total")),
             "dropped": int(v("fogline_agent_decisions_total", {"kind": "drop"})),
@@ -394,7 +355,7 @@ class Agent:
             "duplicates_suppressed": int(v("fogline_agent_duplicates_suppressed_total")),
             "shed": int(v("fogline_agent_shed_total")),
             "pending": len(self._delivery),
-            "outbox_items": 0 if self._journal is None else len(self._journal),
+            "outbox_items": 0 if journal is None else len(journal),
             "resends": int(v("fogline_agent_resends_total")),
             "evicted": int(m.total("fogline_agent_outbox_evictions_total")),
             "degraded": int(v("fogline_agent_degraded_answers_total")),
@@ -674,7 +635,7 @@ class Agent:
         which stores them durably, then registers and publishes them (:meth:`_release`).
         With ``wait``, return only once that is done."""
         idx = decided.indices(Decision.FORWARD).tolist()
-        journal = self._journal
+        journal = self._courier.journal
         if journal is None:
             raise NotRunningError(f"agent for {self.site} is not running")
         max_bytes = journal.limits.max_bytes
@@ -682,7 +643,7 @@ class Agent:
         feats = [(name, outputs[name]) for name in loaded.feature_outputs]
         labels = None if decided.labels is None else decided.labels.tolist()
         ids = _uuid4_bytes(len(idx))
-        out: Outgoing[_Item] = Outgoing(threading.Event() if wait else None)
+        out: Outgoing[Item] = Outgoing(threading.Event() if wait else None)
         for k, i in enumerate(idx):
             r = None if rel is None else rel[i]
             c = None if conf is None else conf[i]
@@ -725,265 +686,18 @@ class Agent:
                 )
                 continue
             out.entries.append((ids[k], payload, priorities[i], tags[i]))
-            p: _Pending = Pending(
+            p: PendingItem = Pending(
                 None, arrived[i], r, c, None if labels is None else labels[i], tags[i]
             )
             out.items.append((p, futures[i]))
-        if not out.entries:
-            return
-        self._delivery.journal_started(len(out.entries))
-        journal.put(out)
-        if out.done is not None:
-            out.done.wait()
-
-    # journal thread: what the journal hands back
+        if out.entries:
+            self._courier.send(out)
 
     def _release(
-        self, outgoing: list[Outgoing[_Item]], evicted: list[Eviction], stored: bool
+        self, outgoing: list[Outgoing[Item]], evicted: list[Eviction], stored: bool
     ) -> None:
-        """Admit the stored items to the delivery core, then publish them: nothing leaves
-        the site before it is on disk."""
-        if not stored:
-            return
-        connected = self._transport.connected
-        admitted = self._delivery.admit(
-            (
-                (entry[0], entry[1], p, fut)
-                for out in outgoing
-                for entry, (p, fut) in zip(out.entries, out.items, strict=True)
-            ),
-            {e.item.message_id for e in evicted},
-            time.monotonic(),
-            connected=connected,
-        )
-        if evicted:
-            self._evicted(evicted)
-        if admitted.send:
-            sent = self._transport.publish_many(admitted.send)
-            if sent:
-                self.metrics.bytes_sent.inc(sent)
-        for mid, p, fut in admitted.unserved:
-            self._answer_unserved(fut, p, mid, CloudUnavailableError(mid.hex(), admitted.why))
-
-    def _fail(self, outgoing: list[Outgoing[_Item]], error: OutboxError) -> None:
-        """New items the journal could not store or release: ``error`` is their only
-        outcome."""
-        self._delivery.abandon(entry[0] for out in outgoing for entry in out.entries)
-        for out in outgoing:
-            for p, fut in out.items:
-                p.waiter = None
-                settle(fut, None, error)
-
-    # outcomes
-
-    def _answer_unserved(
-        self, future: Future[Answer], p: _Pending, mid: bytes, error: AgentError
-    ) -> None:
-        """A caller stops waiting for the cloud: the edge's own answer, or ``error``."""
-        if not self._delivery.degrades(p):
-            settle(future, None, error)
-            return
-        loaded = self._loaded
-        ms = (time.perf_counter() - p.arrived) * 1000.0
-        answer = Answer(
-            "edge",
-            p.label,
-            p.conf,
-            p.rel,
-            p.conf,
-            loaded.thresholds,
-            loaded.id,
-            mid.hex(),
-            ms,
-            None,
-            "degraded",
-            p.tag,
-        )
-        self.metrics.degraded.inc()
-        self.metrics.latency.observe("edge", ms / 1000.0)
-        settle(future, answer, None)
-
-    def _evicted(self, evictions: Sequence[Eviction]) -> None:
-        """Count, log and end the items an outbox bound pushed out."""
-        by_reason: dict[str, int] = {}
-        for ev in evictions:
-            by_reason[ev.reason] = by_reason.get(ev.reason, 0) + 1
-        for reason, n in by_reason.items():
-            self.metrics.evictions.labels(reason=reason).inc(n)
-            log.warning(
-                "site %s: evicted %d unanswered items from the outbox (bound %s reached)",
-                self.site,
-                n,
-                reason,
-            )
-        reasons = {ev.item.message_id: ev.reason for ev in evictions}
-        for mid, p, fut in self._delivery.evict(reasons):
-            self._finish(mid, p, fut, OutboxEvictedError(mid.hex(), reasons[mid]))
-
-    def _finish(
-        self, mid: bytes, p: _Pending, future: Future[Answer] | None, outcome: Answer | AgentError
-    ) -> None:
-        """Hand an item's final outcome to its caller, or to ``on_answer`` if none waits."""
-        answer = outcome if isinstance(outcome, Answer) else None
-        error = outcome if isinstance(outcome, AgentError) else None
-        if future is not None:
-            settle(future, answer, error)
-            return
-        self.metrics.detached.labels(kind="answer" if answer is not None else "error").inc()
-        callback = self.on_answer
-        if callback is None:
-            return
-        try:
-            callback(Delivery(mid.hex(), p.tag, answer, error, p.recovered))
-        except Exception:
-            log.exception("site %s: on_answer failed for %s", self.site, mid.hex())
-
-    # paho network thread
-
-    def _on_result(self, env: Envelope) -> None:
-        mid = env.message_id
-        m = self.metrics
-        hexid = mid.hex()
-        try:
-            meta = result_meta(env)
-        except MetaError as exc:
-            action = self._delivery.on_result(mid, None, time.monotonic())
-            if action.kind == "unknown":
-                self._unknown(mid)
-                return
-            raw = env.meta.get("worker")
-            m.rejected.labels(reason="bad_result").inc()
-            log.warning("site %s: unusable result for %s: %s", self.site, hexid, exc.detail)
-            outcome: Answer | AgentError = CloudFailedError(
-                hexid, f"malformed result: {exc.detail}", raw if isinstance(raw, str) else None
-            )
-        else:
-            action = self._delivery.on_result(
-                mid, meta.status, time.monotonic(), retry_after_ms=meta.retry_after_ms
-            )
-            if action.kind == "unknown":
-                self._unknown(mid)
-                return
-            if action.kind == "busy":
-                m.cloud_results.labels(status="busy").inc()
-                return
-            p = action.pending
-            if meta.status is ResultStatus.OK and p is not None:
-                ms = (time.perf_counter() - p.arrived) * 1000.0
-                m.cloud_results.labels(status="ok").inc()
-                m.latency.observe("cloud", ms / 1000.0)
-                loaded = self._loaded
-                outcome = Answer(
-                    "cloud",
-                    meta.label,
-                    meta.confidence,
-                    p.rel,
-                    p.conf,
-                    loaded.thresholds,
-                    loaded.id,
-                    hexid,
-                    ms,
-                    meta.worker,
-                    "ok",
-                    p.tag,
-                )
-            else:
-                m.cloud_results.labels(status="error").inc()
-                outcome = CloudFailedError(hexid, meta.error or "unspecified error", meta.worker)
-        p = action.pending
-        if p is None:  # a final action always carries its item
-            return
-        # Handed out first, deleted after: a crash in between costs a second outcome after
-        # the restart (marked recovered), never a lost one. Deleting first would turn the
-        # same moment into a lost answer: the restarted agent would not ask again.
-        try:
-            self._finish(mid, p, action.waiter, outcome)
-        finally:
-            journal = self._journal
-            if journal is not None:
-                journal.put(mid)
-            else:
-                self._delivery.journal_done(1)
-
-    def _unknown(self, mid: bytes) -> None:
-        self.metrics.duplicates.inc()
-        log.debug("site %s: result for %s matches nothing pending", self.site, mid.hex())
-
-    # resend thread: what is due, bounds by age, gauges
-
-    def _resend_loop(self) -> None:
-        delivery = self._delivery
-        next_gauges = next_expiry = time.monotonic()
-        while not self._halt.wait(_RESEND_TICK_S):
-            now = time.monotonic()
-            journal = self._journal
-            if now >= next_expiry and journal is not None:
-                next_expiry = now + _EXPIRE_EVERY_S
-                try:
-                    expired = journal.expire()
-                except OutboxError:
-                    log.exception("site %s: outbox expiry failed", self.site)
-                    expired = []
-                if expired:
-                    self._evicted(expired)
-            due = delivery.due(now, connected=self._transport.connected)
-            if due:
-                self._resend(due)
-            if now >= next_gauges:
-                next_gauges = now + _GAUGE_EVERY_S
-                self._update_gauges()
-
-    def _resend(self, due: list[tuple[bytes, bool]]) -> None:
-        """Publish the items the delivery core says are due."""
-        journal = self._journal
-        if journal is None:
-            return
-        payloads: list[bytes] = []
-        for mid, again in due:
-            try:
-                payload = journal.payload(mid)
-            except OutboxError:
-                log.exception("site %s: outbox read failed", self.site)
-                continue
-            if payload is None:
-                continue
-            if again:  # tell the cloud to look for an answer it may already have
-                self.metrics.resends.inc()
-                payload = mark_resent(payload)
-            payloads.append(payload)
-        sent_bytes = self._transport.publish_many(payloads) if payloads else 0
-        if sent_bytes:
-            self.metrics.bytes_sent.inc(sent_bytes)
-
-    def _update_gauges(self) -> None:
-        journal = self._journal
-        if journal is None:
-            return
-        m = self.metrics
-        m.outbox_items.set(len(journal))
-        m.outbox_bytes.set(journal.total_bytes)
-        oldest = journal.oldest_created_s()
-        m.outbox_oldest_age.set(0.0 if oldest is None else max(0.0, time.time() - oldest))
-
-    # deadlines
-
-    def _deadline_loop(self) -> None:
-        delivery = self._delivery
-        tick = min(0.05, max(0.001, delivery.policy.timeout_s / 4))
-        timeout_ms = self.config.cloud_timeout_ms
-        while not self._halt.wait(tick):
-            expired = delivery.expire_waits(time.monotonic())
-            if not expired:
-                continue
-            self.metrics.timeouts.inc(len(expired))
-            for mid, p, fut in expired:
-                error: AgentError = (
-                    CloudBusyError(mid.hex(), None, None)
-                    if p.busy
-                    else CloudTimeoutError(mid.hex(), timeout_ms)
-                )
-                self._answer_unserved(fut, p, mid, error)
-            log.debug("site %s: %d forwarded items timed out", self.site, len(expired))
+        """The journal's hook after each commit (:meth:`Courier.release`)."""
+        self._courier.release(outgoing, evicted, stored)
 
 
 def _finite(x: float | None) -> float | None:
