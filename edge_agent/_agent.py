@@ -37,8 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import os
 import queue
 import threading
 import time
@@ -49,20 +47,13 @@ from typing import Any, Literal
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from fogline.compression import (
-    Codec,
-    Envelope,
-    FeatureMeta,
-    Kind,
-    encode_envelope,
-    is_compressed,
-    now_us,
-)
-from fogline.edge_agent._answer import Answer, Delivery, Source, settle
+from fogline.compression import Codec, now_us
+from fogline.edge_agent._answer import Answer, Delivery, Source, answer_locally, settle
 from fogline.edge_agent._breaker import STATE_CODES, CircuitBreaker
 from fogline.edge_agent._config import AgentConfig
 from fogline.edge_agent._courier import Courier, Item, PendingItem
 from fogline.edge_agent._delivery import DeliveryCore, DeliveryPolicy, Pending
+from fogline.edge_agent._features import FeatureEncoder, uuid4_bytes
 from fogline.edge_agent._journal import Outgoing
 from fogline.edge_agent._loaded import LoadedBundle
 from fogline.edge_agent._metrics import AgentMetrics
@@ -83,8 +74,6 @@ __all__ = ["Agent", "Answer", "Delivery", "Source"]
 log = logging.getLogger("fogline.edge_agent")
 
 _STOP = object()
-_COMPRESS_PROBE_EVERY = 64
-_LOCAL: tuple[tuple[Source, Decision], ...] = (("dropped", Decision.DROP), ("edge", Decision.EXIT))
 
 
 class Agent:
@@ -147,8 +136,7 @@ class Agent:
         self.metrics.pending.set_function(lambda: len(delivery))
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self.metrics.circuit_state.set_function(lambda: STATE_CODES[delivery.breaker.state])
-        self._compress = True
-        self._encoded = 0
+        self._encoder = FeatureEncoder()
         self._state: Literal["new", "running", "stopped"] = "new"
         self._accepting = False
         self._active = 0
@@ -553,8 +541,16 @@ class Agent:
         rel = None if decided.relevance is None else decided.relevance.tolist()
         conf = None if decided.exit_confidence is None else decided.exit_confidence.tolist()
         if n_drop or n_exit:
-            self._answer_locally(
-                loaded, decided, futures, arrived, tags, rel, conf, uniform=uniform
+            answer_locally(
+                loaded,
+                decided,
+                futures,
+                arrived,
+                tags,
+                rel,
+                conf,
+                uniform=uniform,
+                latency=m.latency,
             )
         if n_fwd:
             self._forward(
@@ -570,51 +566,6 @@ class Agent:
                 conf=conf,
                 wait=uniform,
             )
-
-    def _answer_locally(
-        self,
-        loaded: LoadedBundle,
-        decided: BatchDecision,
-        futures: Sequence[Future[Answer]],
-        arrived: Sequence[float],
-        tags: Sequence[str | None],
-        rel: list[float] | None,
-        conf: list[float] | None,
-        *,
-        uniform: bool,
-    ) -> None:
-        now = time.perf_counter()
-        th, bundle = loaded.thresholds, loaded.id
-        batch_ms = (now - arrived[0]) * 1000.0
-        per_item = not uniform
-        latency = self.metrics.latency
-        labels = None if decided.labels is None else decided.labels.tolist()
-        for source, code in _LOCAL:
-            idx = decided.indices(code).tolist()
-            if not idx:
-                continue
-            local = source == "edge"
-            # Metrics first: a caller woken by its answer may read them at once.
-            if not per_item:
-                latency.observe(source, batch_ms / 1000.0, len(idx))
-            for i in idx:
-                ms = (now - arrived[i]) * 1000.0 if per_item else batch_ms
-                c = None if conf is None else conf[i]
-                answer = Answer(
-                    source,
-                    labels[i] if local and labels is not None else None,
-                    c if local else None,
-                    None if rel is None else rel[i],
-                    c,
-                    th,
-                    bundle,
-                    None,
-                    ms,
-                    tag=tags[i],
-                )
-                if per_item:
-                    latency.observe(source, ms / 1000.0)
-                settle(futures[i], answer, None)
 
     def _forward(
         self,
@@ -639,42 +590,27 @@ class Agent:
         if journal is None:
             raise NotRunningError(f"agent for {self.site} is not running")
         max_bytes = journal.limits.max_bytes
-        site, bundle, codec, level = self.site, loaded.id, loaded.codec, loaded.zstd_level
+        site, encoder = self.site, self._encoder
         feats = [(name, outputs[name]) for name in loaded.feature_outputs]
         labels = None if decided.labels is None else decided.labels.tolist()
-        ids = _uuid4_bytes(len(idx))
+        ids = uuid4_bytes(len(idx))
         out: Outgoing[Item] = Outgoing(threading.Event() if wait else None)
         for k, i in enumerate(idx):
             r = None if rel is None else rel[i]
             c = None if conf is None else conf[i]
-            # Whether zstd pays off depends on the feature tensors, which keep their size:
-            # try it on every 64th envelope and follow what it showed for the others.
-            probe = self._encoded % _COMPRESS_PROBE_EVERY == 0
-            self._encoded += 1
             try:
-                # A NaN from a head forwards the item (the pipeline's rule) but says
-                # nothing about it, and the meta carries finite numbers only.
-                meta = FeatureMeta("forward", _finite(r), _finite(c)).to_meta()
-                payload = encode_envelope(
-                    Envelope(
-                        Kind.FEATURES,
-                        ids[k],
-                        site,
-                        bundle,
-                        {name: arr[i : i + 1] for name, arr in feats},
-                        meta,
-                        created_us[i],
-                        0,
-                        codec,
-                    ),
-                    zstd_level=level,
-                    compress=probe or self._compress,
+                payload = encoder.encode(
+                    loaded,
+                    site,
+                    ids[k],
+                    {name: arr[i : i + 1] for name, arr in feats},
+                    r,
+                    c,
+                    created_us[i],
                 )
             except ValueError as exc:
                 settle(futures[i], None, ModelError(str(exc)))
                 continue
-            if probe:
-                self._compress = is_compressed(payload)
             if len(payload) > max_bytes:
                 settle(
                     futures[i],
@@ -700,21 +636,6 @@ class Agent:
         self._courier.release(outgoing, evicted, stored)
 
 
-def _finite(x: float | None) -> float | None:
-    return x if x is None or math.isfinite(x) else None
-
-
 def _check_tag(tag: str | None) -> None:
     if tag is not None and (not isinstance(tag, str) or len(tag) > 1024):
         raise ValueError("tag must be a string of at most 1024 characters")
-
-
-def _uuid4_bytes(n: int) -> list[bytes]:
-    """``n`` random version-4 UUIDs as bytes, from one call to the OS random source."""
-    if n == 0:
-        return []
-    raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
-    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
-    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
-    flat = raw.tobytes()
-    return [flat[16 * k : 16 * k + 16] for k in range(n)]

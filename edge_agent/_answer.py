@@ -3,17 +3,24 @@ caller waits for any more, and the decoding of the cloud's RESULT into them."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from fogline.compression import Envelope, ResultMeta
+from fogline.edge_agent._pipeline import BatchDecision, Decision
 from fogline.edge_agent.errors import AgentError
 from fogline.sync import Thresholds
 
-__all__ = ["Answer", "Delivery", "Source", "result_meta", "settle"]
+if TYPE_CHECKING:  # annotations only: keep this module free of onnxruntime
+    from fogline.edge_agent._loaded import LoadedBundle
+    from fogline.edge_agent._metrics import BatchHistogram
+
+__all__ = ["Answer", "Delivery", "Source", "answer_locally", "result_meta", "settle"]
 
 Source = Literal["dropped", "edge", "cloud"]
 _DECISION_OF: dict[str, str] = {"dropped": "drop", "edge": "exit", "cloud": "forward"}
@@ -117,3 +124,54 @@ def result_meta(env: Envelope) -> ResultMeta:
                 confidence = float(probs[label])
             meta = {**meta, "label": label, "confidence": confidence}
     return ResultMeta.from_meta(meta)
+
+
+_LOCAL: tuple[tuple[Source, Decision], ...] = (("dropped", Decision.DROP), ("edge", Decision.EXIT))
+
+
+def answer_locally(
+    loaded: LoadedBundle,
+    decided: BatchDecision,
+    futures: Sequence[Future[Answer]],
+    arrived: Sequence[float],
+    tags: Sequence[str | None],
+    rel: list[float] | None,
+    conf: list[float] | None,
+    *,
+    uniform: bool,
+    latency: BatchHistogram,
+) -> None:
+    """Answer the dropped and early-exit items of a batch. ``arrived`` is per item
+    (``perf_counter``); with ``uniform`` (one batch that arrived at once) the answers share
+    one latency and one histogram update."""
+    now = time.perf_counter()
+    th, bundle = loaded.thresholds, loaded.id
+    batch_ms = (now - arrived[0]) * 1000.0
+    per_item = not uniform
+    labels = None if decided.labels is None else decided.labels.tolist()
+    for source, code in _LOCAL:
+        idx = decided.indices(code).tolist()
+        if not idx:
+            continue
+        local = source == "edge"
+        # Metrics first: a caller woken by its answer may read them at once.
+        if not per_item:
+            latency.observe(source, batch_ms / 1000.0, len(idx))
+        for i in idx:
+            ms = (now - arrived[i]) * 1000.0 if per_item else batch_ms
+            c = None if conf is None else conf[i]
+            answer = Answer(
+                source,
+                labels[i] if local and labels is not None else None,
+                c if local else None,
+                None if rel is None else rel[i],
+                c,
+                th,
+                bundle,
+                None,
+                ms,
+                tag=tags[i],
+            )
+            if per_item:
+                latency.observe(source, ms / 1000.0)
+            settle(futures[i], answer, None)
