@@ -56,10 +56,11 @@ class LoadedBundle:
         except BundleError as exc:
             raise ModelError(f"bundle at {bundle_dir} is unusable: {exc}") from exc
         try:
-            chosen = codec or Codec.parse(bundle.codec)
+            # Not `codec or …`: Codec.FP32 is 0, and falsy.
+            chosen = codec if codec is not None else Codec.parse(bundle.codec)
         except ValueError as exc:
             raise ModelError(f"bundle {bundle.id}: {exc}") from exc
-        return cls(bundle, thresholds or bundle.thresholds, chosen)
+        return cls(bundle, bundle.thresholds if thresholds is None else thresholds, chosen)
 
     def with_runtime(self, runtime: EdgeRuntime) -> LoadedBundle:
         """The same bundle with its edge model loaded."""

@@ -384,3 +384,27 @@ def test_an_unreachable_broker_fails_start_when_asked_to_wait(
     with pytest.raises(BrokerError, match="no connection to broker"):
         agent.start()
     assert not agent.running
+
+
+def test_replacing_the_loaded_bundle_value_changes_what_the_next_batch_runs_against(
+    bundle_factory, agent_factory, responder_factory
+) -> None:
+    import dataclasses
+
+    from fogline.sync import Thresholds
+
+    bundle = bundle_factory(**FORWARD_ALL)
+    responder_factory(bundle)
+    agent = agent_factory(bundle)
+    before = [f.result(10) for f in agent.submit_batch(frames(4))]
+    assert [a.source for a in before] == ["cloud"] * 4
+    # The one attribute a hot swap replaces: thresholds, codec, runtime and bundle id
+    # travel together, and every reader sees the new value.
+    swapped = dataclasses.replace(agent._loaded, thresholds=Thresholds(0.0, 0.0))
+    agent._loaded = swapped
+    after = [f.result(10) for f in agent.submit_batch(frames(4, seed=1))]
+    assert [a.source for a in after] == ["edge"] * 4  # every head is confident enough now
+    assert {a.thresholds for a in after} == {Thresholds(0.0, 0.0)}
+    assert agent.thresholds == Thresholds(0.0, 0.0)
+    assert agent.info()["thresholds"] == {"relevance": 0.0, "exit_confidence": 0.0}
+    assert agent.input_spec is swapped.runtime.input  # type: ignore[union-attr]
