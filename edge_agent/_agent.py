@@ -25,10 +25,11 @@ each run.
 
 What is pending, when to re-send, how long a caller waits and what it gets then are all
 decided by :class:`~._delivery.DeliveryCore`, which takes the time as an argument; the
-threads here are thin loops over it and over the journal: the model thread (single
-submits), paho's network thread (results, handed out as they arrive), the journal thread
-(outbox inserts and deletes in one transaction, then publishing), the resend thread
-(what is due, expiry, gauges) and the deadline thread (callers who waited long enough).
+delivery threads are thin loops over it in :class:`~._courier.Courier`: paho's network
+thread (results, handed out as they arrive), the journal thread (outbox inserts and
+deletes in one transaction, then publishing), the resend thread (what is due, expiry,
+gauges) and the deadline thread (callers who waited long enough). This module keeps the
+lifecycle, the ways in, the model thread (single submits) and the wiring.
 The bundle in use is one :class:`~._loaded.LoadedBundle` in ``Agent._loaded``.
 """
 
