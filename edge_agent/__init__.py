@@ -26,8 +26,11 @@ from fogline.edge_agent.errors import (
     InputError,
     ModelError,
     NotRunningError,
+    OutboxCorruptError,
     OutboxError,
     OutboxEvictedError,
+    OutboxStorageFullError,
+    OutboxTransientError,
     OverloadedError,
 )
 
@@ -113,8 +116,11 @@ __all__ = [
     "ModelError",
     "NotRunningError",
     "OutboxConfig",
+    "OutboxCorruptError",
     "OutboxError",
     "OutboxEvictedError",
+    "OutboxStorageFullError",
+    "OutboxTransientError",
     "OverloadedError",
     "RuntimeConfig",
     "Source",

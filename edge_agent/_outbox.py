@@ -241,7 +241,10 @@ class Outbox:
                     )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A COMMIT that failed (a full disk) has rolled back already, and a
+                # ROLLBACK then would raise "no transaction is active" over the real error.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 # Memory follows the file again: what the transaction would have changed.
                 for item in new:
                     if self._items.get(item.message_id) is item:

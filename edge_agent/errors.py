@@ -22,8 +22,11 @@ __all__ = [
     "InputError",
     "ModelError",
     "NotRunningError",
+    "OutboxCorruptError",
     "OutboxError",
     "OutboxEvictedError",
+    "OutboxStorageFullError",
+    "OutboxTransientError",
     "OverloadedError",
 ]
 
@@ -110,7 +113,24 @@ class CloudUnavailableError(AgentPeerError):
 
 
 class OutboxError(AgentPeerError):
-    """The outbox could not store an item (disk full, unwritable file); it was not sent."""
+    """The outbox could not store or read an item (disk full, unwritable or damaged file);
+    an item it could not store was not sent. Every SQLite and file-system failure of the
+    outbox becomes one of these (``fogline.edge_agent._journal``): the subclasses say which
+    kind, this class itself means any other fault."""
+
+
+class OutboxStorageFullError(OutboxError):
+    """The disk, or the database file, is full (``SQLITE_FULL``, ``ENOSPC``)."""
+
+
+class OutboxCorruptError(OutboxError):
+    """The outbox file is damaged or not a database (``SQLITE_CORRUPT``,
+    ``SQLITE_NOTADB``); retrying will not help."""
+
+
+class OutboxTransientError(OutboxError):
+    """The outbox file was busy, locked or failed an I/O call; the same write may succeed
+    later."""
 
 
 class OutboxEvictedError(AgentPeerError):

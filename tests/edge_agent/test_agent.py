@@ -386,24 +386,25 @@ def test_an_unreachable_broker_fails_start_when_asked_to_wait(
     assert not agent.running
 
 
-def test_answered_items_wait_for_the_next_new_items_to_share_their_transaction(
-    bundle_factory, agent_factory
+def test_replacing_the_loaded_bundle_value_changes_what_the_next_batch_runs_against(
+    bundle_factory, agent_factory, responder_factory
 ) -> None:
-    from fogline.edge_agent._agent import _Outgoing
+    import dataclasses
 
-    agent = agent_factory(bundle_factory(**FORWARD_ALL), start=False)
-    answered_op = (b"\x01" * 16, None, None, None)
-    new_items = _Outgoing(None)
-    agent._journal.put(answered_op)
-    agent._journal.put(new_items)
-    outgoing: list[object] = []
-    answered: list[object] = []
-    assert agent._await_insert(outgoing, answered) is False
-    assert outgoing == [new_items]
-    assert answered == [answered_op]
-    # Nothing new comes: it gives up and the deletes are committed alone.
-    assert agent._await_insert(outgoing, answered) is False
-    assert (len(outgoing), len(answered)) == (1, 1)
-    # The stop marker ends the wait and is reported.
-    agent._journal.put(None)
-    assert agent._await_insert([], []) is True
+    from fogline.sync import Thresholds
+
+    bundle = bundle_factory(**FORWARD_ALL)
+    responder_factory(bundle)
+    agent = agent_factory(bundle)
+    before = [f.result(10) for f in agent.submit_batch(frames(4))]
+    assert [a.source for a in before] == ["cloud"] * 4
+    # The one attribute a hot swap replaces: thresholds, codec, runtime and bundle id
+    # travel together, and every reader sees the new value.
+    swapped = dataclasses.replace(agent._loaded, thresholds=Thresholds(0.0, 0.0))
+    agent._loaded = swapped
+    after = [f.result(10) for f in agent.submit_batch(frames(4, seed=1))]
+    assert [a.source for a in after] == ["edge"] * 4  # every head is confident enough now
+    assert {a.thresholds for a in after} == {Thresholds(0.0, 0.0)}
+    assert agent.thresholds == Thresholds(0.0, 0.0)
+    assert agent.info()["thresholds"] == {"relevance": 0.0, "exit_confidence": 0.0}
+    assert agent.input_spec is swapped.runtime.input  # type: ignore[union-attr]

@@ -335,3 +335,45 @@ def test_a_process_killed_right_after_add_many_keeps_every_item(
         assert box.payload(_mid(i)) == bytes([i % 251]) * (100 + i)
     assert box.total_bytes == sum(100 + i for i in range(n))
     box.close()
+
+
+class _CommitFailsAfterRollingBack:
+    """The outbox's connection, except that COMMIT fails the way SQLite's does on a full
+    disk: the transaction is rolled back already when the error comes. No real file system
+    here can be filled on demand, so this one call is staged."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    def execute(self, sql: str, *args: object) -> object:
+        if sql == "COMMIT":
+            self._db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+    def executemany(self, sql: str, rows: object) -> object:
+        return self._db.executemany(sql, rows)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def test_a_commit_that_failed_and_rolled_back_reports_its_own_error_and_memory_follows_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    box.add_many([(_mid(1), b"kept", 0, None)])
+    real = box._db
+    box._db = _CommitFailsAfterRollingBack(real)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        box.commit([(_mid(2), b"new", 0, None)], [_mid(1)])
+    box._db = real
+    assert _ids(box.items()) == [1]  # as before the failed transaction
+    assert box.total_bytes == 4
+    box.close()
+    assert _ids(Outbox(path).items()) == [1]
