@@ -377,6 +377,7 @@ class Agent:
         rt = self._require_running()
         arr = rt.input.item(sample)
         _check_tag(tag)
+        _check_priority(priority)
         future: Future[Answer] = Future()
         with self._cond:
             if not self._accepting:
@@ -416,6 +417,7 @@ class Agent:
         t0, created_us = time.perf_counter(), now_us()
         rt = self._require_running()
         frames = rt.input.batch(samples)
+        _check_priority(priority)
         n = int(frames.shape[0])
         if tags is not None:
             if len(tags) != n:
@@ -640,3 +642,18 @@ class Agent:
 def _check_tag(tag: str | None) -> None:
     if tag is not None and (not isinstance(tag, str) or len(tag) > 1024):
         raise ValueError("tag must be a string of at most 1024 characters")
+
+
+# Priorities are stored as SQLite integers in the outbox; a 32-bit range gives every
+# ordering a caller needs and keeps a value like 2**63 from reaching the journal.
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+
+
+def _check_priority(priority: int) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority must be an integer, got {priority!r}")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ValueError(
+            f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}, got {priority}"
+        )
+    return priority

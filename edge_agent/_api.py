@@ -36,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fogline.edge_agent._agent import Agent
+from fogline.edge_agent._agent import PRIORITY_MAX, PRIORITY_MIN, Agent
 from fogline.edge_agent._runtime import InputSpec
 from fogline.edge_agent._version import fogline_version
 from fogline.edge_agent.errors import (
@@ -58,9 +58,6 @@ __all__ = ["create_app"]
 # How much of a refused value an error message repeats: enough to recognise it, never the
 # whole body back.
 _ECHO_CHARS = 200
-# Priorities are stored in the outbox as SQLite integers; a 32-bit range leaves the ordering
-# every caller needs and keeps a value like 2**63 out of the journal.
-PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
 _STATUS_TYPES = {
     400: "BadRequest",
     404: "NotFound",

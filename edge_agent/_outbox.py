@@ -26,6 +26,8 @@ single-process queue better, and the file stays readable with the ``sqlite3`` sh
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import heapq
 import itertools
 import os
@@ -36,6 +38,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from .errors import OutboxInUseError
 
 __all__ = ["Eviction", "Outbox", "OutboxItem", "OutboxLimits"]
 
@@ -50,6 +54,35 @@ CREATE TABLE IF NOT EXISTS outbox (
     tag TEXT
 ) WITHOUT ROWID
 """
+
+
+def _hold_lock(path: Path) -> int:
+    """Take ``<outbox>.lock`` for as long as the outbox is open, or refuse.
+
+    ``flock`` on a file of its own rather than SQLite's locking: SQLite lets two
+    connections share a WAL database by design, which is exactly what must not happen
+    here. The lock goes with the process (a killed agent leaves no stale lock); the file
+    names the holder's pid for the error message.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", errors="replace").strip()
+        os.close(fd)
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise OutboxInUseError(
+            f"the outbox {path} is in use by another agent{who}: two agents must not share "
+            "one outbox; give each its own site or outbox path"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 @dataclass(frozen=True)
@@ -108,12 +141,17 @@ class Outbox:
         self.limits = limits or OutboxLimits()
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The payloads are the site's data: readable by the agent's user only.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        self._db = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
-        )
+        self._lock_fd: int | None = _hold_lock(self.path)
+        try:
+            # The payloads are the site's data: readable by the agent's user only.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            self._db = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+        except BaseException:
+            self._release_lock()
+            raise
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute(_SCHEMA)
@@ -269,7 +307,15 @@ class Outbox:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            try:
+                self._db.close()
+            finally:
+                self._release_lock()
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
 
     # internals (lock held)
 

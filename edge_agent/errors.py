@@ -25,6 +25,7 @@ __all__ = [
     "OutboxCorruptError",
     "OutboxError",
     "OutboxEvictedError",
+    "OutboxInUseError",
     "OutboxStorageFullError",
     "OutboxTransientError",
     "OverloadedError",
@@ -131,6 +132,12 @@ class OutboxCorruptError(OutboxError):
 class OutboxTransientError(OutboxError):
     """The outbox file was busy, locked or failed an I/O call; the same write may succeed
     later."""
+
+
+class OutboxInUseError(OutboxError):
+    """Another agent (or another outbox in this process) holds the outbox file: two
+    agents with one configuration would hand each other's items out and take each other's
+    MQTT session. The second one is refused at start."""
 
 
 class OutboxEvictedError(AgentPeerError):

@@ -22,6 +22,7 @@ from fogline.edge_agent import (
     InputError,
     NotRunningError,
     OutboxConfig,
+    OutboxInUseError,
 )
 from tests.edge_agent.conftest import cloud_labels, edge_outputs, frames
 
@@ -408,3 +409,31 @@ def test_replacing_the_loaded_bundle_value_changes_what_the_next_batch_runs_agai
     assert agent.thresholds == Thresholds(0.0, 0.0)
     assert agent.info()["thresholds"] == {"relevance": 0.0, "exit_confidence": 0.0}
     assert agent.input_spec is swapped.runtime.input  # type: ignore[union-attr]
+
+
+def test_a_second_agent_with_the_same_configuration_is_refused_at_start(
+    bundle_factory, agent_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    first = agent_factory(bundle)
+    second = agent_factory(bundle, start=False)
+    with pytest.raises(OutboxInUseError, match="in use by another agent"):
+        second.start()
+    assert not second.running
+    assert first.ready
+    # Once the first has stopped, an agent with the same configuration starts on its outbox.
+    first.stop()
+    third = agent_factory(bundle)
+    assert third.running
+
+
+@pytest.mark.parametrize("priority", [2**63, -(2**31) - 1, 2**31, True, 1.5])
+def test_a_priority_outside_the_outbox_range_is_refused_at_the_door(
+    bundle_factory, agent_factory, priority: object
+) -> None:
+    agent = agent_factory(bundle_factory(**FORWARD_ALL))
+    # A value of the wrong type is a TypeError, one out of range a ValueError.
+    with pytest.raises((TypeError, ValueError), match="priority must be"):
+        agent.submit(frames(1)[0], priority=priority)  # type: ignore[arg-type]
+    with pytest.raises((TypeError, ValueError), match="priority must be"):
+        agent.submit_batch(frames(2), priority=priority)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fogline.edge_agent import OutboxInUseError
 from fogline.edge_agent._outbox import (
     Eviction,
     Outbox,
@@ -377,3 +378,40 @@ def test_a_commit_that_failed_and_rolled_back_reports_its_own_error_and_memory_f
     assert box.total_bytes == 4
     box.close()
     assert _ids(Outbox(path).items()) == [1]
+
+
+def test_a_second_outbox_on_the_same_file_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    first = Outbox(path)
+    with pytest.raises(OutboxInUseError, match=rf"outbox {path} is in use by another agent"):
+        Outbox(path)
+    first.close()
+    again = Outbox(path)
+    again.close()
+
+
+def test_another_process_holding_the_outbox_is_named_and_its_death_frees_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path), "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        _wait_for_line(proc, "done")
+        with pytest.raises(OutboxInUseError, match=rf"another agent \(pid {proc.pid}\)"):
+            Outbox(path)
+        _kill_9(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # A killed agent leaves no stale lock behind: the next one starts on its items.
+    box = Outbox(path)
+    assert len(box) == 1
+    box.close()

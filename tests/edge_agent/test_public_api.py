@@ -37,6 +37,7 @@ EXPECTED = {
     "OutboxCorruptError",
     "OutboxError",
     "OutboxEvictedError",
+    "OutboxInUseError",
     "OutboxStorageFullError",
     "OutboxTransientError",
     "OverloadedError",
