@@ -32,6 +32,7 @@ def test_bench_without_httpx_names_the_demo_extra(
     [
         (["agent", "run"], "paho.mqtt.client", "edge"),
         (["cloud", "serve"], "sqlalchemy", "cloud"),
+        (["cloud", "serve"], "psycopg", "postgres"),
         (["model", "build-reference"], "torch", "tools"),
         (["cloud", "doctor"], "tensorrt", "gpu"),
         (["demo"], "amqtt", "demo"),
