@@ -113,7 +113,15 @@ class ResultStore:
         try:
             self.engine: Engine = sa.create_engine(sa_url, **kwargs)
         except (SQLAlchemyError, ImportError) as exc:
-            raise ConfigError(f"cannot use store URL {sa_url.render_as_string()}: {exc}") from exc
+            # The PostgreSQL driver is an extra of its own: say which one brings it.
+            hint = (
+                " (pip install 'fogline[postgres]')"
+                if isinstance(exc, ImportError) and exc.name == "psycopg"
+                else ""
+            )
+            raise ConfigError(
+                f"cannot use store URL {sa_url.render_as_string()}: {exc}{hint}"
+            ) from exc
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _enable_sqlite_wal)
         self.table = _table(table_name, sa.MetaData())

@@ -52,6 +52,7 @@ _EXTRA_OF_MODULE = {
     "prometheus_client": "edge",
     "pythonjsonlogger": "edge",
     "sqlalchemy": "cloud",
+    "psycopg": "postgres",
     "onnx": "tools",
     "torch": "tools",
     "sklearn": "tools",

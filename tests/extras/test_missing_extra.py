@@ -32,6 +32,7 @@ def test_bench_without_httpx_names_the_demo_extra(
     [
         (["agent", "run"], "paho.mqtt.client", "edge"),
         (["cloud", "serve"], "sqlalchemy", "cloud"),
+        (["cloud", "serve"], "psycopg", "postgres"),
         (["model", "build-reference"], "torch", "tools"),
         (["cloud", "doctor"], "tensorrt", "gpu"),
         (["demo"], "amqtt", "demo"),
@@ -43,3 +44,14 @@ def test_missing_module_maps_to_the_extra_that_brings_it(
     line = cli.missing_extra_message(argv, module)
     assert line.endswith(f"pip install 'fogline[{extra}]'")
     assert "\n" not in line
+
+
+def test_postgres_store_without_its_driver_names_the_postgres_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fogline.cloud_service import ConfigError, ResultStore
+
+    # None in sys.modules makes `import psycopg` fail as an uninstalled driver does.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(ConfigError, match=r"pip install 'fogline\[postgres\]'"):
+        ResultStore("postgresql+psycopg://ci@127.0.0.1:9/ci", create=False)
