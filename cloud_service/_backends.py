@@ -518,7 +518,8 @@ def select_backend(
     """
     if requested not in ("auto", "onnxruntime", "tensorrt", "torch"):
         raise ValueError(f"backend {requested!r} must be auto, onnxruntime, tensorrt or torch")
-    if requested == "torch":
+    if requested == "torch" and availability is None:
+        # Even the CPU fallback needs both; a hand-built availability describes its host.
         for module in ("torch", "onnx"):
             if importlib.util.find_spec(module) is None:
                 raise BackendError(f"torch backend requested but the {module} package is missing")
