@@ -635,7 +635,8 @@ class TorchBackend:
             for size in sorted(self._sizes, reverse=True):
                 static = self._static_inputs(size)
                 # Warm-up on a side stream, as torch requires before capture (cuBLAS
-                # handles and workspaces are created lazily, which capture forbids).
+                # handles and workspaces are created lazily, which capture forbids); the
+                # capture runs on the same stream, so it finds them made.
                 side.wait_stream(torch.cuda.current_stream(self._device))
                 with torch.cuda.stream(side):
                     for _ in range(2):
@@ -645,7 +646,9 @@ class TorchBackend:
                 try:
                     # thread_local: other threads (another model's batches, a version
                     # loading beside this one) may keep using CUDA during the capture.
-                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    with torch.cuda.graph(
+                        graph, pool=pool, stream=side, capture_error_mode="thread_local"
+                    ):
                         outputs = self._module(*static)
                 except RuntimeError as exc:
                     raise BackendError(f"CUDA graph capture failed at batch {size}: {exc}") from exc
@@ -684,20 +687,25 @@ class TorchBackend:
             if batch < 1:
                 raise BackendError("a batch needs at least one row")
             captured = self._graphs[self.padded_size(batch)]
-            for (name, dtype, _shape), static in zip(self._specs, captured.inputs, strict=True):
-                value = self._tensor(name, dtype, inputs[name])
-                if tuple(value.shape[1:]) != tuple(static.shape[1:]):
-                    raise BackendError(
-                        f"input {name!r} shape {tuple(value.shape)} does not fit the model "
-                        f"({tuple(static.shape[1:])} per row)"
-                    )
-                static[:batch].copy_(value)
-                static[batch:].zero_()  # padding rows: zeros rather than a stale batch
-            captured.graph.replay()
-            return {
-                n: _host(t[:batch])
-                for n, t in zip(self.output_names, captured.outputs, strict=True)
-            }
+            with torch.cuda.device(self._device):  # replay launches on the current device
+                return self._replay(captured, inputs, batch)
+
+    def _replay(
+        self, captured: _Captured, inputs: Mapping[str, np.ndarray], batch: int
+    ) -> dict[str, np.ndarray]:
+        for (name, dtype, _shape), static in zip(self._specs, captured.inputs, strict=True):
+            value = self._tensor(name, dtype, inputs[name])
+            if tuple(value.shape[1:]) != tuple(static.shape[1:]):
+                raise BackendError(
+                    f"input {name!r} shape {tuple(value.shape)} does not fit the model "
+                    f"({tuple(static.shape[1:])} per row)"
+                )
+            static[:batch].copy_(value)
+            static[batch:].zero_()  # padding rows: zeros rather than a stale batch
+        captured.graph.replay()
+        return {
+            n: _host(t[:batch]) for n, t in zip(self.output_names, captured.outputs, strict=True)
+        }
 
     def warmup(self) -> None:
         """Run the smallest and the largest batch once (graphs are captured at load)."""
