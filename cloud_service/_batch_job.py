@@ -219,7 +219,7 @@ def batch_command(
     threads: Annotated[
         int, typer.Option(help="onnxruntime intra-op threads (0: one per core).")
     ] = 0,
-    backend: Annotated[str, typer.Option(help="auto, onnxruntime or tensorrt.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt or torch.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
     """Score a file of inputs through a model of the repository, at low priority."""
@@ -233,14 +233,15 @@ def batch_command(
         TimeRemainingColumn,
     )
 
+    from fogline.cloud_service._config import BACKEND_KINDS
     from fogline.cloud_service._repository import ModelRepository
 
     if chunk is not None and chunk < 1:
         fail(f"--chunk must be at least 1, got {chunk}")
     if threads < 0:
         fail(f"--threads must be 0 or more, got {threads}")
-    if backend not in ("auto", "onnxruntime", "tensorrt"):
-        fail(f"--backend {backend!r} must be auto, onnxruntime or tensorrt")
+    if backend not in BACKEND_KINDS:
+        fail(f"--backend {backend!r} must be one of {', '.join(BACKEND_KINDS)}")
     try:
         arrays = load_inputs(input_file)
         repository = ModelRepository(
