@@ -9,7 +9,7 @@ FOGLINE := $(VENV)/bin/fogline
 TORCH_SPEC ?= torch==2.13.0
 PKGS := fogline edge_agent cloud_service sync compression residency messaging
 
-.PHONY: demo test lint typecheck unit install-demo install-dev clean
+.PHONY: demo test lint typecheck unit install-demo install-dev clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,27 @@ unit: install-dev
 	$(PY) -m pytest -q
 
 test: lint typecheck unit
+
+# The check for a lent GPU machine (docs/gpu.md): build/gpu-check/ holds the cp312 wheels
+# that machine lacks and the script it runs with its own python3. Here, without a GPU, the
+# script says so and exits 0. The device tool carries 64 MiB a call: the folder must stay
+# well below that beside the checkout.
+GPU_CHECK_DIR := build/gpu-check
+GPU_CHECK_MAX_MIB := 50
+GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
+
+$(GPU_CHECK_DIR)/.wheels: deploy/gpu-check/wheels.txt | $(PY)
+	rm -rf $(GPU_CHECK_DIR)/wheels && mkdir -p $(GPU_CHECK_DIR)/wheels
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_WHEEL_PLATFORMS) -d $(GPU_CHECK_DIR)/wheels -r deploy/gpu-check/wheels.txt
+	touch $@
+
+gpu-check: $(GPU_CHECK_DIR)/.wheels
+	cp deploy/gpu-check/gpu_check.py $(GPU_CHECK_DIR)/gpu_check.py
+	@mib=$$(du -sm $(GPU_CHECK_DIR) | cut -f1); \
+	echo "$(GPU_CHECK_DIR): $$mib MiB, $$(ls $(GPU_CHECK_DIR)/wheels | wc -l) wheels"; \
+	if [ "$$mib" -ge $(GPU_CHECK_MAX_MIB) ]; then echo "over $(GPU_CHECK_MAX_MIB) MiB"; exit 1; fi
+	timeout 480 $(PYTHON) $(GPU_CHECK_DIR)/gpu_check.py
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache

@@ -1,8 +1,9 @@
 """Inference backends for a bundle's cloud part, behind one small interface.
 
-Two implementations: onnxruntime (CPU, or its TensorRT / CUDA execution providers when the
-installed build has them and a CUDA device is visible) and native TensorRT
-(:mod:`._tensorrt`). :func:`select_backend` picks one and records why, so a worker can say
+Three implementations: onnxruntime (CPU, or its TensorRT / CUDA execution providers when
+the installed build has them and a CUDA device is visible), native TensorRT
+(:mod:`._tensorrt`) and torch (:mod:`._torch_backend`: the ONNX graph converted to a torch
+module, CUDA graphs on a GPU). :func:`select_backend` picks one and records why, so a worker can say
 which it runs and why not the other; ``fogline cloud doctor`` shows the same reasoning.
 """
 
@@ -332,7 +333,8 @@ def _make_cache_dir(path: Path) -> None:
 class Availability:
     """What this host offers the backends. :meth:`detect` looks; tests build one by hand.
 
-    ``tensorrt_problem`` says why native TensorRT cannot run (None when it can);
+    ``tensorrt_problem`` says why native TensorRT cannot run (None when it can), and
+    ``torch_cuda_problem`` why torch cannot run the model on a CUDA device;
     ``providers`` are onnxruntime's available execution providers; ``cuda_device`` names the
     visible CUDA device (None when there is none).
     """
@@ -340,20 +342,29 @@ class Availability:
     tensorrt_problem: str | None
     providers: tuple[str, ...]
     cuda_device: str | None
+    #: Why the torch backend cannot run on a CUDA device here (None when it can).
+    torch_cuda_problem: str | None = "not checked"
 
     @classmethod
-    def detect(cls, device_id: int = 0, *, tensorrt: bool = True) -> Availability:
-        """Look at this host; ``tensorrt=False`` skips importing TensorRT (and says so).
+    def detect(
+        cls, device_id: int = 0, *, tensorrt: bool = True, torch: bool = True
+    ) -> Availability:
+        """Look at this host; ``tensorrt=False`` skips importing TensorRT and ``torch=False``
+        the torch CUDA probe (each then says "not checked").
 
         The CUDA device is looked for only when something could use it (TensorRT or a GPU
         execution provider): the probe may import torch, which costs seconds."""
         problem = _tensorrt_unavailable(device_id) if tensorrt else "not checked"
+        torch_problem = _torch_cuda_unavailable(device_id) if torch else "not checked"
         providers = tuple(ort.get_available_providers())
-        usable = problem is None or any(p in GPU_PROVIDERS for p in providers)
+        usable = (
+            problem is None or torch_problem is None or any(p in GPU_PROVIDERS for p in providers)
+        )
         return cls(
             tensorrt_problem=problem,
             providers=providers,
             cuda_device=cuda_device_name(device_id) if usable else None,
+            torch_cuda_problem=torch_problem,
         )
 
 
@@ -362,12 +373,14 @@ class BackendChoice:
     """Which backend to use and why (``reason`` is shown in logs and ``/readyz``).
 
     For onnxruntime, ``providers`` are the execution providers to ask for (empty: whatever
-    the installed build offers).
+    the installed build offers). For torch, ``device`` is ``cuda`` or ``cpu`` (None: CUDA
+    when torch sees a device).
     """
 
-    kind: Literal["onnxruntime", "tensorrt"]
+    kind: Literal["onnxruntime", "tensorrt", "torch"]
     reason: str
     providers: tuple[str, ...] = ()
+    device: Literal["cuda", "cpu"] | None = None
 
     def load(
         self,
@@ -394,6 +407,16 @@ class BackendChoice:
                 device_id=device_id,
                 execution_contexts=execution_contexts,
                 opt_batch_size=opt_batch_size,
+            )
+        if self.kind == "torch":
+            from fogline.cloud_service._torch_backend import TorchBackend
+
+            return TorchBackend(
+                model_path,
+                max_batch_size=max_batch_size,
+                device=self.device,
+                device_id=device_id,
+                threads=threads,
             )
         return OnnxRuntimeBackend(
             model_path,
@@ -457,19 +480,60 @@ def _tensorrt_unavailable(device_id: int = 0) -> str | None:
     return None
 
 
+def _torch_cuda_unavailable(device_id: int = 0) -> str | None:
+    """Why the torch backend cannot run on CUDA device ``device_id`` here, or None.
+
+    Importing torch costs seconds, so a host without an NVIDIA driver is told apart first
+    by its files; a CPU-only host never pays for the import."""
+    for module in ("torch", "onnx"):
+        if importlib.util.find_spec(module) is None:
+            return f"the {module} package is not installed"
+    if not (
+        shutil.which("nvidia-smi")
+        or Path("/proc/driver/nvidia").exists()
+        or Path("/dev/nvidia0").exists()
+    ):
+        return "no NVIDIA driver on this host"
+    try:
+        import torch
+    except (ImportError, OSError, RuntimeError) as exc:
+        return f"torch does not import: {exc}"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    if device_id >= torch.cuda.device_count():
+        return f"CUDA device {device_id} does not exist ({torch.cuda.device_count()} visible)"
+    return None
+
+
 def select_backend(
     requested: str = "auto", *, availability: Availability | None = None
 ) -> BackendChoice:
     """Pick a backend: ``"auto"`` takes native TensorRT when it imports and CUDA is present,
-    otherwise onnxruntime with the best providers this host can start, and records the
-    reason either way.
+    then torch when it sees a CUDA device, otherwise onnxruntime with the best providers
+    this host can start, and records the reason either way.
 
-    Asking for ``"tensorrt"`` where it cannot run raises :class:`BackendError`.
+    Asking for ``"tensorrt"`` where it cannot run raises :class:`BackendError`; asking for
+    ``"torch"`` without a CUDA device runs the same converted module on the CPU, eagerly.
     ``availability`` defaults to :meth:`Availability.detect`.
     """
-    if requested not in ("auto", "onnxruntime", "tensorrt"):
-        raise ValueError(f"backend {requested!r} must be auto, onnxruntime or tensorrt")
-    host = availability or Availability.detect(tensorrt=requested != "onnxruntime")
+    if requested not in ("auto", "onnxruntime", "tensorrt", "torch"):
+        raise ValueError(f"backend {requested!r} must be auto, onnxruntime, tensorrt or torch")
+    if requested == "torch" and availability is None:
+        # Even the CPU fallback needs both; a hand-built availability describes its host.
+        for module in ("torch", "onnx"):
+            if importlib.util.find_spec(module) is None:
+                raise BackendError(f"torch backend requested but the {module} package is missing")
+    host = availability or Availability.detect(
+        tensorrt=requested in ("auto", "tensorrt"), torch=requested in ("auto", "torch")
+    )
+    if requested == "torch":
+        if host.torch_cuda_problem is None:
+            return BackendChoice(
+                "torch", f"requested; CUDA device {host.cuda_device or '0'}", device="cuda"
+            )
+        return BackendChoice(
+            "torch", f"requested; on the CPU ({host.torch_cuda_problem})", device="cpu"
+        )
     providers = tuple(choose_providers(host.providers, gpu=host.cuda_device is not None))
     if requested == "onnxruntime":
         return BackendChoice(
@@ -485,6 +549,13 @@ def select_backend(
     if why_not is None:
         return BackendChoice(
             "tensorrt", f"tensorrt imports and CUDA device {host.cuda_device or '0'} is available"
+        )
+    if host.torch_cuda_problem is None:
+        return BackendChoice(
+            "torch",
+            f"native TensorRT unavailable ({why_not}); torch sees CUDA device "
+            f"{host.cuda_device or '0'}",
+            device="cuda",
         )
     unused = [p for p in GPU_PROVIDERS if p in host.providers and p not in providers]
     note = f" ({', '.join(unused)} left out: no CUDA device visible)" if unused else ""

@@ -43,8 +43,8 @@ __all__ = [
     "default_engine_cache_dir",
 ]
 
-BackendKind = Literal["auto", "onnxruntime", "tensorrt"]
-BACKEND_KINDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt")
+BackendKind = Literal["auto", "onnxruntime", "tensorrt", "torch"]
+BACKEND_KINDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt", "torch")
 DEFAULT_SHARE_GROUP = "fogline-cloud"
 DEFAULT_STORE_URL = "sqlite:///fogline-results.db"
 

@@ -59,6 +59,8 @@ class HostFacts:
     requested_backend: str
     backend_kind: str | None
     backend_reason: str
+    #: Why the torch backend cannot run on a CUDA device (None when it can).
+    torch_cuda_problem: str | None = "not checked"
 
     @classmethod
     def gather(
@@ -118,6 +120,7 @@ class HostFacts:
             requested_backend=backend,
             backend_kind=kind,
             backend_reason=reason,
+            torch_cuda_problem=host.torch_cuda_problem,
         )
 
 
@@ -217,6 +220,13 @@ def findings_from(facts: HostFacts) -> list[Finding]:
         detail = facts.tensorrt_problem + hint
     rows.append(Finding("tensorrt (native)", facts.tensorrt_problem is None, detail, True))
     rows.append(_tensorrt_fp16(facts))
+    torch_ok = facts.torch_cuda_problem is None
+    torch_detail = (
+        f"torch {facts.torch_version} on {facts.cuda_device}, CUDA graphs per batch size"
+        if torch_ok
+        else str(facts.torch_cuda_problem)
+    )
+    rows.append(Finding("torch (CUDA graphs)", torch_ok, torch_detail, True))
     dists = facts.ort_distributions
     if len(dists) > 1:
         rows.append(

@@ -789,8 +789,10 @@ class ModelRepository:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
             log.info("model backend: %s (%s)", self._choice.kind, self._choice.reason)
-            if self._choice.kind == "tensorrt" or any(
-                p != "CPUExecutionProvider" for p in self._choice.providers
+            if (
+                self._choice.kind == "tensorrt"
+                or self._choice.device == "cuda"
+                or any(p != "CPUExecutionProvider" for p in self._choice.providers)
             ):
                 self.metrics.models.watch_gpu_memory()
         return self._choice

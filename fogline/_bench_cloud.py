@@ -5,7 +5,8 @@ An MLP on 256 FP32 features (:mod:`fogline.reference._mlp`; by default
 written twice into a temporary Triton-layout repository: ``mlp`` with dynamic batching
 (up to 32 rows, ``--max-queue-delay-ms``) and ``mlp_nobatch`` with ``max_batch_size = 0``
 (one request per model run). Both are served by one
-:class:`~fogline.cloud_service.ModelRepository` (onnxruntime, one intra-op thread) behind
+:class:`~fogline.cloud_service.ModelRepository` (onnxruntime with one intra-op thread by
+default; ``--backend`` picks torch, TensorRT or auto) behind
 the inference API on a real uvicorn server in a child process on a loopback port, and
 batch-1 requests are sent over HTTP at concurrency 1 and 16.
 
@@ -47,7 +48,7 @@ _NO_BATCHING = "mlp_nobatch"
 _FEATURES = 256
 
 
-def _serve_forever(repo_dir: str, port: int) -> None:
+def _serve_forever(repo_dir: str, port: int, backend: str = "onnxruntime") -> None:
     """The server process: both models behind the inference API until SIGTERM."""
     import uvicorn
 
@@ -56,7 +57,7 @@ def _serve_forever(repo_dir: str, port: int) -> None:
     from fogline.cloud_service._oip_app import create_inference_app
     from fogline.cloud_service._repository import ModelRepository
 
-    repository = ModelRepository(repo_dir, backend=select_backend("onnxruntime"), threads=1)
+    repository = ModelRepository(repo_dir, backend=select_backend(backend), threads=1)
     with repository:
         repository.start()
         app = create_inference_app(repository, auth=None, insecure_no_auth=True)
@@ -65,7 +66,7 @@ def _serve_forever(repo_dir: str, port: int) -> None:
 
 
 @contextmanager
-def _serve(repo_dir: Path, timeout_s: float = 120.0) -> Iterator[str]:
+def _serve(repo_dir: Path, backend: str, timeout_s: float = 120.0) -> Iterator[str]:
     """A server process for ``repo_dir`` on a free loopback port; yields its URL once
     ``/v2/health/ready`` answers 200, and stops it afterwards.
 
@@ -82,7 +83,7 @@ def _serve(repo_dir: Path, timeout_s: float = 120.0) -> Iterator[str]:
     # A fresh interpreter (not multiprocessing) so that it works whatever the main module.
     code = (
         "from fogline._bench_cloud import _serve_forever; "
-        f"_serve_forever({str(repo_dir)!r}, {port})"
+        f"_serve_forever({str(repo_dir)!r}, {port}, {backend!r})"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
     try:
@@ -227,6 +228,11 @@ def bench_cloud(
         "256,4096,2048,10",
         help="Widths of the MLP, input first (default: about 9.5 million parameters).",
     ),
+    backend: str = typer.Option(
+        "onnxruntime",
+        help="The model backend: onnxruntime (default, one intra-op thread), tensorrt, torch "
+        "(CUDA graphs on a GPU, eager on a CPU) or auto, as `backend` in cloud.toml.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Inference API requests/s and latency for the reference MLP, batching off and on.
@@ -237,9 +243,17 @@ def bench_cloud(
     cores with the server (see the module docstring).
     """
     from fogline._bench import _emit
-    from fogline._cli import Status
+    from fogline._cli import Status, fail
+    from fogline.cloud_service import BackendError
+    from fogline.cloud_service._backends import select_backend
     from fogline.reference._mlp import reference_mlp_weights, write_reference_mlp
 
+    # Chosen here too, so that a backend this host cannot run is refused before the server
+    # starts and the result can say what ran; the server process makes the same choice.
+    try:
+        choice = select_backend(backend)
+    except (BackendError, ValueError) as exc:
+        fail(str(exc))
     warmup_s = min(1.0, seconds)
     body, headers = _request_body()
     result: dict[str, Any] = {}
@@ -257,7 +271,7 @@ def bench_cloud(
         )
         with (
             Status(not as_json, "starting the inference API") as status,
-            _serve(repo_dir) as base,
+            _serve(repo_dir, backend) as base,
         ):
             for key, model in (("batching_off", _NO_BATCHING), ("batching_on", _BATCHING)):
                 url = f"{base}/v2/models/{model}/infer"
@@ -270,5 +284,6 @@ def bench_cloud(
     off = result["batching_off"][top]["rps"]
     result["batching_gain"] = round(result["batching_on"][top]["rps"] / off, 3) if off else 0.0
     result["target_batching_gain"] = TARGET_BATCHING_GAIN
+    result["backend"] = {"kind": choice.kind, "reason": choice.reason}
     result["model_params"] = sum(w.size + b.size for w, b in reference_mlp_weights(widths))
     _emit(result, as_json, "fogline bench cloud")

@@ -131,7 +131,7 @@ def batch_command(
     threads: Annotated[
         int, typer.Option(help="onnxruntime intra-op threads (0: one per core).")
     ] = 0,
-    backend: Annotated[str, typer.Option(help="auto, onnxruntime or tensorrt.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt or torch.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
     """Score a file of inputs through a model of the repository, at low priority."""
@@ -151,8 +151,10 @@ def batch_command(
         fail(f"--chunk must be at least 1, got {chunk}")
     if threads < 0:
         fail(f"--threads must be 0 or more, got {threads}")
-    if backend not in ("auto", "onnxruntime", "tensorrt"):
-        fail(f"--backend {backend!r} must be auto, onnxruntime or tensorrt")
+    from fogline.cloud_service._config import BACKEND_KINDS
+
+    if backend not in BACKEND_KINDS:
+        fail(f"--backend {backend!r} must be one of {', '.join(BACKEND_KINDS)}")
     try:
         arrays = load_inputs(input_file)
         repository = ModelRepository(

@@ -183,8 +183,14 @@ def host(
     tensorrt: str | None = "the tensorrt package is not installed",
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
     cuda: str | None = None,
+    torch_cuda: str | None = "the torch package is not installed",
 ) -> Availability:
-    return Availability(tensorrt_problem=tensorrt, providers=providers, cuda_device=cuda)
+    return Availability(
+        tensorrt_problem=tensorrt,
+        providers=providers,
+        cuda_device=cuda,
+        torch_cuda_problem=torch_cuda,
+    )
 
 
 def test_auto_takes_native_tensorrt_wherever_it_can_run() -> None:
@@ -233,6 +239,28 @@ def test_a_configured_backend_is_honoured_or_refused_with_the_reason() -> None:
         select_backend("tensorrt", availability=host(tensorrt="no CUDA device"))
 
 
+def test_auto_takes_torch_on_cuda_when_native_tensorrt_cannot_run() -> None:
+    choice = select_backend(
+        "auto", availability=host(providers=ALL_PROVIDERS, cuda="NVIDIA H200", torch_cuda=None)
+    )
+    assert (choice.kind, choice.device) == ("torch", "cuda")
+    assert "native TensorRT unavailable" in choice.reason
+    assert "torch sees CUDA device NVIDIA H200" in choice.reason
+
+
+def test_auto_still_prefers_native_tensorrt_over_torch() -> None:
+    both = host(tensorrt=None, cuda="NVIDIA L4", torch_cuda=None)
+    assert select_backend("auto", availability=both).kind == "tensorrt"
+
+
+def test_torch_asked_for_by_name_runs_on_cuda_or_else_on_the_cpu() -> None:
+    on_gpu = select_backend("torch", availability=host(cuda="NVIDIA H200", torch_cuda=None))
+    assert (on_gpu.kind, on_gpu.device) == ("torch", "cuda")
+    on_cpu = select_backend("torch", availability=host(torch_cuda="no NVIDIA driver on this host"))
+    assert (on_cpu.kind, on_cpu.device) == ("torch", "cpu")
+    assert "on the CPU (no NVIDIA driver on this host)" in on_cpu.reason
+
+
 def test_warmup_shapes_fill_symbolic_axes() -> None:
     assert dummy_shape(["N", 16], 8) == (8, 16)
     assert dummy_shape([-1, 3, "H", 7], 2) == (2, 3, 1, 7)
@@ -246,7 +274,17 @@ def cuda_and_tensorrt() -> bool:
     return bool(torch.cuda.is_available())
 
 
-@pytest.mark.skipif(cuda_and_tensorrt(), reason="this host can run TensorRT")
+def torch_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(
+    cuda_and_tensorrt() or torch_cuda(), reason="this host can run TensorRT or torch on CUDA"
+)
 def test_auto_falls_back_to_onnxruntime_and_says_why() -> None:
     choice = select_backend("auto")
     assert choice.kind == "onnxruntime"
@@ -257,7 +295,7 @@ def test_auto_falls_back_to_onnxruntime_and_says_why() -> None:
 
 def test_onnxruntime_can_be_asked_for_by_name() -> None:
     assert select_backend("onnxruntime").kind == "onnxruntime"
-    with pytest.raises(ValueError, match="auto, onnxruntime or tensorrt"):
+    with pytest.raises(ValueError, match="auto, onnxruntime, tensorrt or torch"):
         select_backend("cuda")
 
 

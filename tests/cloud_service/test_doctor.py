@@ -57,6 +57,7 @@ def facts(tmp_path: Path, **changes: object) -> HostFacts:
         requested_backend="auto",
         backend_kind="onnxruntime",
         backend_reason="native TensorRT unavailable (…); providers CPUExecutionProvider",
+        torch_cuda_problem="no NVIDIA driver on this host",
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
@@ -71,6 +72,7 @@ def test_the_doctor_on_this_host_lists_every_backend_and_provider(tmp_path: Path
         "cuda device",
         "tensorrt (native)",
         "tensorrt fp16",
+        "torch (CUDA graphs)",
         "onnxruntime",
         "onnxruntime TensorrtExecutionProvider",
         "onnxruntime CUDAExecutionProvider",
@@ -83,7 +85,7 @@ def test_the_doctor_on_this_host_lists_every_backend_and_provider(tmp_path: Path
     assert not (tmp_path / "engines").exists()  # looking creates nothing
     picked = rows["backend 'auto' picks"]
     assert picked.usable
-    assert picked.detail.startswith(("onnxruntime: ", "tensorrt: "))
+    assert picked.detail.startswith(("onnxruntime: ", "tensorrt: ", "torch: "))
     for row in rows.values():
         assert row.detail, row
 
@@ -94,6 +96,7 @@ def test_on_a_cpu_host_the_doctor_says_why_each_gpu_path_is_unusable() -> None:
     assert not rows["cuda device"].usable
     assert rows["cuda device"].detail.startswith("none visible: ")
     assert not rows["tensorrt (native)"].usable
+    assert not rows["torch (CUDA graphs)"].usable
     assert rows["backend 'auto' picks"].detail.startswith(
         "onnxruntime: native TensorRT unavailable"
     )
@@ -152,9 +155,28 @@ def test_a_cpu_only_host_has_no_gpu_path_and_names_the_missing_pieces(tmp_path: 
     assert "install onnxruntime-gpu" in got["onnxruntime CUDAExecutionProvider"].detail
     assert [f.check for f in rows if f.gpu_path] == [
         "tensorrt (native)",
+        "torch (CUDA graphs)",
         "onnxruntime TensorrtExecutionProvider",
         "onnxruntime CUDAExecutionProvider",
     ]
+
+
+def test_a_cuda_host_without_tensorrt_has_the_torch_gpu_path(tmp_path: Path) -> None:
+    rows = findings_from(
+        facts(
+            tmp_path,
+            torch_version="2.11.0+cu130",
+            cuda_device="NVIDIA H200",
+            torch_cuda_problem=None,
+            backend_kind="torch",
+            backend_reason="native TensorRT unavailable (…); torch sees CUDA device NVIDIA H200",
+        )
+    )
+    assert gpu_usable(rows)
+    got = by_check(rows)
+    assert got["torch (CUDA graphs)"].usable
+    assert got["torch (CUDA graphs)"].detail.startswith("torch 2.11.0+cu130 on NVIDIA H200")
+    assert got["backend 'auto' picks"].detail.startswith("torch: ")
 
 
 def test_a_tensorrt_10_host_uses_native_tensorrt_with_the_fp16_flag(tmp_path: Path) -> None:
