@@ -1,8 +1,9 @@
 """The edge model in an onnxruntime session: load, check against the bundle, warm up, run.
 
 onnxruntime raises its own exception classes (not subclasses of anything in the standard
-library); they are translated here, in one place, into :class:`ModelError` (the model
-cannot be used) or :class:`InputError` (this input cannot be run).
+library); the distribution's one map of them (:func:`fogline.compression.onnxruntime_errors`)
+turns them into :class:`ModelError` (the model cannot be used) or :class:`InputError` (this
+input cannot be run).
 """
 
 from __future__ import annotations
@@ -15,25 +16,14 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from fogline.compression import onnxruntime_errors
 from fogline.edge_agent.errors import InputError, ModelError
 from fogline.sync import Bundle
 
 __all__ = ["EdgeRuntime", "InputSpec"]
 
 log = logging.getLogger("fogline.edge_agent")
-
-_ORT_ERRORS: tuple[type[Exception], ...] = (
-    *(
-        obj
-        for obj in vars(_ort_state).values()
-        if isinstance(obj, type) and issubclass(obj, Exception)
-    ),
-    RuntimeError,
-    OSError,
-    ValueError,
-)
 
 _ORT_DTYPES: dict[str, np.dtype[Any]] = {
     "tensor(float)": np.dtype(np.float32),
@@ -148,12 +138,12 @@ class EdgeRuntime:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         path = bundle.edge_model_path
-        try:
+        with onnxruntime_errors(
+            into=ModelError, what=f"edge model {path.name} of {bundle.id} does not load"
+        ):
             self.session = ort.InferenceSession(
                 str(path), sess_options=opts, providers=["CPUExecutionProvider"]
             )
-        except _ORT_ERRORS as exc:
-            raise ModelError(f"edge model {path.name} of {bundle.id} does not load: {exc}") from exc
         spec = bundle.edge
         inputs = {i.name: i for i in self.session.get_inputs()}
         if spec.input not in inputs:
@@ -224,10 +214,8 @@ class EdgeRuntime:
         return {k: np.concatenate([p[k] for p in parts]) for k in self.output_names}
 
     def _run(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        try:
+        with onnxruntime_errors(into=InputError, what="the edge model could not run this input"):
             outs = self.session.run(self.output_names, {self.input.name: frames})
-        except _ORT_ERRORS as exc:
-            raise InputError(f"the edge model could not run this input: {exc}") from exc
         return dict(zip(self.output_names, outs, strict=True))
 
     def describe(self) -> Mapping[str, Any]:

@@ -80,3 +80,25 @@ def test_inputs_are_fitted_to_the_model_or_refused_with_the_reason(tiny_bundle: 
         spec.item(np.full((1, 8, 8), 300))
     with pytest.raises(InputError, match=r"batch shape \[8, 8\]"):
         spec.batch(np.zeros((8, 8), dtype=np.uint8))
+
+
+def _ort_classes() -> list[type[Exception]]:
+    from fogline.compression._ort_errors import ONNXRUNTIME_EXCEPTIONS
+
+    return list(ONNXRUNTIME_EXCEPTIONS)
+
+
+@pytest.mark.parametrize("kind", _ort_classes(), ids=lambda k: k.__name__)
+def test_every_onnxruntime_error_at_run_becomes_the_agents_input_error(
+    tiny_bundle: Path, kind: type[Exception]
+) -> None:
+    rt = EdgeRuntime(Bundle.load(tiny_bundle), max_batch=4, warmup_runs=0)
+
+    class _Failing:
+        def run(self, *args: object) -> None:
+            raise kind("[ONNXRuntimeError] : 1 : FAIL : staged failure")
+
+    rt.session = _Failing()  # type: ignore[assignment]
+    with pytest.raises(InputError, match="could not run this input: staged failure") as info:
+        rt.run(np.zeros((1, *rt.input.item_shape), dtype=rt.input.dtype))
+    assert type(info.value.__cause__) is kind
