@@ -104,17 +104,18 @@ class _Float(TensorType):
         return data
 
 
-def _largest_scale() -> float:
-    """The largest float32 scale whose 127-fold is still a finite float32: the rounded
-    ``max / 127`` is one step too large."""
-    scale = np.float32(float(np.finfo(np.float32).max) / 127.0)
+def _largest_scale(factor: int) -> float:
+    """The largest float32 scale whose ``factor``-fold is still a finite float32 (for 127
+    the rounded ``max / 127`` is one step too large)."""
+    scale = np.float32(float(np.finfo(np.float32).max) / factor)
     with np.errstate(over="ignore"):
-        while not np.isfinite(scale * np.float32(127)):
+        while not np.isfinite(scale * np.float32(factor)):
             scale = np.nextafter(scale, np.float32(0))
     return float(scale)
 
 
-_MAX_SCALE = _largest_scale()
+_MAX_SCALE = _largest_scale(127)
+_MAX_SCALE_128 = _largest_scale(128)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,15 @@ class _ScaledInt8(TensorType):
             raise EnvelopeError(
                 "bad_tensor", f"tensor {name!r} has scale {scale!r}, outside 0..{_MAX_SCALE}"
             )
+        if scale > _MAX_SCALE_128:
+            # The encoder writes -127..127; a -128 times a scale this large overflows
+            with np.errstate(over="ignore"):
+                out = data * np.float32(scale)
+            if not np.isfinite(out).all():
+                raise EnvelopeError(
+                    "bad_tensor", f"tensor {name!r} holds -128, which its scale {scale!r} overflows"
+                )
+            return out
         return data * np.float32(scale)
 
 

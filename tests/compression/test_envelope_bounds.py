@@ -158,6 +158,15 @@ POISON: dict[str, tuple[bytes, str]] = {
         ),
         "bad_tensor",
     ),
+    "int8 -128 whose scale overflows it": (
+        _frame(
+            _body(
+                tensors=(_tensor(code=0x84, params=struct.pack("<f", _MAX_SCALE), data=b"\x80\1"),)
+            ),
+            codec=1,
+        ),
+        "bad_tensor",
+    ),
     "int8 scale whose 127-fold overflows": (
         _frame(
             _body(tensors=(_tensor(code=0x84, params=struct.pack("<f", 3e38), data=b"\x7f\1"),)),
