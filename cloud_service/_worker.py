@@ -734,7 +734,7 @@ class CloudWorker:
         compute_ms = round(compute_s * 1000.0, 3)
         completed_us = now_us()
         labels = np.argmax(rows.reshape(len(items), -1), axis=1)
-        answers: list[tuple[_Item, int, float]] = []
+        answers: list[tuple[_Item, int, float, int]] = []
         outgoing: list[tuple[str, bytes]] = []
         for k, (i, item) in enumerate(zip(idxs, items, strict=True)):
             label = int(labels[k])
@@ -742,11 +742,19 @@ class CloudWorker:
             confidence = round(confidence, 6) if math.isfinite(confidence) else 0.0
             queue_ms = round(max(0.0, start_s - batch.enqueued_s[i]) * 1000.0, 3)
             meta = ResultMeta.ok(label, confidence, queue_ms=queue_ms, compute_ms=compute_ms)
-            outgoing.append(self._result(item.env, meta, {served.output: rows[k]}))
-            answers.append((item, label, confidence))
+            try:
+                outgoing.append(self._result(item.env, meta, {served.output: rows[k]}))
+            except ValueError as exc:
+                # An output row the result codec refuses (NaN, ±inf, beyond float16): the
+                # item fails out loud rather than travel as a wrong "ok".
+                log.warning("inference failed for one item of %s: %s", served.bundle.id, exc)
+                self._reply(item.env, ResultMeta.failed(f"inference failed: {exc}"))
+                self._ack(self._finish_item(item, None))
+                continue
+            answers.append((item, label, confidence, k))
         # Encode first, then publish: the results for one site travel joined in one message.
         self._publish(outgoing)
-        for k, (item, label, confidence) in enumerate(answers):
+        for item, label, confidence, k in answers:
             env = item.env
             acks.extend(self._finish_item(item, (label, confidence, rows[k].copy(), served.output)))
             stored.append(
@@ -786,8 +794,9 @@ class CloudWorker:
             created_us=request.created_us,
             codec=Codec.FP16,
         )
+        encoded = encode_envelope(result, compress=False)
         self.metrics.results.labels(meta.status.value).inc()
-        return self.topics.results(request.site), encode_envelope(result, compress=False)
+        return self.topics.results(request.site), encoded
 
     def _publish(self, messages: list[tuple[str, bytes]]) -> None:
         """Publish result envelopes, those for the same site joined into as few messages

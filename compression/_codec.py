@@ -14,6 +14,8 @@ from __future__ import annotations
 import enum
 import json
 import math
+import operator
+import re
 import struct
 import threading
 import time
@@ -33,6 +35,11 @@ __all__ = [
     "ENVELOPE_VERSION",
     "MAX_BODY_BYTES",
     "MAX_MESSAGE_BYTES",
+    "MAX_META_DEPTH",
+    "MAX_META_ENTRIES",
+    "MAX_META_KEY_CHARS",
+    "MAX_META_STRING_CHARS",
+    "MAX_TIME_US",
     "Codec",
     "Envelope",
     "Kind",
@@ -63,6 +70,24 @@ _U32 = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 _MAX_NDIM = 8
 _MAX_TENSORS = 64
+# Every stored element takes at least a byte, so no tensor of a default-size body has
+# more; bounding the dims' product (zero dims counted as one) keeps an empty tensor's
+# other dims from being absurd too.
+_MAX_ELEMENTS = MAX_BODY_BYTES
+# Times are µs since the epoch. 2^53 µs is in the year 2255: it fits int64, a datetime
+# and a float64 (JSON, JavaScript) exactly, so no store or client on the way overflows.
+# 0 means "not given" (the agent always sets created_us; sent_us 0 means "now" at encode).
+MAX_TIME_US = 2**53 - 1
+# Meta is a small flat object today; these bounds leave room for later keys while
+# keeping every consumer (JSON encoders, stores, logs) far from its own limits.
+MAX_META_DEPTH = 16  # the meta object itself is level 1
+MAX_META_ENTRIES = 1024  # members and array items, at every level
+MAX_META_KEY_CHARS = 64
+MAX_META_STRING_CHARS = 4096
+_MAX_META_INT = 2**63 - 1  # what SQLite and most JSON readers hold exactly
+# A JSON token that opens or closes a container, or a whole string (skipped as one match:
+# brackets inside strings are not structure).
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
 
 class Kind(enum.IntEnum):
@@ -98,11 +123,19 @@ class Envelope:
     resent: bool = False
 
     def __post_init__(self) -> None:
+        # Everything the decoder refuses is refused here too, so a bad value is caught at
+        # the sender (the decoder checks first and raises EnvelopeError instead).
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind {self.kind!r} is not one of {sorted(_KINDS)}")
         if len(self.message_id) != 16:
             raise ValueError("message_id must be 16 bytes")
         for label, text in (("site", self.site), ("bundle", self.bundle)):
-            if not text or len(text.encode()) > 255:
-                raise ValueError(f"{label} must be 1..255 bytes of UTF-8")
+            problem = _text_problem(text, label, site=label == "site")
+            if problem is not None:
+                raise ValueError(problem[1])
+        for label, t in (("created_us", self.created_us), ("sent_us", self.sent_us)):
+            if not 0 <= operator.index(t) <= MAX_TIME_US:
+                raise ValueError(f"{label} {t} is outside 0..{MAX_TIME_US} (µs since the epoch)")
         if len(self.tensors) > _MAX_TENSORS:
             raise ValueError(f"at most {_MAX_TENSORS} tensors per envelope")
 
@@ -111,14 +144,38 @@ class Envelope:
         return uuid.UUID(bytes=self.message_id)
 
 
+def _text_problem(text: object, what: str, *, site: bool = False) -> tuple[str, str] | None:
+    """Why ``text`` cannot be a site, bundle or tensor name (reason, detail); None if it
+    can. Control and other unprintable characters are refused: these names reach logs,
+    topics and metrics labels. A site is one topic level as well."""
+    if not isinstance(text, str):
+        return "bad_text", f"{what} {text!r} is not a string"
+    if not text:
+        return "missing_field", f"{what} is empty"
+    if len(text) > 255 or len(text.encode(errors="replace")) > 255:
+        return "too_long", f"{what} is longer than 255 bytes of UTF-8"
+    if not text.isprintable():
+        return "bad_text", f"{what} {text!r} has a control or unprintable character"
+    if site and ("/" in text or "+" in text or "#" in text):
+        return "bad_text", f"{what} {text!r} is not one topic level (no /, + or #)"
+    return None
+
+
 def _encode_tensor(out: list[bytes], name: str, array: np.ndarray, codec: TensorCodec) -> None:
     arr = np.asarray(array)
+    problem = _text_problem(name, "tensor name")
+    if problem is not None:
+        if problem[0] == "bad_text" and not isinstance(name, str):
+            raise TypeError(problem[1])
+        raise ValueError(problem[1])
     name_b = name.encode()
-    if not name_b or len(name_b) > 255:
-        raise ValueError(f"tensor name {name!r} must be 1..255 bytes")
     ndim = arr.ndim
     if ndim > _MAX_NDIM:
         raise ValueError(f"tensor {name!r} has {ndim} dims, at most {_MAX_NDIM} allowed")
+    if math.prod(d or 1 for d in arr.shape) > _MAX_ELEMENTS:
+        raise ValueError(
+            f"tensor {name!r} of shape {arr.shape} has more than {_MAX_ELEMENTS} elements"
+        )
     code, params, data = codec.encode(arr, name)
     out.append(
         struct.pack(f"<B{len(name_b)}sBB{ndim}I", len(name_b), name_b, code, ndim, *arr.shape)
@@ -129,8 +186,17 @@ def _encode_tensor(out: list[bytes], name: str, array: np.ndarray, codec: Tensor
 
 
 def encode_envelope(env: Envelope, *, zstd_level: int = 3, compress: bool = True) -> bytes:
-    """Serialize an envelope; float tensors are coded with ``env.codec``."""
-    meta_b = _META_JSON.encode(dict(env.meta)).encode()
+    """Serialize an envelope; float tensors are coded with ``env.codec``.
+
+    Raises :class:`ValueError` for anything the decoder would refuse: meta beyond its
+    bounds, a tensor the codec cannot carry (NaN, ±inf, out of range), a body over
+    :data:`MAX_BODY_BYTES`.
+    """
+    meta = dict(env.meta)
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise ValueError(f"envelope meta: {problem[1]}")
+    meta_b = _META_JSON.encode(meta).encode()
     if len(meta_b) > 0xFFFF:
         raise ValueError("envelope meta is larger than 64 KiB")
     codec = CODECS.get(env.codec)
@@ -140,6 +206,8 @@ def encode_envelope(env: Envelope, *, zstd_level: int = 3, compress: bool = True
     for name, array in env.tensors.items():
         _encode_tensor(parts, name, array, codec)
     body = b"".join(parts)
+    if len(body) > MAX_BODY_BYTES:
+        raise ValueError(f"envelope body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     flags = _FLAG_RESENT if env.resent else 0
     if compress:
         packed = _compressor(zstd_level).compress(body)
@@ -190,7 +258,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def _text(data: bytes, pos: int, end: int, what: str) -> tuple[str, int]:
+def _text(data: bytes, pos: int, end: int, what: str, *, site: bool = False) -> tuple[str, int]:
     """A 1-byte-length-prefixed UTF-8 string at ``pos``; the string and the next offset."""
     if pos >= end:
         raise EnvelopeError("truncated", f"{what} runs past the end of the message")
@@ -198,9 +266,15 @@ def _text(data: bytes, pos: int, end: int, what: str) -> tuple[str, int]:
     if stop > end:
         raise EnvelopeError("truncated", f"{what} runs past the end of the message")
     try:
-        return data[pos + 1 : stop].decode(), stop
+        text = data[pos + 1 : stop].decode()
     except UnicodeDecodeError as exc:
         raise EnvelopeError("bad_text", f"{what} is not UTF-8") from exc
+    # the length byte bounds the size: only emptiness and the characters are left
+    if not text or not text.isprintable() or (site and ("/" in text or "+" in text or "#" in text)):
+        problem = _text_problem(text, what, site=site)
+        if problem is not None:
+            raise EnvelopeError(*problem)
+    return text, stop
 
 
 def decode_envelope(data: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> Envelope:
@@ -222,10 +296,12 @@ def decode_envelope(data: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> Env
     codec_e = codec_for(codec).codec
     if flags & ~_KNOWN_FLAGS:
         raise EnvelopeError("unknown_flags", f"flags {flags:#x} carry unknown bits")
-    site, pos = _text(data, _HEAD.size, end, "site")
+    if created > MAX_TIME_US or sent > MAX_TIME_US:
+        raise EnvelopeError(
+            "bad_time", f"created_us {created} or sent_us {sent} is beyond {MAX_TIME_US}"
+        )
+    site, pos = _text(data, _HEAD.size, end, "site", site=True)
     bundle, pos = _text(data, pos, end, "bundle")
-    if not site or not bundle:
-        raise EnvelopeError("missing_field", "site and bundle must be non-empty")
     if pos + _U32.size > end:
         raise EnvelopeError("truncated", "body length runs past the end of the message")
     body_end = pos + _U32.size + _U32.unpack_from(data, pos)[0]
@@ -363,20 +439,13 @@ def _decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     pos = _U16.size + _U16.unpack_from(body)[0]
     if pos > end:
         raise EnvelopeError("truncated", "meta runs past the end of the message")
-    try:
-        meta = json.loads(body[_U16.size : pos])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnvelopeError("bad_meta", "meta is not JSON") from exc
-    except RecursionError as exc:  # nested deeper than the interpreter's stack allows
-        raise EnvelopeError("bad_meta", "meta is nested too deep") from exc
-    if not isinstance(meta, dict):
-        raise EnvelopeError("bad_meta", "meta is not a JSON object")
+    meta = _decode_meta(body[_U16.size : pos])
     if pos >= end:
         raise EnvelopeError("truncated", "tensor count runs past the end of the message")
     count = body[pos]
     pos += 1
     if count > _MAX_TENSORS:
-        raise EnvelopeError("bad_tensor", f"{count} tensors, at most {_MAX_TENSORS} allowed")
+        raise EnvelopeError("too_many", f"{count} tensors, at most {_MAX_TENSORS} allowed")
     tensors: dict[str, np.ndarray] = {}
     for _ in range(count):
         name, pos = _text(body, pos, end, "tensor name")
@@ -385,11 +454,18 @@ def _decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         code, ndim = body[pos], body[pos + 1]
         pos += 2
         if ndim > _MAX_NDIM:
-            raise EnvelopeError("bad_tensor", f"tensor {name!r} has {ndim} dims")
+            raise EnvelopeError(
+                "bad_shape", f"tensor {name!r} has {ndim} dims, at most {_MAX_NDIM} allowed"
+            )
         if pos + 4 * ndim > end:
             raise EnvelopeError("truncated", "shape runs past the end of the message")
         shape = struct.unpack_from(f"<{ndim}I", body, pos)
         pos += 4 * ndim
+        if math.prod(d or 1 for d in shape) > _MAX_ELEMENTS:
+            raise EnvelopeError(
+                "bad_shape",
+                f"tensor {name!r} of shape {shape} has more than {_MAX_ELEMENTS} elements",
+            )
         ttype = tensor_type(code, name)
         params = b""
         if ttype.params_size:
@@ -415,3 +491,101 @@ def _decode_body(body: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if pos != end:
         raise EnvelopeError("trailing_bytes", "bytes after the last tensor")
     return meta, tensors
+
+
+def _refuse_constant(name: str) -> Any:
+    raise EnvelopeError("bad_number", f"meta holds {name}: numbers must be finite")
+
+
+# Python's JSON reader takes NaN and Infinity, which JSON does not have: refuse them.
+_META_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _decode_meta(raw: bytes) -> dict[str, Any]:
+    """The meta object of a body, within its bounds (depth, entries, string lengths,
+    numbers); :class:`EnvelopeError` naming the bound otherwise."""
+    # The depth is bounded before parsing: the JSON reader recurses once per level, and a
+    # RecursionError (or, on a small thread stack, a crash) must not be the bound.
+    # Fewer brackets than the bound cannot nest deeper: the scan is for the rare rest.
+    if raw.count(b"[") + raw.count(b"{") > MAX_META_DEPTH:
+        depth = 0
+        for token in _JSON_TOKENS.finditer(raw):
+            opened = token[0]
+            if opened in (b"[", b"{"):
+                depth += 1
+                if depth > MAX_META_DEPTH:
+                    raise EnvelopeError(
+                        "too_deep", f"meta is nested more than {MAX_META_DEPTH} levels deep"
+                    )
+            elif opened in (b"]", b"}"):
+                depth -= 1
+    try:
+        meta = _META_DECODER.decode(raw.decode())
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError("bad_meta", "meta is not UTF-8") from exc
+    except json.JSONDecodeError as exc:
+        raise EnvelopeError("bad_meta", f"meta is not JSON: {exc}") from exc
+    except ValueError as exc:  # an integer longer than Python converts (4,300 digits)
+        raise EnvelopeError("bad_number", f"meta holds an unreadable number: {exc}") from exc
+    except RecursionError as exc:  # not reached after the scan; kept as the last guard
+        raise EnvelopeError("too_deep", "meta is nested too deep") from exc
+    if not isinstance(meta, dict):
+        raise EnvelopeError("bad_meta", "meta is not a JSON object")
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise EnvelopeError(*problem)
+    return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> tuple[str, str] | None:
+    """Why ``meta`` breaks a bound (reason, detail), or None. Used on what was decoded
+    and on what is about to be encoded, so the two refuse the same."""
+    entries = 0
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_META_DEPTH:
+            return "too_deep", f"meta is nested more than {MAX_META_DEPTH} levels deep"
+        if isinstance(node, dict):
+            entries += len(node)
+            values = node.values()
+            for key in node:
+                if isinstance(key, str):
+                    if len(key) > MAX_META_KEY_CHARS:
+                        return "too_long", (
+                            f"meta key {key[:32]!r}… is longer than {MAX_META_KEY_CHARS} characters"
+                        )
+                    if not key.isascii() and _has_surrogate(key):
+                        return "bad_text", "a meta key is not valid Unicode (a lone surrogate)"
+        else:
+            entries += len(node)
+            values = node
+        if entries > MAX_META_ENTRIES:
+            return "too_many", f"meta has more than {MAX_META_ENTRIES} entries"
+        for value in values:
+            if isinstance(value, str):
+                if len(value) > MAX_META_STRING_CHARS:
+                    return "too_long", (
+                        f"a meta string of {len(value)} characters is longer than "
+                        f"{MAX_META_STRING_CHARS}"
+                    )
+                if not value.isascii() and _has_surrogate(value):
+                    return "bad_text", "a meta string is not valid Unicode (a lone surrogate)"
+            elif isinstance(value, float):
+                if not math.isfinite(value):
+                    return "bad_number", f"meta holds {value!r}: numbers must be finite"
+            elif isinstance(value, int):
+                if not -_MAX_META_INT <= value <= _MAX_META_INT:
+                    return "bad_number", f"a meta integer is beyond ±{_MAX_META_INT}"
+            elif isinstance(value, (dict, list, tuple)):
+                stack.append((value, depth + 1))
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    # JSON's \ud800 escapes make strings no UTF-8 encoder (store, log, socket) accepts
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -12,6 +12,12 @@ Two tables, both keyed by what travels on the wire:
 
 The framing (:mod:`fogline.compression._codec`) writes and reads the name, dtype code and
 shape and looks everything else up here. ``docs/wire-format.md`` says how to add a codec.
+
+Non-finite values never travel: every codec refuses NaN and ±inf in a float tensor at
+encode (:class:`ValueError`), and each refuses a finite value it cannot represent (fp16
+beyond ±65,504, int8 beyond the float32 range it decodes to) rather than let it become
+inf on the way. The decoder refuses a float tensor holding one (``bad_value``), so a
+receiver never computes on a value its sender did not mean.
 """
 
 from __future__ import annotations
@@ -89,34 +95,75 @@ class TensorType:
 
 
 @dataclass(frozen=True)
+class _Float(TensorType):
+    """A float type stored as is: its values must be finite."""
+
+    def decode(self, data: np.ndarray, params: bytes, name: str) -> np.ndarray:
+        if not np.isfinite(data).all():
+            raise EnvelopeError("bad_value", f"tensor {name!r} holds NaN or infinity")
+        return data
+
+
+def _largest_scale(factor: int) -> float:
+    """The largest float32 scale whose ``factor``-fold is still a finite float32 (for 127
+    the rounded ``max / 127`` is one step too large)."""
+    scale = np.float32(float(np.finfo(np.float32).max) / factor)
+    with np.errstate(over="ignore"):
+        while not np.isfinite(scale * np.float32(factor)):
+            scale = np.nextafter(scale, np.float32(0))
+    return float(scale)
+
+
+_MAX_SCALE = _largest_scale(127)
+_MAX_SCALE_128 = _largest_scale(128)
+
+
+@dataclass(frozen=True)
 class _ScaledInt8(TensorType):
-    """Int8 data times a float32 scale: decodes to float32."""
+    """Int8 data times a float32 scale: decodes to float32. The scale is at most
+    :data:`_MAX_SCALE` and not negative, as the encoder makes it, so every decoded value
+    is finite."""
 
     def decode(self, data: np.ndarray, params: bytes, name: str) -> np.ndarray:
         scale: float = _F32.unpack(params)[0]
-        if not math.isfinite(scale):
-            raise EnvelopeError("bad_tensor", f"tensor {name!r} has a non-finite scale")
+        # ``not 0 <= scale`` also catches NaN
+        if not 0.0 <= scale <= _MAX_SCALE:
+            raise EnvelopeError(
+                "bad_tensor", f"tensor {name!r} has scale {scale!r}, outside 0..{_MAX_SCALE}"
+            )
+        if scale > _MAX_SCALE_128:
+            # The encoder writes -127..127; a -128 times a scale this large overflows
+            with np.errstate(over="ignore"):
+                out = data * np.float32(scale)
+            if not np.isfinite(out).all():
+                raise EnvelopeError(
+                    "bad_tensor", f"tensor {name!r} holds -128, which its scale {scale!r} overflows"
+                )
+            return out
         return data * np.float32(scale)
 
 
 # The exact types: every dtype a tensor may have, as it is stored.
-_PLAIN: tuple[TensorType, ...] = tuple(
-    TensorType(code, np.dtype(name))
-    for code, name in (
-        (1, "<f4"),
-        (2, "<f2"),
-        (3, "<f8"),
-        (4, "i1"),
-        (5, "u1"),
-        (6, "<i4"),
-        (7, "<i8"),
-        (8, "?"),
-        (9, "<i2"),
-        (10, "<u2"),
-    )
+_PLAIN: tuple[TensorType, ...] = (
+    _Float(1, np.dtype("<f4")),
+    _Float(2, np.dtype("<f2")),
+    _Float(3, np.dtype("<f8")),
+    *(
+        TensorType(code, np.dtype(name))
+        for code, name in (
+            (4, "i1"),
+            (5, "u1"),
+            (6, "<i4"),
+            (7, "<i8"),
+            (8, "?"),
+            (9, "<i2"),
+            (10, "<u2"),
+        )
+    ),
 )
 _PLAIN_CODES: dict[np.dtype[Any], int] = {t.storage: t.code for t in _PLAIN}
 _Q8 = _ScaledInt8(_PLAIN_CODES[np.dtype("i1")] | 0x80, np.dtype("i1"), _F32.size, "scale")
+_F32_MAX = float(np.finfo(np.float32).max)
 # Below this absolute maximum, 127 / amax overflows float32: quantize in float64 instead.
 _TINY_AMAX = 1e-30
 
@@ -152,45 +199,81 @@ class TensorCodec(abc.ABC):
         """Dtype code, parameters and data of a floating-point ``array``."""
 
 
+def _non_finite(array: np.ndarray, name: str) -> ValueError:
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    return ValueError(
+        f"tensor {name!r} holds {bad} NaN or infinite value(s) of {array.size}: "
+        "only finite values travel"
+    )
+
+
 class Fp32Codec(TensorCodec):
-    """Floats as they are, widened to float32 when narrower (float64 stays float64)."""
+    """Floats as they are, widened to float32 when narrower (float64 stays float64).
+    NaN and ±inf are refused."""
 
     codec = Codec.FP32
 
     def encode_float(self, array: np.ndarray, name: str) -> Encoded:
+        if not np.isfinite(array).all():
+            raise _non_finite(array, name)
         if array.dtype.itemsize < 4:
             array = array.astype("<f4")
         return encode_exact(array, name)
 
 
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
 class Fp16Codec(TensorCodec):
-    """Floats as half precision."""
+    """Floats as half precision. NaN and ±inf are refused, and so is a finite value that
+    half precision cannot hold (beyond ±65,504, which would round to infinity); values
+    too small for it become zero, as rounding does."""
 
     codec = Codec.FP16
 
     def encode_float(self, array: np.ndarray, name: str) -> Encoded:
-        return encode_exact(array.astype("<f2"), name)
+        # the overflow is looked for right after, on the result: numpy need not warn
+        with np.errstate(over="ignore"):
+            half = array.astype("<f2")
+        if not np.isfinite(half).all():
+            if not np.isfinite(array).all():
+                raise _non_finite(array, name)
+            raise ValueError(
+                f"tensor {name!r} holds values beyond ±{_F16_MAX:,.0f}, which fp16 cannot "
+                "hold: use the fp32 codec, or scale the features"
+            )
+        return encode_exact(half, name)
 
 
 class Int8Codec(TensorCodec):
     """Symmetric per-tensor int8 with the float32 scale ``max|x| / 127``: decodes to float32
-    within half a quantization step."""
+    within half a quantization step. NaN and ±inf are refused, and so are values beyond
+    the float32 range (a float64 tensor's), which the decoded float32 could not hold."""
 
     codec = Codec.INT8
     tensor_types = (_Q8,)
 
     def encode_float(self, array: np.ndarray, name: str) -> Encoded:
         amax = float(np.abs(array).max()) if array.size else 0.0
-        if _TINY_AMAX < amax < math.inf:
-            scale = amax / 127.0
+        if not math.isfinite(amax):  # max propagates NaN
+            raise _non_finite(array, name)
+        if amax > _F32_MAX:
+            raise ValueError(
+                f"tensor {name!r} holds values beyond the float32 range (max |x| = {amax:g}), "
+                "which int8 decodes to"
+            )
+        if amax > _TINY_AMAX:
+            # near the top of the float32 range the rounded scale would make 127 × scale
+            # overflow at the receiver: keep it one step lower (|x| / scale stays < 127.5)
+            scale = min(amax / 127.0, _MAX_SCALE)
             # |x| / scale <= 127 by construction: rounding cannot leave the int8 range
             data = np.rint(array * np.float32(1.0 / scale)).astype(np.int8)
-        elif 0 < amax < math.inf:  # so small that 1 / scale overflows float32
+        elif amax > 0:  # so small that 1 / scale overflows float32
             scale = amax / 127.0
             data = np.clip(np.rint(array.astype(np.float64) / scale), -127, 127).astype(np.int8)
-        else:  # all zero, or inf/nan present: clip what does not fit
+        else:  # all zero
             scale = 1.0
-            data = np.clip(np.nan_to_num(array), -127, 127).round().astype(np.int8)
+            data = np.zeros(array.shape, np.int8)
         return _Q8.code, _F32.pack(scale), data.tobytes()
 
 

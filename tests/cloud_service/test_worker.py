@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from fogline.cloud_service import (
     ConfigError,
     OnnxRuntimeBackend,
 )
-from fogline.compression import Envelope, Kind, decode_envelope, encode_envelope
+from fogline.compression import Codec, Envelope, Kind, decode_envelope, encode_envelope
 from fogline.sync import Bundle
 
 pytestmark = pytest.mark.integration
@@ -304,3 +305,63 @@ def test_with_the_embedded_broker_a_plain_subscription_is_served(
         assert client.result_for(env)[1].meta["status"] == "ok"
         worker.stop()
         client.close()
+
+
+class PoisonOutputBackend:
+    """The real onnxruntime backend, except that a row whose first feature is a marker
+    comes out as the marker says: NaN, or a logit beyond what float16 holds."""
+
+    def __init__(self, inner: OnnxRuntimeBackend) -> None:
+        self.inner = inner
+        self.outputs = {7.0: np.nan, 8.0: 1e6}
+
+    @property
+    def name(self) -> str:
+        return "poison-output"
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.inner.input_names
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.inner.run(inputs)
+        marks = inputs["features"][:, 0]
+        for name, computed in out.items():
+            rows = computed.copy()
+            for k, mark in enumerate(marks.tolist()):
+                if mark in self.outputs:
+                    rows[k, 0] = self.outputs[mark]
+            out[name] = rows
+        return out
+
+    def warmup(self) -> None:
+        self.inner.warmup()
+
+
+def test_an_output_row_the_result_codec_refuses_fails_that_item_and_serving_goes_on(
+    started, cloud_config, paho_client, make_features
+) -> None:  # type: ignore[no-untyped-def]
+    def load(bundle: Bundle) -> Backend:
+        return PoisonOutputBackend(OnnxRuntimeBackend(bundle.cloud_model_path))
+
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_ms=50)
+    worker = started(cloud_config(batching=batching), backend_loader=load)
+    features = np.full((1, 16), 0.5, np.float32)
+    nan_row, big_row = (features.copy() for _ in range(2))
+    nan_row[0, 0], big_row[0, 0] = 7.0, 8.0
+    envs = [  # fp32: the markers arrive exactly
+        dataclasses.replace(make_features("site-a", tensors={"features": t}), codec=Codec.FP32)
+        for t in (features, nan_row, big_row, features)
+    ]
+    # one message: the four items reach the same batch
+    paho_client.publish("site-a", b"".join(encode_envelope(e) for e in envs))
+    metas = [paho_client.result_for(e)[1].meta for e in envs]
+    assert [m["status"] for m in metas] == ["ok", "error", "error", "ok"]
+    assert "NaN or infinite" in metas[1]["error"]
+    assert "fp16 cannot hold" in metas[2]["error"]
+    assert worker.ready
+    later = make_features("site-a")
+    paho_client.publish("site-a", encode_envelope(later))
+    assert paho_client.result_for(later)[1].meta["status"] == "ok"
+    assert worker.metrics.value("fogline_cloud_results_total", {"status": "ok"}) == 3
+    assert worker.metrics.value("fogline_cloud_results_total", {"status": "error"}) == 2
