@@ -400,6 +400,27 @@ class _Instance:
                 )
         return feed, rows or 1
 
+    def enqueue_many(
+        self, requests: Sequence[tuple[_Request, int]], lane: Lane, timeout_ms: float | None
+    ) -> int:
+        """Queue ``(request, rows)`` pairs in order; how many were queued (the rest found
+        the lane full)."""
+        items = [
+            (
+                request,
+                rows,
+                tuple(a.shape[1:] for a in request.inputs.values()) if self.batching else None,
+            )
+            for request, rows in requests
+        ]
+        self.meter.depth(lane, len(items))
+        queued = 0
+        try:
+            queued = self.batcher.submit_many(lane, items, timeout_ms=timeout_ms)
+        finally:
+            self.meter.depth(lane, queued - len(items))
+        return queued
+
     def enqueue(self, request: _Request, lane: Lane, rows: int, timeout_ms: float | None) -> None:
         group: Hashable = (
             tuple(a.shape[1:] for a in request.inputs.values()) if self.batching else None
@@ -1185,6 +1206,59 @@ class ModelRepository:
         Raises at once what :meth:`submit` raises at once. ``on_done`` must be quick and
         must not raise (it runs on the thread that runs the model)."""
         self._enqueue(model, version, inputs, lane, timeout_ms, None, on_done, tag)
+
+    def submit_many_async(
+        self,
+        model: str,
+        version: str | None,
+        requests: Sequence[tuple[Mapping[str, np.ndarray], Any]],
+        *,
+        on_done: OnDone,
+        lane: Lane = Lane.INTERACTIVE,
+        timeout_ms: float | None = None,
+    ) -> list[tuple[Any, CloudError]]:
+        """:meth:`submit_async` for several ``(inputs, tag)`` requests to one version, queued
+        together (they can share a batch, and wake the scheduler at most once).
+
+        Raises at once, for all of them, :class:`UnknownModelError` and
+        :class:`ModelNotReadyError`; returns the ``(tag, error)`` of each request refused
+        alone (:class:`InferenceInputError`, :class:`QueueFullError`), in order."""
+        arrival = self._clock()
+        lane = Lane(lane)
+        entry = self._entry(model)
+        if timeout_ms is not None and not timeout_ms > 0:
+            raise InferenceInputError(f"timeout must be positive, got {timeout_ms} ms")
+        for _ in range(3):  # a version may be swapped (reloaded) between the steps below
+            v = self._version(entry, version)
+            instance = v.instance
+            if v.state != VersionState.READY or instance is None:
+                self.metrics.models.requests.labels(
+                    model=model, version=v.version, lane=lane.value, outcome="not_ready"
+                ).inc(len(requests))
+                raise self._not_ready(entry, v)
+            refused: list[tuple[Any, CloudError]] = []
+            ready: list[tuple[_Request, int]] = []
+            for inputs, tag in requests:
+                instance.meter.arrived(lane)
+                try:
+                    feed, rows = instance.prepare(inputs)
+                except InferenceInputError as exc:
+                    instance.meter.count(lane, "bad_input")
+                    refused.append((tag, exc))
+                    continue
+                ready.append((_Request(feed, None, arrival, on_done, tag), rows))
+            with v.lock:
+                if v.instance is not instance or v.state != VersionState.READY:
+                    continue
+                queued = instance.enqueue_many(ready, lane, timeout_ms) if ready else 0
+            if queued < len(ready):
+                instance.meter.count(lane, "queue_full", len(ready) - queued)
+                full = QueueFullError(
+                    instance.batcher.depth(lane), instance.batcher.policy.retry_after_ms
+                )
+                refused.extend((request.tag, full) for request, _ in ready[queued:])
+            return refused
+        raise ModelNotReadyError(f"model {model!r} is being reloaded; retry")
 
     def _enqueue(
         self,

@@ -457,6 +457,38 @@ class LaneBatcher(Generic[T]):
                     self._cond.notify_all()
             return entry
 
+    def submit_many(
+        self,
+        lane: Lane,
+        items: Sequence[tuple[T, int, Hashable]],
+        *,
+        timeout_ms: float | None = None,
+    ) -> int:
+        """Queue ``(item, rows, group)`` triples in order under one lock and at most one
+        wake-up (the items of one MQTT message arrive together and should batch together).
+        Returns how many were queued: the rest found the lane full. Raises
+        ``RuntimeError`` once the batcher is stopping."""
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopped")
+            now = self._clock()
+            queued = 0
+            for item, rows, group in items:
+                try:
+                    self._scheduler.add(
+                        lane, item, now, rows=rows, timeout_ms=timeout_ms, group=group
+                    )
+                except QueueFullError:
+                    break
+                queued += 1
+            until = self._sleeping_until
+            if queued and until is not None:
+                due = self._scheduler.next_wakeup_s()
+                if due is not None and due < until:
+                    self._sleeping_until = None
+                    self._cond.notify_all()
+            return queued
+
     def start(self) -> None:
         self._thread.start()
 

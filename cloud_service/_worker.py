@@ -67,7 +67,6 @@ from fogline.cloud_service.errors import (
     CloudError,
     ConfigError,
     DeadlineExceededError,
-    InferenceInputError,
     ModelNotReadyError,
     QueueFullError,
     StoreError,
@@ -693,39 +692,43 @@ class CloudWorker:
         return todo
 
     def _submit(self, items: Sequence[_Item]) -> None:
-        """Hand items to their bundles' stream lanes; answer at once those refused."""
+        """Hand items to their bundles' stream lanes, those of one message for one bundle
+        version together (so they can share a batch); answer at once those refused."""
         repository = self._repository
+        busy_ms = self.config.batching.busy_retry_after_ms
+        by_bundle: dict[str, list[_Item]] = {}
         for item in items:
-            env, served = item.env, item.served
-            refused: ResultMeta | None = None
+            by_bundle.setdefault(item.env.bundle, []).append(item)
+        refused: list[tuple[_Item, ResultMeta]] = []
+        for bundle_id, group in by_bundle.items():
             if not self._accepting or repository is None:
-                refused = ResultMeta.busy(self.config.batching.busy_retry_after_ms)
-            else:
-                feed = {
-                    n: a if a.dtype == dt else a.astype(dt)
-                    for n, dt in zip(served.inputs, served.dtypes, strict=True)
-                    for a in (env.tensors[n],)
-                }
-                try:
-                    repository.submit_async(
-                        served.bundle.name,
-                        served.bundle.version,
-                        feed,
-                        on_done=self._on_done,
-                        tag=item,
-                        lane=Lane.STREAM,
-                    )
-                except QueueFullError as exc:
-                    refused = ResultMeta.busy(exc.retry_after_ms)
-                except InferenceInputError as exc:
-                    refused = ResultMeta.failed(f"inference failed: {exc}")
-                except (ModelNotReadyError, UnknownModelError):
-                    refused = self._not_served(env.bundle)
-                except RuntimeError:  # the version's scheduler stopped between the checks
-                    refused = ResultMeta.busy(self.config.batching.busy_retry_after_ms)
-            if refused is not None:
-                self._reply(env, refused)
-                self._ack(self._finish_item(item, None))
+                refused.extend((item, ResultMeta.busy(busy_ms)) for item in group)
+                continue
+            served = group[0].served
+            requests = [(_feed(item.env, served), item) for item in group]
+            try:
+                errors = repository.submit_many_async(
+                    served.bundle.name,
+                    served.bundle.version,
+                    requests,
+                    on_done=self._on_done,
+                    lane=Lane.STREAM,
+                )
+            except (ModelNotReadyError, UnknownModelError):
+                meta = self._not_served(bundle_id)
+                refused.extend((item, meta) for item in group)
+                continue
+            except RuntimeError:  # the version's scheduler stopped between the checks
+                refused.extend((item, ResultMeta.busy(busy_ms)) for item in group)
+                continue
+            for item, error in errors:
+                if isinstance(error, QueueFullError):
+                    refused.append((item, ResultMeta.busy(error.retry_after_ms)))
+                else:
+                    refused.append((item, ResultMeta.failed(f"inference failed: {error}")))
+        for item, meta in refused:
+            self._reply(item.env, meta)
+            self._ack(self._finish_item(item, None))
         self.metrics.queue_depth.set(len(self._in_flight))
 
     def _not_served(self, bundle_id: str) -> ResultMeta:
@@ -913,6 +916,16 @@ def _output_row(done: Completed, name: str, retry_ms: int) -> np.ndarray | Resul
             f"inference failed: output {name!r} has shape {shape}, expected 1 row"
         )
     return rows.reshape(-1)
+
+
+def _feed(env: Envelope, served: _Served) -> dict[str, np.ndarray]:
+    """The item's tensors the cloud part reads, in the types it declares (the codec may
+    decode to another float type)."""
+    feed: dict[str, np.ndarray] = {}
+    for name, dtype in zip(served.inputs, served.dtypes, strict=True):
+        arr = env.tensors[name]
+        feed[name] = arr if arr.dtype == dtype else arr.astype(dtype)
+    return feed
 
 
 def _check_features(tensors: Mapping[str, np.ndarray], inputs: tuple[str, ...]) -> str | None:
