@@ -40,6 +40,7 @@ queued, then frees the backend; other models are never paused.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import threading
@@ -284,8 +285,8 @@ class _Meter:
         self._lanes[lane][2].observe(seconds)
         self._lanes[lane][3].answered(seconds)
 
-    def arrived(self, lane: Lane) -> None:
-        self._lanes[lane][3].arrived()
+    def arrived(self, lane: Lane, n: int = 1) -> None:
+        self._lanes[lane][3].arrived(n)
 
 
 class _Instance:
@@ -487,17 +488,18 @@ class _Instance:
         compute_s = end - start
         self.meter.compute.observe(compute_s)
         self.meter.batch_rows.observe(rows)
-        callbacks: dict[int, tuple[OnDone, list[Completed]]] = {}
+        # By the callback itself: a bound method is a new object per access but compares equal.
+        callbacks: dict[OnDone, list[Completed]] = {}
         for e, result in zip(live, results, strict=True):
             request = e.item
             if request.future is not None:
                 request.future.set_result(result)
             elif request.on_done is not None:
                 done = Completed(request.tag, result, None, start - e.enqueued_s, compute_s, rows)
-                callbacks.setdefault(id(request.on_done), (request.on_done, []))[1].append(done)
+                callbacks.setdefault(request.on_done, []).append(done)
             self.meter.answered(lane, end - request.arrival_s)
         self.meter.count(lane, "ok", len(live))
-        for on_done, completed in callbacks.values():
+        for on_done, completed in callbacks.items():
             on_done(completed)
 
     def _fail(self, lane: Lane, live: Sequence[Queued[_Request]], exc: BaseException) -> None:
@@ -517,15 +519,16 @@ class _Instance:
     @staticmethod
     def _settle(answers: Sequence[tuple[Queued[_Request], Completed]]) -> None:
         """Hand failures to their futures and callbacks (one call per callback)."""
-        callbacks: dict[int, tuple[OnDone, list[Completed]]] = {}
+        # By the callback itself: a bound method is a new object per access but compares equal.
+        callbacks: dict[OnDone, list[Completed]] = {}
         for e, done in answers:
             request = e.item
             if request.future is not None:
                 if done.error is not None:
                     request.future.set_exception(done.error)
             elif request.on_done is not None:
-                callbacks.setdefault(id(request.on_done), (request.on_done, []))[1].append(done)
-        for on_done, completed in callbacks.values():
+                callbacks.setdefault(request.on_done, []).append(done)
+        for on_done, completed in callbacks.items():
             on_done(completed)
 
     def _split(
@@ -536,7 +539,11 @@ class _Instance:
         }
         if len(live) == 1:
             return [dict(outputs)]
-        offsets = np.cumsum([e.rows for e in live])[:-1]
+        # Slices, not np.split: a tenth of the cost for a batch of single rows.
+        bounds = [0]
+        for e in live:
+            bounds.append(bounds[-1] + e.rows)
+        spans = list(itertools.pairwise(bounds))
         per: list[dict[str, np.ndarray]] = [{} for _ in live]
         for name, arr in outputs.items():
             if arr.ndim == 0 or arr.shape[0] != rows:
@@ -545,8 +552,8 @@ class _Instance:
                     f"batch of {rows} rows: the model does not batch along its first axis "
                     "(set max_batch_size = 0 in its config.toml)"
                 )
-            for d, part in zip(per, np.split(arr, offsets), strict=True):
-                d[name] = part
+            for d, (lo, hi) in zip(per, spans, strict=True):
+                d[name] = arr[lo:hi]
         return per
 
     def _reject_expired(self, entries: Sequence[Queued[_Request]]) -> None:
@@ -1238,8 +1245,8 @@ class ModelRepository:
                 raise self._not_ready(entry, v)
             refused: list[tuple[Any, CloudError]] = []
             ready: list[tuple[_Request, int]] = []
+            instance.meter.arrived(lane, len(requests))
             for inputs, tag in requests:
-                instance.meter.arrived(lane)
                 try:
                     feed, rows = instance.prepare(inputs)
                 except InferenceInputError as exc:

@@ -366,8 +366,8 @@ class LaneScheduler(Generic[T]):
     def _compact_deadlines(self) -> None:
         # Entries that left in a batch stay in the heap until their deadline surfaces; with
         # long timeouts that is many. Rebuild once they outnumber the waiting ones.
-        waiting = len(self)
-        if len(self._deadlines) > 2 * waiting + 1024:
+        n = len(self._deadlines)
+        if n > 1024 and n > 2 * len(self) + 1024:  # the cheap test first: this runs per add
             self._deadlines = [d for d in self._deadlines if d[2].waiting]
             heapq.heapify(self._deadlines)
 

@@ -793,8 +793,9 @@ class CloudWorker:
         retry_ms = self.config.batching.busy_retry_after_ms
         completed_us = now_us()
         outgoing: list[tuple[str, bytes]] = []
-        answered: list[tuple[_Item, int, float, np.ndarray]] = []
+        answered: list[tuple[_Item, int, float, np.ndarray, list[float]]] = []
         acks: list[_Delivery] = []
+        ok: list[tuple[Completed, _Item, np.ndarray]] = []
         for done in completed:
             item: _Item = done.tag
             self.metrics.queue_seconds.observe(done.queued_s)
@@ -802,18 +803,28 @@ class CloudWorker:
             if isinstance(row, ResultMeta):
                 outgoing.append(self._result(item.env, row))
                 acks.extend(self._finish_item(item, None))
-                continue
-            label = int(np.argmax(row))
-            confidence = float(row[label])
+            else:
+                ok.append((done, item, row))
+        for done, item, row in ok:
+            # The label in Python over the row's values (needed anyway for the store):
+            # np.argmax lets go of the GIL in each call, and a call per item handed it to
+            # the network thread and back for every result.
+            values = row.tolist()
+            total = sum(values)
+            if math.isnan(total):  # a NaN among them: np.argmax's answer (the first NaN)
+                label = _argmax_like_numpy(values)
+            else:
+                label = max(range(len(values)), key=values.__getitem__)
+            confidence = float(values[label])
             confidence = round(confidence, 6) if math.isfinite(confidence) else 0.0
             queue_ms = round(done.queued_s * 1000.0, 3)
             meta = ResultMeta.ok(label, confidence, queue_ms=queue_ms, compute_ms=compute_ms)
             outgoing.append(self._result(item.env, meta, {item.served.output: row}))
-            answered.append((item, label, confidence, row))
+            answered.append((item, label, confidence, row, values))
         # Encode first, then publish: the results for one site travel joined in one message.
         self._publish(outgoing)
         stored: list[StoredResult] = []
-        for item, label, confidence, row in answered:
+        for item, label, confidence, row, values in answered:
             env = item.env
             recent = (label, confidence, row.copy(), item.served.output)
             acks.extend(self._finish_item(item, recent))
@@ -824,7 +835,7 @@ class CloudWorker:
                     bundle=env.bundle,
                     label=label,
                     confidence=confidence,
-                    output=tuple(row.tolist()),
+                    output=tuple(values),
                     worker=self.worker_id,
                     created_us=env.created_us,
                     received_us=item.received_us,
@@ -916,6 +927,11 @@ def _output_row(done: Completed, name: str, retry_ms: int) -> np.ndarray | Resul
             f"inference failed: output {name!r} has shape {shape}, expected 1 row"
         )
     return rows.reshape(-1)
+
+
+def _argmax_like_numpy(values: list[float]) -> int:
+    """np.argmax's answer (for values that hold a NaN: the first NaN)."""
+    return int(np.argmax(np.asarray(values)))
 
 
 def _feed(env: Envelope, served: _Served) -> dict[str, np.ndarray]:
