@@ -150,3 +150,63 @@ def test_bundle_versions_are_served_side_by_side_while_one_loads_and_another_unl
         assert worker.store.count() == counts["ok"]
     finally:
         worker.stop()
+
+
+class PoisonedBackend:
+    """The real onnxruntime backend, failing any batch that holds a row starting 999."""
+
+    def __init__(self, path: Path, max_batch_size: int) -> None:
+        from fogline.cloud_service import BackendError, OnnxRuntimeBackend
+
+        self._inner = OnnxRuntimeBackend(path, max_batch_size=max_batch_size)
+        self._error = BackendError
+        self.batches: list[int] = []
+
+    @property
+    def name(self) -> str:
+        return "poisoned"
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self._inner.input_names
+
+    def run(self, inputs: Any) -> dict[str, np.ndarray]:
+        features = inputs["features"]
+        self.batches.append(len(features))
+        if (features[:, 0] == 999).any():
+            raise self._error("a poisoned row")
+        return self._inner.run(inputs)
+
+    def warmup(self) -> None:
+        self._inner.warmup()
+
+
+def test_one_bad_request_in_a_batch_fails_alone_and_the_others_are_answered(
+    tiny_bundle: Path,
+) -> None:
+    from fogline.cloud_service import BackendError, BatchingConfig
+
+    backends: list[PoisonedBackend] = []
+
+    def load(path: Path, max_batch_size: int) -> PoisonedBackend:
+        backends.append(PoisonedBackend(path, max_batch_size))
+        return backends[-1]
+
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_ms=300)
+    repo = ModelRepository(
+        bundles=(tiny_bundle,), bundle_config=bundle_model_config(batching), backend_loader=load
+    )
+    repo.start()
+    try:
+        rows = [np.full((1, 16), 0.1 * i, np.float32) for i in range(4)]
+        rows[2][0, 0] = 999
+        futures = [repo.submit("tiny", "1", {"features": r}, lane=Lane.STREAM) for r in rows]
+        for i, future in enumerate(futures):
+            if i == 2:
+                with pytest.raises(BackendError, match="poisoned"):
+                    future.result(10)
+            else:
+                assert future.result(10)["probs"].shape == (1, 4)
+        assert backends[0].batches[-5:] == [4, 1, 1, 1, 1]  # the batch, then one by one
+    finally:
+        repo.stop()
