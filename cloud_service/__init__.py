@@ -1,6 +1,8 @@
-"""The cloud worker: features in over MQTT, dynamic batches through each bundle's cloud
-part (onnxruntime or TensorRT), results back to each site and into a result store, and a
-small HTTP API (``/v1/results/{site}/{id}``, ``/healthz``, ``/readyz``, ``/metrics``).
+"""The cloud side: one data plane, the model repository (:class:`ModelRepository`: bundles'
+cloud parts and Triton-layout models, one batcher per model version, onnxruntime or
+TensorRT), with thin adapters over it: the MQTT worker (features in, results back to each
+site and into a result store, and a small HTTP API ``/v1/results/{site}/{id}``,
+``/healthz``, ``/readyz``, ``/metrics``) and the Open Inference Protocol API.
 
 :class:`CloudWorker` runs in-process (``start()`` / ``stop()``); :func:`create_app` is
 the HTTP API over one; ``fogline cloud serve --config cloud.toml`` runs both as a service.
@@ -35,7 +37,6 @@ if TYPE_CHECKING:
         OnnxRuntimeBackend,
         select_backend,
     )
-    from fogline.cloud_service._batcher import Batch, BatchFormer, BatchPolicy, BatchRunner
     from fogline.cloud_service._config import (
         BatchingConfig,
         CloudConfig,
@@ -61,10 +62,6 @@ _LAZY = {
     "BackendChoice": "_backends",
     "OnnxRuntimeBackend": "_backends",
     "select_backend": "_backends",
-    "Batch": "_batcher",
-    "BatchFormer": "_batcher",
-    "BatchPolicy": "_batcher",
-    "BatchRunner": "_batcher",
     "BatchingConfig": "_config",
     "CloudConfig": "_config",
     "HttpConfig": "_config",
@@ -103,10 +100,6 @@ __all__ = [
     "Backend",
     "BackendChoice",
     "BackendError",
-    "Batch",
-    "BatchFormer",
-    "BatchPolicy",
-    "BatchRunner",
     "BatchingConfig",
     "BrokerError",
     "CloudConfig",

@@ -29,9 +29,11 @@ __all__ = [
     "Availability",
     "Backend",
     "BackendChoice",
+    "BackendSettings",
     "OnnxRuntimeBackend",
     "choose_providers",
     "cuda_device_name",
+    "load_backend",
     "ort_provider_options",
     "select_backend",
 ]
@@ -428,6 +430,63 @@ class BackendChoice:
             device_id=device_id,
             opt_batch_size=opt_batch_size,
         )
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Every setting a backend takes besides the model and its batch bound, so that one
+    value carries them to :func:`load_backend` whichever way the model was loaded (a
+    bundle's cloud part or a model-repository folder).
+
+    ``threads`` is onnxruntime's intra-op thread count (0: its default); the rest are the
+    ``[tensorrt]`` settings (engine cache, FP16, device, execution contexts, the batch size
+    the optimization profile is tuned for), which onnxruntime's GPU providers also use.
+    """
+
+    threads: int = 1
+    engine_cache_dir: Path | None = None
+    fp16: bool = False
+    device_id: int = 0
+    execution_contexts: int = 2
+    opt_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (backend default) or more, got {self.threads}")
+        if self.device_id < 0:
+            raise ValueError(f"device_id must be 0 or more, got {self.device_id}")
+        if self.execution_contexts < 1:
+            raise ValueError(
+                f"execution_contexts must be at least 1, got {self.execution_contexts}"
+            )
+        if self.opt_batch_size is not None and self.opt_batch_size < 1:
+            raise ValueError(f"opt_batch_size must be at least 1, got {self.opt_batch_size}")
+
+
+def load_backend(
+    choice: BackendChoice,
+    model_path: str | Path,
+    *,
+    max_batch_size: int,
+    settings: BackendSettings,
+) -> Backend:
+    """The one place a model is loaded into a backend: ``choice`` with every setting.
+
+    ``opt_batch_size`` is clamped to ``max_batch_size`` (a model that batches less than the
+    configured optimum is tuned for its largest batch)."""
+    opt = settings.opt_batch_size
+    if opt is not None:
+        opt = min(opt, max_batch_size)
+    return choice.load(
+        model_path,
+        max_batch_size=max_batch_size,
+        threads=settings.threads,
+        engine_cache_dir=settings.engine_cache_dir,
+        fp16=settings.fp16,
+        device_id=settings.device_id,
+        execution_contexts=settings.execution_contexts,
+        opt_batch_size=opt,
+    )
 
 
 def cuda_device_name(device_id: int = 0) -> str | None:

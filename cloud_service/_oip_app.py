@@ -508,20 +508,17 @@ def create_inference_app(
             if len(body) > _THREAD_THRESHOLD_BYTES
             else decode(*args)
         )
-        try:
-            # Pinned to the version the inputs were checked against.
-            results = await provider.infer(
-                model,
-                metadata.version,
-                parsed.inputs,
-                lane=Lane.INTERACTIVE,
-                timeout_ms=parsed.timeout_ms,
-            )
-        except CloudError:
-            raise
-        except Exception as exc:
-            _log.exception("inference on model %r failed unexpectedly", model)
-            raise BackendError(f"model {model!r} failed: {type(exc).__name__}") from exc
+        # Pinned to the version the inputs were checked against. A provider raises only
+        # CloudError (the repository maps whatever a backend raises to BackendError), which
+        # the handler above answers; anything else is a bug, which Starlette's error
+        # middleware (the request's supervisor) answers 500 and logs with its traceback.
+        results = await provider.infer(
+            model,
+            metadata.version,
+            parsed.inputs,
+            lane=Lane.INTERACTIVE,
+            timeout_ms=parsed.timeout_ms,
+        )
 
         def encode() -> EncodedResponse:
             return encode_inference_response(

@@ -40,6 +40,7 @@ queued, then frees the backend; other models are never paused.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import threading
@@ -55,8 +56,20 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from fogline.cloud_service._backends import Backend, BackendChoice, select_backend
-from fogline.cloud_service._config import ModelConfig, TensorRTConfig
+from fogline.cloud_service._backends import (
+    Backend,
+    BackendChoice,
+    BackendSettings,
+    load_backend,
+    select_backend,
+)
+from fogline.cloud_service._config import (
+    BatchingConfig,
+    LaneConfig,
+    LaneConfigs,
+    ModelConfig,
+    TensorRTConfig,
+)
 from fogline.cloud_service._metrics import CloudMetrics, ModelMetrics
 from fogline.cloud_service._scheduler import LaneBatch, LaneBatcher, Queued, SchedulerPolicy
 from fogline.cloud_service._serving import (
@@ -82,9 +95,11 @@ __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
     "NUMPY_DTYPES",
     "BackendLoader",
+    "Completed",
     "ModelRepository",
     "ModelVersionStatus",
     "VersionState",
+    "bundle_model_config",
     "oip_datatype",
     "read_signature",
 ]
@@ -182,11 +197,57 @@ class ModelVersionStatus:
     reason: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """What :meth:`ModelRepository.submit_async` hands back for one request: its ``tag``,
+    and either its ``outputs`` or the ``error`` that refused it
+    (:class:`DeadlineExceededError`, :class:`BackendError`). ``queued_s`` is how long it
+    waited before its batch started; ``compute_s`` and ``batch_rows`` describe the batch it
+    ran in (0 when it did not run)."""
+
+    tag: Any
+    outputs: dict[str, np.ndarray] | None
+    error: CloudError | None
+    queued_s: float
+    compute_s: float = 0.0
+    batch_rows: int = 0
+
+
+#: Called on the model's scheduler thread, once per batch, with the batch's requests that
+#: gave this callback (in queue order).
+OnDone = Callable[[Sequence[Completed]], None]
+
+
+@dataclass(frozen=True, slots=True)
 class _Request:
+    """A queued request: answered through ``future`` (:meth:`ModelRepository.submit`) or
+    through ``on_done`` with ``tag`` (:meth:`ModelRepository.submit_async`)."""
+
     inputs: dict[str, np.ndarray]
-    future: Future[dict[str, np.ndarray]]
+    future: Future[dict[str, np.ndarray]] | None
     arrival_s: float
+    on_done: OnDone | None = None
+    tag: Any = None
+
+
+def bundle_model_config(batching: BatchingConfig) -> ModelConfig:
+    """How a bundle's cloud part is served: the worker's ``[batching]`` settings as the
+    model's batching, and its queue bound as the ``stream`` lane's (where edge features
+    go). The stream lane's timeout is long: an edge item is never refused for having
+    waited (the agent's outbox re-sends what is unanswered); it is bounded by the queue."""
+    delay = batching.max_queue_delay_ms
+    defaults = LaneConfigs()
+    stream = LaneConfig(
+        max_queue_items=batching.max_queue_items,
+        timeout_ms=max(60_000.0, 10.0 * delay),
+        weight=defaults.stream.weight,
+    )
+    return ModelConfig(
+        max_batch_size=batching.max_batch_size,
+        max_queue_delay_ms=delay,
+        busy_retry_after_ms=batching.busy_retry_after_ms,
+        lanes=LaneConfigs(stream=stream),
+    )
 
 
 class _Meter:
@@ -224,8 +285,8 @@ class _Meter:
         self._lanes[lane][2].observe(seconds)
         self._lanes[lane][3].answered(seconds)
 
-    def arrived(self, lane: Lane) -> None:
-        self._lanes[lane][3].arrived()
+    def arrived(self, lane: Lane, n: int = 1) -> None:
+        self._lanes[lane][3].arrived(n)
 
 
 class _Instance:
@@ -340,6 +401,27 @@ class _Instance:
                 )
         return feed, rows or 1
 
+    def enqueue_many(
+        self, requests: Sequence[tuple[_Request, int]], lane: Lane, timeout_ms: float | None
+    ) -> int:
+        """Queue ``(request, rows)`` pairs in order; how many were queued (the rest found
+        the lane full)."""
+        items = [
+            (
+                request,
+                rows,
+                tuple(a.shape[1:] for a in request.inputs.values()) if self.batching else None,
+            )
+            for request, rows in requests
+        ]
+        self.meter.depth(lane, len(items))
+        queued = 0
+        try:
+            queued = self.batcher.submit_many(lane, items, timeout_ms=timeout_ms)
+        finally:
+            self.meter.depth(lane, queued - len(items))
+        return queued
+
     def enqueue(self, request: _Request, lane: Lane, rows: int, timeout_ms: float | None) -> None:
         group: Hashable = (
             tuple(a.shape[1:] for a in request.inputs.values()) if self.batching else None
@@ -357,40 +439,97 @@ class _Instance:
         start = self._clock()
         lane = batch.lane
         self.meter.depth(lane, -len(batch))
-        live = [e for e in batch.entries if e.item.future.set_running_or_notify_cancel()]
+        live = [
+            e
+            for e in batch.entries
+            if e.item.future is None or e.item.future.set_running_or_notify_cancel()
+        ]
         for e in live:
             self.meter.queued(lane, start - e.enqueued_s)
-        if not live:
-            return
+        if live:
+            self._run_live(lane, live, start)
+
+    def _run_live(self, lane: Lane, live: Sequence[Queued[_Request]], start: float) -> None:
         rows = sum(e.rows for e in live)
         try:
-            if len(live) == 1:
-                feed = live[0].item.inputs
-            else:
-                feed = {
-                    n: np.concatenate([e.item.inputs[n] for e in live]) for n in self._input_names
-                }
-            results = self._split(self.backend.run(feed), live, rows)
-        except Exception as exc:  # noqa: BLE001 -- any failure is handed to every request
-            error = (
-                exc
-                if isinstance(exc, BackendError)
-                else BackendError(f"model {self.model!r} version {self.version} failed: {exc}")
-            )
-            log.warning(
-                "model %s version %s: batch of %d failed: %s", self.model, self.version, rows, exc
-            )
-            for e in live:
-                e.item.future.set_exception(error)
-            self.meter.count(lane, "backend_error", len(live))
-            return
+            try:
+                if len(live) == 1:
+                    feed = live[0].item.inputs
+                else:
+                    feed = {
+                        n: np.concatenate([e.item.inputs[n] for e in live])
+                        for n in self._input_names
+                    }
+                results = self._split(self.backend.run(feed), live, rows)
+            except (CloudError, ValueError, TypeError, KeyError, IndexError) as exc:
+                # Backends map their upstream's errors to BackendError; the others are what
+                # numpy raises for inputs a batch cannot hold.
+                if len(live) > 1:
+                    # One bad request must not fail the others: run each alone.
+                    log.warning(
+                        "model %s version %s: batch of %d failed (%s); running its requests "
+                        "one by one",
+                        self.model,
+                        self.version,
+                        rows,
+                        exc,
+                    )
+                    for e in live:
+                        self._run_live(lane, (e,), self._clock())
+                    return
+                self._fail(lane, live, exc)
+                return
+        except BaseException as exc:
+            # Not a failure a backend maps: the scheduler's supervisor logs and counts it;
+            # the requests are answered first so that none waits forever.
+            self._fail(lane, live, exc)
+            raise
         end = self._clock()
-        self.meter.compute.observe(end - start)
+        compute_s = end - start
+        self.meter.compute.observe(compute_s)
         self.meter.batch_rows.observe(rows)
+        # By the callback itself: a bound method is a new object per access but compares equal.
+        callbacks: dict[OnDone, list[Completed]] = {}
         for e, result in zip(live, results, strict=True):
-            e.item.future.set_result(result)
-            self.meter.answered(lane, end - e.item.arrival_s)
+            request = e.item
+            if request.future is not None:
+                request.future.set_result(result)
+            elif request.on_done is not None:
+                done = Completed(request.tag, result, None, start - e.enqueued_s, compute_s, rows)
+                callbacks.setdefault(request.on_done, []).append(done)
+            self.meter.answered(lane, end - request.arrival_s)
         self.meter.count(lane, "ok", len(live))
+        for on_done, completed in callbacks.items():
+            on_done(completed)
+
+    def _fail(self, lane: Lane, live: Sequence[Queued[_Request]], exc: BaseException) -> None:
+        error = (
+            exc
+            if isinstance(exc, BackendError)
+            else BackendError(f"model {self.model!r} version {self.version} failed: {exc}")
+        )
+        rows = sum(e.rows for e in live)
+        log.warning(
+            "model %s version %s: batch of %d failed: %s", self.model, self.version, rows, exc
+        )
+        now = self._clock()
+        self._settle([(e, Completed(e.item.tag, None, error, now - e.enqueued_s)) for e in live])
+        self.meter.count(lane, "backend_error", len(live))
+
+    @staticmethod
+    def _settle(answers: Sequence[tuple[Queued[_Request], Completed]]) -> None:
+        """Hand failures to their futures and callbacks (one call per callback)."""
+        # By the callback itself: a bound method is a new object per access but compares equal.
+        callbacks: dict[OnDone, list[Completed]] = {}
+        for e, done in answers:
+            request = e.item
+            if request.future is not None:
+                if done.error is not None:
+                    request.future.set_exception(done.error)
+            elif request.on_done is not None:
+                callbacks.setdefault(request.on_done, []).append(done)
+        for on_done, completed in callbacks.items():
+            on_done(completed)
 
     def _split(
         self, outputs: Mapping[str, np.ndarray], live: Sequence[Queued[_Request]], rows: int
@@ -400,7 +539,11 @@ class _Instance:
         }
         if len(live) == 1:
             return [dict(outputs)]
-        offsets = np.cumsum([e.rows for e in live])[:-1]
+        # Slices, not np.split: a tenth of the cost for a batch of single rows.
+        bounds = [0]
+        for e in live:
+            bounds.append(bounds[-1] + e.rows)
+        spans = list(itertools.pairwise(bounds))
         per: list[dict[str, np.ndarray]] = [{} for _ in live]
         for name, arr in outputs.items():
             if arr.ndim == 0 or arr.shape[0] != rows:
@@ -409,26 +552,28 @@ class _Instance:
                     f"batch of {rows} rows: the model does not batch along its first axis "
                     "(set max_batch_size = 0 in its config.toml)"
                 )
-            for d, part in zip(per, np.split(arr, offsets), strict=True):
-                d[name] = part
+            for d, (lo, hi) in zip(per, spans, strict=True):
+                d[name] = arr[lo:hi]
         return per
 
     def _reject_expired(self, entries: Sequence[Queued[_Request]]) -> None:
         now = self._clock()
+        answers: list[tuple[Queued[_Request], Completed]] = []
         for e in entries:
             self.meter.depth(e.lane, -1)
-            if not e.item.future.set_running_or_notify_cancel():
+            future = e.item.future
+            if future is not None and not future.set_running_or_notify_cancel():
                 continue
             waited_ms = (now - e.enqueued_s) * 1000.0
             timeout_ms = (e.deadline_s - e.enqueued_s) * 1000.0
-            e.item.future.set_exception(
-                DeadlineExceededError(
-                    f"request to model {self.model!r} version {self.version} waited "
-                    f"{waited_ms:.0f} ms in the {e.lane.value} lane, past its {timeout_ms:.0f} ms "
-                    "timeout; rejected unserved"
-                )
+            error = DeadlineExceededError(
+                f"request to model {self.model!r} version {self.version} waited "
+                f"{waited_ms:.0f} ms in the {e.lane.value} lane, past its {timeout_ms:.0f} ms "
+                "timeout; rejected unserved"
             )
+            answers.append((e, Completed(e.item.tag, None, error, now - e.enqueued_s)))
             self.meter.count(e.lane, "deadline")
+        self._settle(answers)
 
     # life cycle
 
@@ -436,15 +581,22 @@ class _Instance:
         """Run batch 1 and ``max_batch_size`` (or the declared shapes) once, so the first
         request is fast. A failure is fatal unless the model has dynamic axes besides the
         batch axis, where zero-filled size-1 inputs may simply not suit it."""
-        sizes = sorted({1, self.max_batch_size}) if self.batching else [1]
         free_axes = any(
             d == -1 for s in self.inputs for d in (s.shape[1:] if self.batching else s.shape)
         )
-        for batch in sizes:
-            feed = {s.name: _dummy(s, batch, self.batching) for s in self.inputs}
+        # A batching model is warmed by its backend, which knows its batch range (TensorRT
+        # builds each context's buffers); one that does not batch, at its declared shapes.
+        warm_ups: list[Callable[[], object]] = (
+            [self.backend.warmup]
+            if self.batching
+            else [lambda: self.backend.run({s.name: _dummy(s, 1, False) for s in self.inputs})]
+        )
+        for warm_up in warm_ups:
             try:
-                self.backend.run(feed)
-            except Exception as exc:  # a backend may fail in ways of its own
+                warm_up()
+            except (CloudError, ValueError, TypeError, KeyError) as exc:
+                # Backends map their upstream's errors to BackendError; numpy raises the
+                # others for zero-filled inputs that do not suit the model.
                 if free_axes:
                     log.warning(
                         "model %s version %s: warm-up skipped (%s)", self.model, self.version, exc
@@ -504,9 +656,10 @@ def _as_bytes_objects(arr: np.ndarray) -> np.ndarray:
 
 
 class _Version:
-    def __init__(self, version: str, path: Path) -> None:
+    def __init__(self, version: str, path: Path, bundle: Bundle | None = None) -> None:
         self.version = version
         self.path = path
+        self.bundle = bundle  # the bundle whose cloud part this is, if any
         self.state = VersionState.UNAVAILABLE
         self.reason = "not loaded"
         self.wanted = False
@@ -575,9 +728,14 @@ class ModelRepository:
     (or loaded bundles) whose cloud parts are served too; ``models`` limits the directory
     to the named models. ``backend`` is ``auto``, ``onnxruntime``, ``tensorrt`` or a
     :class:`BackendChoice`; ``threads`` is onnxruntime's intra-op thread count per version
-    (0: its default). ``backend_loader`` replaces the backend factory (tests instrument
-    it). Construction only scans (bad layout or config raises :class:`ConfigError`);
-    :meth:`start` loads and warms every model, :meth:`stop` drains and ends them.
+    (0: its default) and ``tensorrt`` the TensorRT settings: every model gets both through
+    :func:`~fogline.cloud_service._backends.load_backend`, whether it came from the
+    directory or from a bundle. ``bundle_config`` is how bundles' cloud parts are served
+    (default: :class:`ModelConfig`'s defaults; a worker passes :func:`bundle_model_config`).
+    ``backend_loader`` replaces the backend factory (tests instrument it). Construction
+    only scans (bad layout or config raises :class:`ConfigError`); :meth:`start` loads and
+    warms every model, :meth:`stop` drains and ends them. :meth:`load_bundle` adds a bundle
+    version at run time, beside those already served.
     """
 
     def __init__(
@@ -589,18 +747,27 @@ class ModelRepository:
         backend: str | BackendChoice = "auto",
         threads: int = 1,
         tensorrt: TensorRTConfig | None = None,
+        bundle_config: ModelConfig | None = None,
         metrics: CloudMetrics | None = None,
         backend_loader: BackendLoader | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if threads < 0:
             raise ValueError(f"threads must be 0 (backend default) or more, got {threads}")
+        trt = tensorrt or TensorRTConfig()
+        self._settings = BackendSettings(
+            threads=threads,
+            engine_cache_dir=trt.engine_cache_dir,
+            fp16=trt.fp16,
+            device_id=trt.device_id,
+            execution_contexts=trt.execution_contexts,
+            opt_batch_size=trt.opt_batch_size,
+        )
+        self._bundle_config = bundle_config or ModelConfig()
         self._directory = None if directory is None else Path(directory)
         self._only = None if models is None else frozenset(models)
         self._backend = backend
         self._choice: BackendChoice | None = backend if isinstance(backend, BackendChoice) else None
-        self._threads = threads
-        self._tensorrt = tensorrt or TensorRTConfig()
         self.metrics = metrics if metrics is not None else CloudMetrics()
         self._loader = backend_loader
         self._clock = clock
@@ -629,29 +796,31 @@ class ModelRepository:
                     continue
                 self._add_dir_model(folder, _scan_model_dir(folder))
         for item in bundles:
-            if isinstance(item, Bundle):
-                bundle = item
-            else:
-                try:
-                    bundle = Bundle.load(item)
-                except BundleError as exc:
-                    raise ConfigError(f"bundle {item}: {exc}") from exc
-            entry = self._models.get(bundle.name)
-            if entry is None:
-                entry = self._models[bundle.name] = _Model(bundle.name, ModelConfig(), None)
-            elif entry.directory is not None:
-                raise ConfigError(
-                    f"bundle {bundle.id} is named like model {bundle.name!r} of the repository"
-                )
-            if bundle.version in entry.versions:
-                raise ConfigError(f"bundle {bundle.id} is listed twice ({bundle.root})")
-            entry.versions[bundle.version] = _Version(bundle.version, bundle.cloud_model_path)
-            entry.policy_versions = tuple(sorted(entry.versions, key=_version_key))
+            self._add_bundle(_read_bundle(item))
         if self._only is not None:
             missing = sorted(self._only - set(self._models))
             if missing:
                 where = self._directory or "the bundles given"
                 raise ConfigError(f"no model named {missing[0]!r} in {where}")
+
+    def _add_bundle(self, bundle: Bundle) -> _Version:
+        """Register a bundle's cloud part as a version of the model named after the bundle
+        (not loaded yet); raises :class:`ConfigError` for a clash."""
+        with self._lock:
+            entry = self._models.get(bundle.name)
+            if entry is None:
+                entry = _Model(bundle.name, self._bundle_config, None)
+                self._models[bundle.name] = entry
+        if entry.directory is not None:
+            raise ConfigError(
+                f"bundle {bundle.id} is named like model {bundle.name!r} of the repository"
+            )
+        if bundle.version in entry.versions:
+            raise ConfigError(f"bundle {bundle.id} is listed twice ({bundle.root})")
+        v = _Version(bundle.version, bundle.cloud_model_path, bundle)
+        entry.versions[bundle.version] = v
+        entry.policy_versions = tuple(sorted(entry.versions, key=_version_key))
+        return v
 
     def _add_dir_model(self, folder: Path, scanned: _Scanned) -> _Model:
         entry = self._models.get(folder.name)
@@ -781,6 +950,56 @@ class ModelRepository:
             for v in targets:
                 self._unload_version(entry, v)
 
+    def load_bundle(self, source: str | Path | Bundle) -> Bundle:
+        """Serve another bundle version at run time, beside every version already served
+        (of this bundle or others, which are not paused); blocks until it is ready.
+
+        A version already registered is (re)loaded. Raises :class:`ConfigError` for a
+        directory that is not a bundle or a name that clashes with a directory model, and
+        :class:`BackendError` when it cannot be loaded."""
+        bundle = _read_bundle(source)
+        with self._admin:
+            if self._stopped:
+                raise ModelNotReadyError("the model repository is stopped")
+            self._started = True
+            with self._lock:
+                entry = self._models.get(bundle.name)
+            v = None if entry is None else entry.versions.get(bundle.version)
+            if entry is None or v is None or v.bundle is None:
+                v = self._add_bundle(bundle)
+                entry = self._entry(bundle.name)
+            self._load_version(entry, v)
+            return bundle
+
+    def bundle(self, bundle_id: str) -> Bundle | None:
+        """The ready bundle version named ``name@version``, or None when it is not served
+        (unknown, loading, unloaded or failed)."""
+        name, sep, version = bundle_id.rpartition("@")
+        if not sep:
+            return None
+        with self._lock:
+            entry = self._models.get(name)
+        v = None if entry is None else entry.versions.get(version)
+        if v is None or v.bundle is None or v.state != VersionState.READY:
+            return None
+        return v.bundle
+
+    def bundles(self) -> list[Bundle]:
+        """Every ready bundle version, ordered by name and version."""
+        with self._lock:
+            entries = sorted(self._models.values(), key=lambda e: e.name)
+        return [
+            v.bundle
+            for e in entries
+            for v in sorted(e.versions.values(), key=lambda v: _version_key(v.version))
+            if v.bundle is not None and v.state == VersionState.READY
+        ]
+
+    def backend_name(self, model: str, version: str) -> str | None:
+        """The backend a ready version runs on, or None."""
+        instance = self._version(self._entry(model), version).instance
+        return None if instance is None else instance.backend.name
+
     def _choose_backend(self) -> BackendChoice:
         if self._choice is None:
             requested = self._backend if isinstance(self._backend, str) else "auto"
@@ -800,13 +1019,8 @@ class ModelRepository:
     def _load_backend(self, path: Path, max_batch_size: int) -> Backend:
         if self._loader is not None:
             return self._loader(path, max_batch_size)
-        choice = self._choose_backend()
-        return choice.load(
-            path,
-            max_batch_size=max_batch_size,
-            threads=self._threads,
-            engine_cache_dir=self._tensorrt.engine_cache_dir,
-            fp16=self._tensorrt.fp16,
+        return load_backend(
+            self._choose_backend(), path, max_batch_size=max_batch_size, settings=self._settings
         )
 
     def _load_version(self, entry: _Model, v: _Version) -> None:
@@ -818,20 +1032,23 @@ class ModelRepository:
                     return
             else:
                 v.state, v.reason = VersionState.LOADING, ""
+        instance: _Instance | None = None
+        reason = "failed to load"
         try:
             instance = self._build(entry, v)
-        except Exception as exc:
-            error = (
-                exc
-                if isinstance(exc, CloudError)
-                else BackendError(f"model {entry.name!r} version {v.version}: {exc}")
-            )
-            with v.lock:
-                if v.instance is None:
-                    v.state, v.reason = VersionState.UNAVAILABLE, str(error)
-            if error is exc:
-                raise
+        except CloudError as exc:
+            reason = str(exc)
+            raise
+        except (ValueError, TypeError, OSError) as exc:
+            # Backend constructors validate their settings (ValueError) and read files.
+            error = BackendError(f"model {entry.name!r} version {v.version}: {exc}")
+            reason = str(error)
             raise error from exc
+        finally:
+            if instance is None:  # whatever failed, the version must not stay LOADING
+                with v.lock:
+                    if v.instance is None:
+                        v.state, v.reason = VersionState.UNAVAILABLE, reason
         with v.lock:
             old, v.instance = v.instance, instance
             v.state, v.reason = VersionState.READY, ""
@@ -860,6 +1077,8 @@ class ModelRepository:
             raise ConfigError(f"{where}: max_batch_size = {configured}, but {why}")
         else:
             max_batch_size = configured
+        if v.bundle is not None:
+            _check_bundle(v.bundle, inputs, outputs)
         meter = _Meter(self.metrics.models, entry.name, v.version)
         backend = self._load_backend(v.path, max(1, max_batch_size))
         if set(backend.input_names) != {s.name for s in inputs}:
@@ -974,6 +1193,93 @@ class ModelRepository:
         :class:`QueueFullError`; the future fails with :class:`DeadlineExceededError` or
         :class:`BackendError`.
         """
+        future: Future[dict[str, np.ndarray]] = Future()
+        self._enqueue(model, version, inputs, lane, timeout_ms, future, None, None)
+        return future
+
+    def submit_async(
+        self,
+        model: str,
+        version: str | None,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        on_done: OnDone,
+        tag: Any = None,
+        lane: Lane = Lane.INTERACTIVE,
+        timeout_ms: float | None = None,
+    ) -> None:
+        """Queue one request whose answer goes to ``on_done`` (as a :class:`Completed` with
+        ``tag``) on the model's scheduler thread, once per batch for all the requests of
+        that batch that gave the same callback: nobody waits on a future per request.
+
+        Raises at once what :meth:`submit` raises at once. ``on_done`` must be quick and
+        must not raise (it runs on the thread that runs the model)."""
+        self._enqueue(model, version, inputs, lane, timeout_ms, None, on_done, tag)
+
+    def submit_many_async(
+        self,
+        model: str,
+        version: str | None,
+        requests: Sequence[tuple[Mapping[str, np.ndarray], Any]],
+        *,
+        on_done: OnDone,
+        lane: Lane = Lane.INTERACTIVE,
+        timeout_ms: float | None = None,
+    ) -> list[tuple[Any, CloudError]]:
+        """:meth:`submit_async` for several ``(inputs, tag)`` requests to one version, queued
+        together (they can share a batch, and wake the scheduler at most once).
+
+        Raises at once, for all of them, :class:`UnknownModelError` and
+        :class:`ModelNotReadyError`; returns the ``(tag, error)`` of each request refused
+        alone (:class:`InferenceInputError`, :class:`QueueFullError`), in order."""
+        arrival = self._clock()
+        lane = Lane(lane)
+        entry = self._entry(model)
+        if timeout_ms is not None and not timeout_ms > 0:
+            raise InferenceInputError(f"timeout must be positive, got {timeout_ms} ms")
+        for _ in range(3):  # a version may be swapped (reloaded) between the steps below
+            v = self._version(entry, version)
+            instance = v.instance
+            if v.state != VersionState.READY or instance is None:
+                self.metrics.models.requests.labels(
+                    model=model, version=v.version, lane=lane.value, outcome="not_ready"
+                ).inc(len(requests))
+                raise self._not_ready(entry, v)
+            refused: list[tuple[Any, CloudError]] = []
+            ready: list[tuple[_Request, int]] = []
+            instance.meter.arrived(lane, len(requests))
+            for inputs, tag in requests:
+                try:
+                    feed, rows = instance.prepare(inputs)
+                except InferenceInputError as exc:
+                    instance.meter.count(lane, "bad_input")
+                    refused.append((tag, exc))
+                    continue
+                ready.append((_Request(feed, None, arrival, on_done, tag), rows))
+            with v.lock:
+                if v.instance is not instance or v.state != VersionState.READY:
+                    continue
+                queued = instance.enqueue_many(ready, lane, timeout_ms) if ready else 0
+            if queued < len(ready):
+                instance.meter.count(lane, "queue_full", len(ready) - queued)
+                full = QueueFullError(
+                    instance.batcher.depth(lane), instance.batcher.policy.retry_after_ms
+                )
+                refused.extend((request.tag, full) for request, _ in ready[queued:])
+            return refused
+        raise ModelNotReadyError(f"model {model!r} is being reloaded; retry")
+
+    def _enqueue(
+        self,
+        model: str,
+        version: str | None,
+        inputs: Mapping[str, np.ndarray],
+        lane: Lane,
+        timeout_ms: float | None,
+        future: Future[dict[str, np.ndarray]] | None,
+        on_done: OnDone | None,
+        tag: Any,
+    ) -> None:
         arrival = self._clock()
         lane = Lane(lane)
         entry = self._entry(model)
@@ -994,7 +1300,7 @@ class ModelRepository:
             except InferenceInputError:
                 instance.meter.count(lane, "bad_input")
                 raise
-            request = _Request(feed, Future(), arrival)
+            request = _Request(feed, future, arrival, on_done, tag)
             with v.lock:
                 if v.instance is not instance or v.state != VersionState.READY:
                     continue
@@ -1003,7 +1309,7 @@ class ModelRepository:
                 except QueueFullError:
                     instance.meter.count(lane, "queue_full")
                     raise
-            return request.future
+            return
         raise ModelNotReadyError(f"model {model!r} is being reloaded; retry")
 
     async def infer(
@@ -1059,3 +1365,30 @@ class ModelRepository:
         state = v.state.value.lower()
         why = f": {v.reason}" if v.reason else ""
         return ModelNotReadyError(f"version {v.version} of model {entry.name!r} is {state}{why}")
+
+
+def _read_bundle(source: str | Path | Bundle) -> Bundle:
+    if isinstance(source, Bundle):
+        return source
+    try:
+        return Bundle.load(source)
+    except BundleError as exc:
+        raise ConfigError(f"bundle {source}: {exc}") from exc
+
+
+def _check_bundle(
+    bundle: Bundle, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+) -> None:
+    """A bundle's cloud part must read only what its edge part sends and give the output
+    its manifest names; raises :class:`ConfigError`."""
+    sent = bundle.edge.feature_outputs
+    missing = [s.name for s in inputs if s.name not in sent]
+    if missing:
+        raise ConfigError(
+            f"bundle {bundle.id}: the cloud model needs {', '.join(missing)}, which the "
+            f"edge part does not send (feature_outputs: {', '.join(sent)})"
+        )
+    if bundle.cloud.output not in {s.name for s in outputs}:
+        raise ConfigError(
+            f"bundle {bundle.id}: the cloud model has no output {bundle.cloud.output!r}"
+        )

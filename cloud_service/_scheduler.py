@@ -43,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fogline.cloud_service._config import LaneConfigs, ModelConfig
 from fogline.cloud_service._serving import Lane
@@ -366,8 +366,8 @@ class LaneScheduler(Generic[T]):
     def _compact_deadlines(self) -> None:
         # Entries that left in a batch stay in the heap until their deadline surfaces; with
         # long timeouts that is many. Rebuild once they outnumber the waiting ones.
-        waiting = len(self)
-        if len(self._deadlines) > 2 * waiting + 1024:
+        n = len(self._deadlines)
+        if n > 1024 and n > 2 * len(self) + 1024:  # the cheap test first: this runs per add
             self._deadlines = [d for d in self._deadlines if d[2].waiting]
             heapq.heapify(self._deadlines)
 
@@ -397,11 +397,23 @@ class LaneBatcher(Generic[T]):
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
+        # When the runner sleeps, the moment it will wake by itself (inf: not until told);
+        # None while it is awake. A submit wakes it only when the new request makes
+        # something due earlier: a wake-up costs the submitting thread tens of microseconds,
+        # and most requests join a batch that is already due at the same moment.
+        self._sleeping_until: float | None = None
+        self._failures = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
     def policy(self) -> SchedulerPolicy:
         return self._scheduler.policy
+
+    @property
+    def failures(self) -> int:
+        """Callbacks that raised (logged; the runner carried on)."""
+        with self._cond:
+            return self._failures
 
     @property
     def name(self) -> str:
@@ -436,8 +448,46 @@ class LaneBatcher(Generic[T]):
             entry = self._scheduler.add(
                 lane, item, self._clock(), rows=rows, timeout_ms=timeout_ms, group=group
             )
-            self._cond.notify()
+            until = self._sleeping_until
+            if until is not None:
+                due = self._scheduler.next_wakeup_s()
+                if due is not None and due < until:
+                    self._sleeping_until = None
+                    # All: a wait_idle caller may be waiting on the same condition.
+                    self._cond.notify_all()
             return entry
+
+    def submit_many(
+        self,
+        lane: Lane,
+        items: Sequence[tuple[T, int, Hashable]],
+        *,
+        timeout_ms: float | None = None,
+    ) -> int:
+        """Queue ``(item, rows, group)`` triples in order under one lock and at most one
+        wake-up (the items of one MQTT message arrive together and should batch together).
+        Returns how many were queued: the rest found the lane full. Raises
+        ``RuntimeError`` once the batcher is stopping."""
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopped")
+            now = self._clock()
+            queued = 0
+            for item, rows, group in items:
+                try:
+                    self._scheduler.add(
+                        lane, item, now, rows=rows, timeout_ms=timeout_ms, group=group
+                    )
+                except QueueFullError:
+                    break
+                queued += 1
+            until = self._sleeping_until
+            if queued and until is not None:
+                due = self._scheduler.next_wakeup_s()
+                if due is not None and due < until:
+                    self._sleeping_until = None
+                    self._cond.notify_all()
+            return queued
 
     def start(self) -> None:
         self._thread.start()
@@ -472,22 +522,30 @@ class LaneBatcher(Generic[T]):
                 if self._stopping:
                     return None
                 due = self._scheduler.next_wakeup_s()
+                self._sleeping_until = math.inf if due is None else due
                 self._cond.wait(None if due is None else max(0.0, due - now))
+                self._sleeping_until = None
 
     def _run(self) -> None:
         while (polled := self._next()) is not None:
             try:
                 if polled.expired:
-                    try:
-                        self._on_expired(polled.expired)
-                    except Exception:
-                        log.exception("scheduler %s: rejecting expired requests failed", self.name)
+                    self._supervised(self._on_expired, polled.expired, "rejecting expired requests")
                 if polled.batch is not None:
-                    try:
-                        self._run_batch(polled.batch)
-                    except Exception:
-                        log.exception("scheduler %s: a batch failed", self.name)
+                    self._supervised(self._run_batch, polled.batch, "a batch")
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _supervised(self, call: Callable[[Any], None], arg: object, what: str) -> None:
+        # The supervisor of a long-lived thread: the callbacks answer their own requests
+        # and map the errors they expect; whatever still escapes is a bug, and letting it
+        # end this thread would strand every request queued behind it. So it is logged
+        # with its traceback, counted, and the runner carries on.
+        try:
+            call(arg)
+        except Exception:
+            with self._cond:
+                self._failures += 1
+            log.exception("scheduler %s: %s failed", self.name, what)

@@ -24,6 +24,7 @@ so the engine holds one identical profile per context (building takes longer acc
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -182,9 +183,12 @@ def convert_onnx_to_fp16(model_bytes: bytes) -> bytes:
         raise BackendError(
             f"converting the model to FP16 needs the onnx package (fogline[tools]): {exc}"
         ) from exc
+    # protobuf (onnx's own dependency) ships no type stubs: its error root, looked up.
+    protobuf_error: type[Exception] = importlib.import_module("google.protobuf.message").Error
+
     try:
         model = onnx.load_from_string(model_bytes)
-    except Exception as exc:  # protobuf raises its own DecodeError
+    except (protobuf_error, ValueError) as exc:  # DecodeError for bytes that are not ONNX
         raise BackendError(f"the cloud model is not a readable ONNX file: {exc}") from exc
     problem = fp16_problem(model)
     if problem is not None:
@@ -195,7 +199,17 @@ def convert_onnx_to_fp16(model_bytes: bytes) -> bytes:
         # them; a valid ONNX graph lists every node after its inputs' producers.
         OnnxModel.graph_topological_sort(converted.graph, is_deterministic=True)
         return bytes(converted.SerializeToString())
-    except Exception as exc:  # the converter raises whatever onnx and numpy raise
+    except (
+        onnx.checker.ValidationError,
+        protobuf_error,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        RuntimeError,
+    ) as exc:
+        # What onnx, protobuf and numpy raise for a graph the converter cannot handle.
         raise BackendError(f"FP16 conversion failed: {exc}") from exc
 
 

@@ -1,14 +1,20 @@
-"""The cloud worker: MQTT in, dynamic batches through the bundle's cloud part, results out.
+"""The cloud worker: features in over MQTT, each run through the model repository's
+``stream`` lane by the cloud part of the bundle it names, results out.
 
-Data path (threads in brackets)::
+The worker is a thin adapter over :class:`~fogline.cloud_service._repository.ModelRepository`,
+the one data plane, as the inference API is (threads in brackets)::
 
-    broker ─► on_message [paho network thread]: decode, check, queue (or answer at once:
-              │                                  unknown bundle → error, queue full → busy)
+    broker ─► on_message [paho network thread]: decode, check, deduplicate, submit each
+              │                                  item to its bundle's stream lane (or answer
+              │                                  at once: unknown bundle → error, lane full →
+              │                                  busy)
               ▼
-            BatchRunner [batcher thread]: stack a batch per bundle, run the backend,
-              │                           publish one RESULT per item to its site
+            ModelRepository [one scheduler thread per model version]: batch, run the
+              │             backend, hand the batch's answers to the worker's callback,
+              │             which publishes one RESULT per item to its site
               ▼
-            _StoreWriter [store thread]: write the batch's results in one transaction
+            _StoreWriter [store thread]: write the results in one transaction, then
+                                          acknowledge their MQTT messages
 
 Results are published before they are stored, so a database round trip never sits on
 the answer's path; the store catches up within a batch or two.
@@ -21,6 +27,12 @@ re-sent item is answered from this worker's recent results, from another item in
 or from the store, and is neither run nor stored twice. End to end, the agent's outbox
 re-sends what the cloud never answered; with Mosquitto's clean sessions that is what
 recovers messages in flight to a worker that died (see docs/cloud.md).
+
+Bundles: every ready bundle version in the repository is served, several versions of one
+bundle side by side; a version loaded into the repository at run time
+(:meth:`~fogline.cloud_service._repository.ModelRepository.load_bundle`) is answered from
+its first message on, and one unloaded is answered "unknown bundle" once its queued items
+are done.
 """
 
 from __future__ import annotations
@@ -33,24 +45,33 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from paho.mqtt.client import MQTTMessageInfo
 
-from fogline.cloud_service._backends import Backend, BackendChoice, select_backend
-from fogline.cloud_service._batcher import Batch, BatchPolicy, BatchRunner
+from fogline.cloud_service._backends import Backend, BackendChoice
 from fogline.cloud_service._config import CloudConfig
 from fogline.cloud_service._metrics import CloudMetrics
+from fogline.cloud_service._repository import (
+    NUMPY_DTYPES,
+    Completed,
+    ModelRepository,
+    bundle_model_config,
+)
+from fogline.cloud_service._serving import Lane
 from fogline.cloud_service._store import ResultStore, StoredResult
 from fogline.cloud_service.errors import (
-    BackendError,
     BrokerError,
+    CloudError,
     ConfigError,
     DeadlineExceededError,
+    ModelNotReadyError,
     QueueFullError,
     StoreError,
     UnknownBundleError,
+    UnknownModelError,
 )
 from fogline.compression import (
     Codec,
@@ -69,6 +90,7 @@ __all__ = ["CloudWorker"]
 
 log = logging.getLogger("fogline.cloud")
 
+#: Loads a bundle's cloud part into a backend (replaces the configured backend).
 BackendLoader = Callable[[Bundle], Backend]
 
 
@@ -89,9 +111,20 @@ class _Delivery:
 
 
 @dataclass(frozen=True)
+class _Served:
+    """A bundle version the repository serves, as the worker feeds it."""
+
+    bundle: Bundle
+    inputs: tuple[str, ...]
+    dtypes: tuple[np.dtype[Any], ...]
+    output: str
+
+
+@dataclass(frozen=True)
 class _Item:
     env: Envelope
     received_us: int
+    served: _Served
     delivery: _Delivery | None = None
     # Copies of this item that arrived while it was queued or running.
     twins: list[_Delivery] = field(default_factory=list)
@@ -100,22 +133,18 @@ class _Item:
     def key(self) -> _Key:
         return (self.env.site, self.env.message_id)
 
+    @property
+    def maybe_answered(self) -> bool:
+        """Only a re-sent item (the agent's resent flag, or the broker's redelivery flag)
+        can have an earlier result in the store: fresh items skip the query."""
+        return self.env.resent or (self.delivery is not None and self.delivery.inbound.dup)
+
 
 # A result this worker published, kept to answer re-sends of the same item: label,
 # confidence, output row, output name. A plain tuple of atoms, which the garbage collector
 # stops tracking: tens of thousands of tracked objects here made every full collection
 # stop the worker for 10-20 ms.
 _Recent = tuple[int, float, np.ndarray, str]
-
-
-@dataclass(frozen=True)
-class _Served:
-    """A bundle this worker answers for, with its loaded backend."""
-
-    bundle: Bundle
-    backend: Backend
-    inputs: tuple[str, ...]
-    output: str
 
 
 class _StoreWriter:
@@ -261,43 +290,42 @@ class _RateLimitedLog:
 
 
 class CloudWorker:
-    """Serves the cloud part of one or more bundles from MQTT.
+    """Serves the cloud parts of bundles from MQTT, through a model repository.
 
-    ``start()`` loads and warms every bundle, opens the store and subscribes; ``stop()``
-    answers what is queued and shuts down. Several workers may share the load through
-    the MQTT shared subscription named by ``config.share_group``.
+    ``start()`` opens the store and subscribes; ``stop()`` answers what is queued and shuts
+    down. Several workers may share the load through the MQTT shared subscription named by
+    ``config.share_group``.
 
-    ``store`` lets a caller share a :class:`ResultStore` (the worker then does not close
-    it); ``backend_loader`` replaces the configured backend, e.g. to wrap or instrument it.
+    ``repository`` lets a caller share a started :class:`ModelRepository` (with the inference
+    API): the worker then serves every bundle version it holds, including those loaded at
+    run time, and neither starts nor stops it. Without one, the worker builds its own from
+    ``config`` (the bundles, the backend and its settings, ``[batching]`` as the bundles'
+    batching) and loads and warms it in ``start()``. ``store`` lets a caller share a
+    :class:`ResultStore` (the worker then does not close it); ``backend_loader`` replaces
+    the configured backend of the worker's own repository, e.g. to wrap or instrument it.
     """
 
     def __init__(
         self,
         config: CloudConfig,
         *,
+        repository: ModelRepository | None = None,
         store: ResultStore | None = None,
         backend_loader: BackendLoader | None = None,
         metrics: CloudMetrics | None = None,
     ) -> None:
+        if repository is not None and backend_loader is not None:
+            raise ValueError("give a repository or a backend_loader, not both")
         self.config = config
         self.worker_id = config.worker_id
         self.topics = config.topics
         self.metrics = metrics if metrics is not None else CloudMetrics()
-        self.backend_choice: BackendChoice | None = None
+        self._repository = repository
+        self._owns_repository = repository is None
         self._store = store
         self._owns_store = store is None
         self._backend_loader = backend_loader
         self._served: dict[str, _Served] = {}
-        b = config.batching
-        self._runner: BatchRunner[_Item] = BatchRunner(
-            BatchPolicy(
-                max_batch_size=b.max_batch_size,
-                max_queue_delay_ms=b.max_queue_delay_ms,
-                max_queue_items=b.max_queue_items,
-                retry_after_ms=b.busy_retry_after_ms,
-            ),
-            self._run_batch,
-        )
         self._writer: _StoreWriter | None = None
         self._mqtt: MqttConnection | None = None
         self._last_publish: MQTTMessageInfo | None = None
@@ -305,6 +333,7 @@ class CloudWorker:
         # Idempotency: results published recently, and items queued or running (whose
         # copies wait for them), both keyed by (site, message id).
         self._dlock = threading.Lock()
+        self._drained = threading.Condition(self._dlock)
         self._recent: OrderedDict[_Key, _Recent] = OrderedDict()
         self._in_flight: dict[_Key, _Item] = {}
         self._unacked = 0
@@ -319,7 +348,8 @@ class CloudWorker:
     # lifecycle
 
     def start(self, *, wait: bool = True) -> CloudWorker:
-        """Load and warm the bundles, open the store, connect and subscribe.
+        """Load and warm the bundles (unless a repository was given), open the store,
+        connect and subscribe.
 
         With ``wait``, return only once subscribed (raising :class:`BrokerError` if the
         broker cannot be reached in ``broker.connect_timeout_s``); without it, the
@@ -332,23 +362,27 @@ class CloudWorker:
                 raise RuntimeError("a CloudWorker can be started once")
             self._started = True
         try:
-            self._load_bundles()
+            repository = self._repository
+            if repository is None:
+                repository = self._repository = self._own_repository()
+                repository.start()
+            self._bundles_ready = True
             if self._store is None:
                 self._store = ResultStore(self.config.store.url)
             self._writer = _StoreWriter(self._store, self.metrics, self._ack)
             self._writer.start()
-            self._runner.start()
             self._accepting = True
             self._connect(wait)
         except BaseException:
             self.stop()
             raise
         self._running = True
+        choice = repository.backend_choice
         log.info(
             "cloud worker %s serving %s (%s)",
             self.worker_id,
-            ", ".join(f"{b} on {s.backend.name}" for b, s in self._served.items()),
-            self.backend_choice.reason if self.backend_choice else "backend supplied by caller",
+            ", ".join(f"{b} on {name}" for b, name in self._backends().items()) or "no bundle",
+            choice.reason if choice else "backend supplied by caller",
         )
         return self
 
@@ -361,8 +395,15 @@ class CloudWorker:
         self._accepting = False  # from now on new items are answered "busy"
         mqtt = self._mqtt
         if mqtt is not None and mqtt.is_connected:
-            mqtt.client.unsubscribe(self._subscription)
-        self._runner.stop(timeout_s)
+            try:
+                mqtt.unsubscribe(self._subscription)
+            except MqttError as exc:  # the broker went; its session ends with ours
+                log.warning("could not unsubscribe while stopping: %s", exc)
+        deadline = time.monotonic() + timeout_s
+        repository = self._repository
+        if repository is not None and self._owns_repository:
+            repository.stop(timeout_s)  # runs what is queued; answers reach the writer
+        self._wait_drained(max(0.0, deadline - time.monotonic()))
         # Store what was answered, then acknowledge it, and only then disconnect.
         if self._writer is not None:
             self._writer.stop(timeout_s)
@@ -405,7 +446,7 @@ class CloudWorker:
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every item received so far is answered and stored."""
         deadline = time.monotonic() + timeout_s
-        if not self._runner.wait_idle(timeout_s):
+        if not self._wait_drained(timeout_s):
             return False
         if self._writer is None:
             return True
@@ -417,77 +458,83 @@ class CloudWorker:
         return self._store
 
     @property
+    def repository(self) -> ModelRepository | None:
+        """The model repository the worker submits to (None before ``start`` when it
+        builds its own)."""
+        return self._repository
+
+    @property
+    def backend_choice(self) -> BackendChoice | None:
+        """The backend the repository loads models into and why (None when a loader
+        replaces it, or before ``start``)."""
+        return None if self._repository is None else self._repository.backend_choice
+
+    @property
     def bundle_ids(self) -> tuple[str, ...]:
-        return tuple(self._served)
+        """The bundle versions served now."""
+        if self._repository is None:
+            return ()
+        return tuple(b.id for b in self._repository.bundles())
 
     @property
     def queue_depth(self) -> int:
-        return self._runner.depth
+        """Items submitted to the repository and not yet answered."""
+        with self._dlock:
+            return len(self._in_flight)
 
     def status(self) -> dict[str, Any]:
         """A JSON-friendly summary for ``/readyz`` and logs."""
+        choice = self.backend_choice
+        backends = self._backends()
         return {
             "ready": self.ready,
             "worker": self.worker_id,
-            "bundles": list(self._served),
-            "backends": {bid: s.backend.name for bid, s in self._served.items()},
-            "backend_reason": self.backend_choice.reason if self.backend_choice else None,
+            "bundles": list(backends),
+            "backends": backends,
+            "backend_reason": choice.reason if choice else None,
             "mqtt_connected": bool(self._mqtt and self._mqtt.is_connected),
-            "queue_depth": self._runner.depth,
+            "queue_depth": self.queue_depth,
             "unacknowledged": self._unacked,
         }
 
     # start-up pieces
 
-    def _load_bundles(self) -> None:
+    def _own_repository(self) -> ModelRepository:
+        """The repository over ``config.bundles``, with every backend setting."""
         cfg = self.config
-        if self._backend_loader is None:
-            choice = select_backend(cfg.backend)
-            self.backend_choice = choice
-
-            def load(bundle: Bundle) -> Backend:
-                return choice.load(
-                    bundle.cloud_model_path,
-                    max_batch_size=cfg.batching.max_batch_size,
-                    threads=cfg.threads,
-                    engine_cache_dir=cfg.tensorrt.engine_cache_dir,
-                    fp16=cfg.tensorrt.fp16,
-                    device_id=cfg.tensorrt.device_id,
-                    execution_contexts=cfg.tensorrt.execution_contexts,
-                    opt_batch_size=cfg.tensorrt.opt_batch_size,
-                )
-
-            loader: BackendLoader = load
-        else:
-            loader = self._backend_loader
+        bundles: list[Bundle] = []
         for root in cfg.bundles:
             try:
-                bundle = Bundle.load(root)
+                bundles.append(Bundle.load(root))
             except BundleError as exc:
                 raise ConfigError(f"bundle {root}: {exc}") from exc
-            if bundle.id in self._served:
-                raise ConfigError(f"bundle {bundle.id} is listed twice ({root})")
-            backend = loader(bundle)
-            missing = [n for n in backend.input_names if n not in bundle.edge.feature_outputs]
-            if missing:
-                raise ConfigError(
-                    f"bundle {bundle.id}: the cloud model needs {', '.join(missing)}, which the "
-                    f"edge part does not send (feature_outputs: "
-                    f"{', '.join(bundle.edge.feature_outputs)})"
-                )
-            outputs = getattr(backend, "output_names", None)
-            if outputs is not None and bundle.cloud.output not in outputs:
-                raise ConfigError(
-                    f"bundle {bundle.id}: the cloud model has no output {bundle.cloud.output!r}"
-                )
-            backend.warmup()
-            self._served[bundle.id] = _Served(
-                bundle=bundle,
-                backend=backend,
-                inputs=tuple(backend.input_names),
-                output=bundle.cloud.output,
-            )
-        self._bundles_ready = True
+        loader = None
+        if self._backend_loader is not None:
+            by_path = {b.cloud_model_path: b for b in bundles}
+            bundle_loader = self._backend_loader
+
+            def loader(path: Path, max_batch_size: int) -> Backend:
+                return bundle_loader(by_path[path])
+
+        return ModelRepository(
+            bundles=bundles,
+            backend=cfg.backend,
+            threads=cfg.threads,
+            tensorrt=cfg.tensorrt,
+            bundle_config=bundle_model_config(cfg.batching),
+            metrics=self.metrics,
+            backend_loader=loader,
+        )
+
+    def _backends(self) -> dict[str, str]:
+        repository = self._repository
+        if repository is None:
+            return {}
+        out: dict[str, str] = {}
+        for b in repository.bundles():
+            with contextlib.suppress(CloudError):  # unloaded between the two calls
+                out[b.id] = repository.backend_name(b.name, b.version) or "unloaded"
+        return out
 
     @property
     def _subscription(self) -> str:
@@ -503,6 +550,10 @@ class CloudWorker:
             self._mqtt.start(wait=wait)
         except MqttError as exc:
             raise BrokerError(str(exc)) from exc
+
+    def _wait_drained(self, timeout_s: float) -> bool:
+        with self._drained:
+            return self._drained.wait_for(lambda: not self._in_flight, timeout_s)
 
     # ingest (paho network thread)
 
@@ -522,43 +573,53 @@ class CloudWorker:
             self._ack([delivery])
             return
         received_us = now_us()
+        items: list[_Item] = []
         for env in envelopes:
             try:
-                done = self._ingest(topic, env, received_us, delivery)
+                item = self._ingest(topic, env, received_us, delivery)
             except Exception:
+                # The top of this worker's code on paho's thread (its supervisor): whatever
+                # escapes the checks above is a bug; it is logged with its traceback and
+                # counted, and the envelope is let go, so the thread serves the next one.
                 self.metrics.rejected.labels("internal").inc()
                 log.exception("could not handle a message on %s", topic)
-                done = True
-            if done:
                 self._ack([delivery])
+                continue
+            if item is not None:
+                items.append(item)
+        if items:
+            self._submit(self._answer_from_store(items))
 
-    def _ingest(self, topic: str, env: Envelope, received_us: int, delivery: _Delivery) -> bool:
-        """Handle one envelope of a message; True when it is finished with (its share of
-        the acknowledgement is given now), False when an item now owns that share."""
+    def _ingest(
+        self, topic: str, env: Envelope, received_us: int, delivery: _Delivery
+    ) -> _Item | None:
+        """Check one envelope of a message and register it as in flight; the item to run,
+        or None when it is finished with (its share of the acknowledgement is given) or a
+        copy of an item in flight (which then owns that share)."""
         if env.kind is not Kind.FEATURES:
             self._reject("wrong_kind", f"rejected a {env.kind.name} message on {topic}")
-            return True
+            return self._done(delivery)
         try:
             site = self.topics.site_of(topic)
         except ValueError:
             self._reject("bad_topic", f"rejected a message on unexpected topic {topic}")
-            return True
+            return self._done(delivery)
         if site != env.site:
             self._reject(
                 "site_mismatch",
                 f"rejected a message for site {env.site!r} published on site {site!r}'s topic",
             )
-            return True
-        served = self._served.get(env.bundle)
+            return self._done(delivery)
+        served = self._served.get(env.bundle) or self._look_up(env.bundle)
         if served is None:
             self._reply(env, ResultMeta.failed(str(UnknownBundleError(env.bundle))))
-            return True
+            return self._done(delivery)
         problem = _check_features(env.tensors, served.inputs)
         if problem is not None:
             self._reply(env, ResultMeta.failed(f"bundle {env.bundle}: {problem}"))
-            return True
+            return self._done(delivery)
         key: _Key = (env.site, env.message_id)
-        item = _Item(env, received_us, delivery)
+        item = _Item(env, received_us, served, delivery)
         with self._dlock:
             recent = self._recent.get(key)
             twin_of = None if recent is not None else self._in_flight.get(key)
@@ -570,29 +631,114 @@ class CloudWorker:
             self.metrics.duplicates.labels("memory").inc()
             label, confidence, output, output_name = recent
             self._reply_with(env, label, confidence, output_name, output)
-            return True
+            return self._done(delivery)
         if twin_of is not None:
             self.metrics.duplicates.labels("in_flight").inc()
-            return False
-        busy_ms: int | None = None
-        if not self._accepting:
-            busy_ms = self.config.batching.busy_retry_after_ms
-        else:
+            return None
+        return item
+
+    def _done(self, delivery: _Delivery) -> _Item | None:
+        """Finished with at once: give up the envelope's share of the acknowledgement."""
+        self._ack([delivery])
+        return None
+
+    def _look_up(self, bundle_id: str) -> _Served | None:
+        """The served form of a bundle version the repository has ready (cached: a bundle
+        id names one signed content), or None."""
+        repository = self._repository
+        bundle = None if repository is None else repository.bundle(bundle_id)
+        if repository is None or bundle is None:
+            return None
+        try:
+            meta = repository.metadata(bundle.name, bundle.version)
+        except CloudError:  # unloaded since
+            return None
+        served = _Served(
+            bundle=bundle,
+            inputs=tuple(s.name for s in meta.inputs),
+            dtypes=tuple(np.dtype(NUMPY_DTYPES[s.datatype]) for s in meta.inputs),
+            output=bundle.cloud.output,
+        )
+        self._served[bundle_id] = served
+        return served
+
+    def _answer_from_store(self, items: list[_Item]) -> list[_Item]:
+        """Answer the re-sent items another worker (or an earlier run of this one) already
+        stored; the others. A store that cannot be read costs a duplicate run, not an
+        answer: the insert ignores a key that is already there. One query per message, on
+        paho's thread, and only for re-sent items (rare but for recoveries)."""
+        store = self._store
+        maybe = [it for it in items if it.maybe_answered]
+        if store is None or not maybe:
+            return items
+        try:
+            found = store.get_many([(it.env.site, it.env.message_id) for it in maybe])
+        except StoreError as exc:
+            log.warning("cannot look up earlier results (%s); running the items", exc)
+            return items
+        if not found:
+            return items
+        todo: list[_Item] = []
+        for item in items:
+            hit = found.get((item.env.site, item.env.message_id.hex()))
+            if hit is None:
+                todo.append(item)
+                continue
+            self.metrics.duplicates.labels("store").inc()
+            output_name = item.served.output
+            output = np.asarray(hit.output, dtype=np.float32).reshape(1, -1)
+            self._reply_with(item.env, hit.label, hit.confidence, output_name, output)
+            self._ack(self._finish_item(item, (hit.label, hit.confidence, output, output_name)))
+        return todo
+
+    def _submit(self, items: Sequence[_Item]) -> None:
+        """Hand items to their bundles' stream lanes, those of one message for one bundle
+        version together (so they can share a batch); answer at once those refused."""
+        repository = self._repository
+        busy_ms = self.config.batching.busy_retry_after_ms
+        by_bundle: dict[str, list[_Item]] = {}
+        for item in items:
+            by_bundle.setdefault(item.env.bundle, []).append(item)
+        refused: list[tuple[_Item, ResultMeta]] = []
+        for bundle_id, group in by_bundle.items():
+            if not self._accepting or repository is None:
+                refused.extend((item, ResultMeta.busy(busy_ms)) for item in group)
+                continue
+            served = group[0].served
+            requests = [(_feed(item.env, served), item) for item in group]
             try:
-                self._runner.submit(env.bundle, item)
-            except QueueFullError as exc:
-                busy_ms = exc.retry_after_ms
-            except RuntimeError:  # stopped between the check above and here
-                busy_ms = self.config.batching.busy_retry_after_ms
-        self.metrics.queue_depth.set(self._runner.depth)
-        if busy_ms is None:
-            return False
-        with self._dlock:
-            self._in_flight.pop(key, None)
-            twins = list(item.twins)
-        self._reply(env, ResultMeta.busy(busy_ms))
-        self._ack(twins)
-        return True
+                errors = repository.submit_many_async(
+                    served.bundle.name,
+                    served.bundle.version,
+                    requests,
+                    on_done=self._on_done,
+                    lane=Lane.STREAM,
+                )
+            except (ModelNotReadyError, UnknownModelError):
+                meta = self._not_served(bundle_id)
+                refused.extend((item, meta) for item in group)
+                continue
+            except RuntimeError:  # the version's scheduler stopped between the checks
+                refused.extend((item, ResultMeta.busy(busy_ms)) for item in group)
+                continue
+            for item, error in errors:
+                if isinstance(error, QueueFullError):
+                    refused.append((item, ResultMeta.busy(error.retry_after_ms)))
+                else:
+                    refused.append((item, ResultMeta.failed(f"inference failed: {error}")))
+        for item, meta in refused:
+            self._reply(item.env, meta)
+            self._ack(self._finish_item(item, None))
+        self.metrics.queue_depth.set(len(self._in_flight))
+
+    def _not_served(self, bundle_id: str) -> ResultMeta:
+        """The answer for a bundle version that stopped being served under an item: an
+        error when it is gone, busy while it is being reloaded."""
+        self._served.pop(bundle_id, None)
+        repository = self._repository
+        if repository is not None and repository.bundle(bundle_id) is not None:
+            return ResultMeta.busy(self.config.batching.busy_retry_after_ms)
+        return ResultMeta.failed(str(UnknownBundleError(bundle_id)))
 
     def _ack(self, deliveries: list[_Delivery]) -> None:
         """Give up one share of each delivery; acknowledge the messages whose last share
@@ -620,66 +766,9 @@ class CloudWorker:
         self.metrics.rejected.labels(reason).inc()
         self._reject_log.warning(reason, message)
 
-    # batches (batcher thread)
-
-    def _run_batch(self, batch: Batch[_Item]) -> None:
-        self.metrics.queue_depth.set(self._runner.depth)
-        served = self._served[batch.key]
-        start_s = time.monotonic()
-        for t in batch.enqueued_s:
-            self.metrics.queue_seconds.observe(max(0.0, start_s - t))
-        todo = self._answer_from_store(served, batch.items)
-        groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
-        for i in todo:
-            item = batch.items[i]
-            shapes = tuple(item.env.tensors[n].shape for n in served.inputs)
-            groups.setdefault(shapes, []).append(i)
-        stored: list[StoredResult] = []
-        acks: list[_Delivery] = []
-        for idxs in groups.values():
-            self._run_group(served, batch, idxs, start_s, stored, acks)
-        if self._writer is not None and (stored or acks):
-            self._writer.put(stored, acks)
-        else:
-            self._ack(acks)
-
-    def _answer_from_store(self, served: _Served, items: Sequence[_Item]) -> list[int]:
-        """Answer the re-sent items another worker (or an earlier run of this one) already
-        stored; the indices of the others. A store that cannot be read costs a duplicate
-        run, not an answer: the insert ignores a key that is already there."""
-        store = self._store
-        # Only a re-sent item (the agent's resent flag, or the broker's redelivery flag)
-        # can have an earlier result: fresh items skip the query.
-        maybe = [
-            it
-            for it in items
-            if it.env.resent or (it.delivery is not None and it.delivery.inbound.dup)
-        ]
-        if store is None or not maybe:
-            return list(range(len(items)))
-        try:
-            found = store.get_many([(it.env.site, it.env.message_id) for it in maybe])
-        except StoreError as exc:
-            log.warning("cannot look up earlier results (%s); running the batch", exc)
-            return list(range(len(items)))
-        if not found:
-            return list(range(len(items)))
-        todo: list[int] = []
-        for i, item in enumerate(items):
-            hit = found.get((item.env.site, item.env.message_id.hex()))
-            if hit is None:
-                todo.append(i)
-                continue
-            self.metrics.duplicates.labels("store").inc()
-            output = np.asarray(hit.output, dtype=np.float32).reshape(1, -1)
-            self._reply_with(item.env, hit.label, hit.confidence, served.output, output)
-            self._ack(self._finish_item(item, (hit.label, hit.confidence, output, served.output)))
-        return todo
-
     def _finish_item(self, item: _Item, recent: _Recent | None) -> list[_Delivery]:
         """Retire an answered item: remember its result, release its copies. Returns the
-        acknowledgements it owns (its own and its copies'); acknowledged at once when its
-        result needs no storing (``recent`` from the store)."""
+        acknowledgements it owns (its own and its copies')."""
         key = item.key
         with self._dlock:
             self._in_flight.pop(key, None)
@@ -687,76 +776,68 @@ class CloudWorker:
                 self._recent[key] = recent
                 if len(self._recent) > _RECENT_RESULTS:
                     self._recent.popitem(last=False)
+            if not self._in_flight:
+                self._drained.notify_all()
             return [d for d in (item.delivery, *item.twins) if d is not None]
 
-    def _run_group(
-        self,
-        served: _Served,
-        batch: Batch[_Item],
-        idxs: list[int],
-        start_s: float,
-        stored: list[StoredResult],
-        acks: list[_Delivery],
-    ) -> None:
-        items = [batch.items[i] for i in idxs]
-        try:
-            feed = {
-                n: (
-                    items[0].env.tensors[n]
-                    if len(items) == 1
-                    else np.concatenate([it.env.tensors[n] for it in items])
-                )
-                for n in served.inputs
-            }
-            t0 = time.perf_counter()
-            out = served.backend.run(feed)
-            compute_s = time.perf_counter() - t0
-            rows = _batch_rows(out, served.output, len(items))
-        except (QueueFullError, DeadlineExceededError) as exc:
-            # The model's stream lane (shared with the inference API) is saturated: the
-            # items are refused like a full queue, and their agents re-send them.
-            retry_ms = getattr(exc, "retry_after_ms", self.config.batching.busy_retry_after_ms)
-            for item in items:
-                self._reply(item.env, ResultMeta.busy(retry_ms))
-                self._ack(self._finish_item(item, None))
-            return
-        except (BackendError, ValueError, KeyError, TypeError) as exc:
-            if len(idxs) > 1:  # find the item that broke the batch; answer the others
-                for i in idxs:
-                    self._run_group(served, batch, [i], start_s, stored, acks)
-                return
-            log.warning("inference failed for one item of %s: %s", served.bundle.id, exc)
-            self._reply(items[0].env, ResultMeta.failed(f"inference failed: {exc}"))
-            self._ack(self._finish_item(items[0], None))
-            return
-        self.metrics.batch_size.observe(len(items))
-        self.metrics.compute_seconds.observe(compute_s)
-        compute_ms = round(compute_s * 1000.0, 3)
+    # answers (the model version's scheduler thread)
+
+    def _on_done(self, completed: Sequence[Completed]) -> None:
+        """One batch's answers for this worker's items: publish them (joined per site),
+        retire the items, and hand the results to the store writer."""
+        first = completed[0]
+        if first.batch_rows:
+            self.metrics.batch_size.observe(first.batch_rows)
+            self.metrics.compute_seconds.observe(first.compute_s)
+        compute_ms = round(first.compute_s * 1000.0, 3)
+        retry_ms = self.config.batching.busy_retry_after_ms
         completed_us = now_us()
-        labels = np.argmax(rows.reshape(len(items), -1), axis=1)
-        answers: list[tuple[_Item, int, float, int]] = []
         outgoing: list[tuple[str, bytes]] = []
-        for k, (i, item) in enumerate(zip(idxs, items, strict=True)):
-            label = int(labels[k])
-            confidence = float(rows[k].reshape(-1)[label])
+        answered: list[tuple[_Item, int, float, np.ndarray, list[float]]] = []
+        acks: list[_Delivery] = []
+        ok: list[tuple[Completed, _Item, np.ndarray]] = []
+        for done in completed:
+            item: _Item = done.tag
+            self.metrics.queue_seconds.observe(done.queued_s)
+            row = _output_row(done, item.served.output, retry_ms)
+            if isinstance(row, ResultMeta):
+                outgoing.append(self._result(item.env, row))
+                acks.extend(self._finish_item(item, None))
+            else:
+                ok.append((done, item, row))
+        for done, item, row in ok:
+            # The label in Python over the row's values (needed anyway for the store):
+            # np.argmax lets go of the GIL in each call, and a call per item handed it to
+            # the network thread and back for every result.
+            values = row.tolist()
+            total = sum(values)
+            if math.isnan(total):  # a NaN among them: np.argmax's answer (the first NaN)
+                label = _argmax_like_numpy(values)
+            else:
+                label = max(range(len(values)), key=values.__getitem__)
+            confidence = float(values[label])
             confidence = round(confidence, 6) if math.isfinite(confidence) else 0.0
-            queue_ms = round(max(0.0, start_s - batch.enqueued_s[i]) * 1000.0, 3)
+            queue_ms = round(done.queued_s * 1000.0, 3)
             meta = ResultMeta.ok(label, confidence, queue_ms=queue_ms, compute_ms=compute_ms)
             try:
-                outgoing.append(self._result(item.env, meta, {served.output: rows[k]}))
+                outgoing.append(self._result(item.env, meta, {item.served.output: row}))
             except ValueError as exc:
                 # An output row the result codec refuses (NaN, ±inf, beyond float16): the
                 # item fails out loud rather than travel as a wrong "ok".
-                log.warning("inference failed for one item of %s: %s", served.bundle.id, exc)
-                self._reply(item.env, ResultMeta.failed(f"inference failed: {exc}"))
-                self._ack(self._finish_item(item, None))
+                log.warning("inference failed for one item of %s: %s", item.env.bundle, exc)
+                outgoing.append(
+                    self._result(item.env, ResultMeta.failed(f"inference failed: {exc}"))
+                )
+                acks.extend(self._finish_item(item, None))
                 continue
-            answers.append((item, label, confidence, k))
+            answered.append((item, label, confidence, row, values))
         # Encode first, then publish: the results for one site travel joined in one message.
         self._publish(outgoing)
-        for item, label, confidence, k in answers:
+        stored: list[StoredResult] = []
+        for item, label, confidence, row, values in answered:
             env = item.env
-            acks.extend(self._finish_item(item, (label, confidence, rows[k].copy(), served.output)))
+            recent = (label, confidence, row.copy(), item.served.output)
+            acks.extend(self._finish_item(item, recent))
             stored.append(
                 StoredResult(
                     site=env.site,
@@ -764,13 +845,18 @@ class CloudWorker:
                     bundle=env.bundle,
                     label=label,
                     confidence=confidence,
-                    output=tuple(rows[k].reshape(-1).tolist()),
+                    output=tuple(values),
                     worker=self.worker_id,
                     created_us=env.created_us,
                     received_us=item.received_us,
                     completed_us=completed_us,
                 )
             )
+        if self._writer is not None and stored:
+            self._writer.put(stored, acks)
+        else:
+            self._ack(acks)
+        self.metrics.queue_depth.set(len(self._in_flight))
 
     # replies
 
@@ -836,11 +922,37 @@ class CloudWorker:
         self._reply(request, meta, {output_name: output.reshape(-1)})
 
 
-def _batch_rows(out: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
-    rows = out[name]
-    if rows.ndim == 0 or rows.shape[0] != n:
-        raise BackendError(f"output {name!r} has shape {rows.shape}, expected {n} rows")
-    return rows
+def _output_row(done: Completed, name: str, retry_ms: int) -> np.ndarray | ResultMeta:
+    """The item's output row (1-D), or why it has none: the answer to send instead."""
+    if isinstance(done.error, DeadlineExceededError):
+        # Waited past the stream lane's timeout: refused like a full queue, re-sent later.
+        return ResultMeta.busy(retry_ms)
+    if done.error is not None:
+        log.warning("inference failed for one item: %s", done.error)
+        return ResultMeta.failed(f"inference failed: {done.error}")
+    outputs = done.outputs or {}
+    rows = outputs.get(name)
+    if rows is None or rows.ndim == 0 or rows.shape[0] != 1:
+        shape = None if rows is None else tuple(rows.shape)
+        return ResultMeta.failed(
+            f"inference failed: output {name!r} has shape {shape}, expected 1 row"
+        )
+    return rows.reshape(-1)
+
+
+def _argmax_like_numpy(values: list[float]) -> int:
+    """np.argmax's answer (for values that hold a NaN: the first NaN)."""
+    return int(np.argmax(np.asarray(values)))
+
+
+def _feed(env: Envelope, served: _Served) -> dict[str, np.ndarray]:
+    """The item's tensors the cloud part reads, in the types it declares (the codec may
+    decode to another float type)."""
+    feed: dict[str, np.ndarray] = {}
+    for name, dtype in zip(served.inputs, served.dtypes, strict=True):
+        arr = env.tensors[name]
+        feed[name] = arr if arr.dtype == dtype else arr.astype(dtype)
+    return feed
 
 
 def _check_features(tensors: Mapping[str, np.ndarray], inputs: tuple[str, ...]) -> str | None:

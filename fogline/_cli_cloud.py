@@ -288,10 +288,8 @@ def serve(
     import uvicorn
 
     from fogline.cloud_service._app import create_app, create_serving_app
-    from fogline.cloud_service._backends import Backend
     from fogline.cloud_service._metrics import CloudMetrics
     from fogline.cloud_service._worker import CloudWorker
-    from fogline.sync import Bundle
 
     metrics = CloudMetrics()
     with_mqtt = model_repository is None or broker is not None or _has_broker(config)
@@ -300,7 +298,7 @@ def serve(
     try:
         if model_repository is not None:
             from fogline.cloud_service._auth import load_token_store
-            from fogline.cloud_service._repository import ModelRepository
+            from fogline.cloud_service._repository import ModelRepository, bundle_model_config
 
             if tokens is None and not insecure_no_auth:
                 fail("the inference API needs --tokens FILE (or --insecure-no-auth)")
@@ -311,21 +309,14 @@ def serve(
                 backend=cfg.backend,
                 threads=cfg.threads,
                 tensorrt=cfg.tensorrt,
+                bundle_config=bundle_model_config(cfg.batching),
                 metrics=metrics,
             )
             repo.start()
         if with_mqtt:
-            loader = None
-            if repo is not None:
-                from fogline.cloud_service._stream_lane import LaneBackend
-
-                served = repo
-
-                def loader(bundle: Bundle) -> Backend:
-                    # Edge features share each model's scheduler with the API (stream lane).
-                    return LaneBackend(served, bundle)
-
-            worker = CloudWorker(cfg, metrics=metrics, backend_loader=loader)
+            # With a repository, edge features share each model's scheduler with the API
+            # (the stream lane); without, the worker builds its own over the bundles.
+            worker = CloudWorker(cfg, metrics=metrics, repository=repo)
             # Connect in the background: /readyz answers 503 until the broker is reached.
             worker.start(wait=False)
     except CloudDataError as exc:

@@ -426,3 +426,91 @@ def test_interactive_requests_keep_low_queue_times_while_a_bulk_flood_runs() -> 
         if e.lane is INTER
     )
     print(f"interactive queue time p50 {queue_ms[len(queue_ms) // 2]:.2f} ms")
+
+
+def test_batches_never_exceed_the_size_and_the_rest_keeps_its_order() -> None:
+    s = scheduler(max_batch_size=4)
+    for i in range(10):
+        s.add(STREAM, str(i), 0.0)
+    batches = drain(s, 0.0)
+    assert [b.items for b in batches] == [
+        ("0", "1", "2", "3"),
+        ("4", "5", "6", "7"),
+        ("8", "9"),
+    ]
+
+
+def test_the_next_wakeup_follows_the_oldest_request_or_a_full_batch() -> None:
+    s = scheduler(max_batch_size=3, max_queue_delay_ms=10)
+    assert s.next_wakeup_s() is None
+    s.add(STREAM, "a", 1.000)
+    s.add(STREAM, "b", 1.004)
+    assert s.next_wakeup_s() == pytest.approx(1.010)  # the oldest request's delay
+    s.add(STREAM, "c", 1.005)
+    assert s.next_wakeup_s() == pytest.approx(1.000)  # full: due since the oldest came
+
+
+def test_each_request_keeps_the_time_it_was_queued() -> None:
+    s = scheduler(max_batch_size=8, max_queue_delay_ms=5)
+    for i, t in enumerate((2.000, 2.001, 2.003)):
+        s.add(STREAM, str(i), t)
+    batch = s.poll(2.010).batch
+    assert batch is not None
+    assert [e.enqueued_s for e in batch.entries] == [2.000, 2.001, 2.003]
+    assert batch.formed_s == 2.010
+
+
+def test_submitting_wakes_the_runner_only_when_a_batch_gets_due_sooner() -> None:
+    rec = Recorder()
+    runner: LaneBatcher[str] = LaneBatcher(
+        SchedulerPolicy(max_batch_size=4, max_queue_delay_ms=5_000, lanes=big_lanes()),
+        rec.run,
+        rec.reject,
+    )
+    cond = runner._cond
+    wakes = 0
+    submitter = threading.get_ident()
+    notify_all = cond.notify_all
+
+    def counting_notify_all() -> None:
+        nonlocal wakes
+        if threading.get_ident() == submitter:
+            wakes += 1
+        notify_all()
+
+    cond.notify_all = counting_notify_all  # type: ignore[method-assign]
+    runner.start()
+    runner.submit(STREAM, "0")  # the first request: due in 5 s, sooner than never
+    for _ in range(1000):  # until it sleeps until that request's delay ends
+        if runner._sleeping_until not in (None, float("inf")):
+            break
+        threading.Event().wait(0.005)
+    for i in (1, 2):
+        runner.submit(STREAM, str(i))  # join a batch already due at the same moment
+    assert wakes == 1
+    runner.submit(STREAM, "3")  # fills the batch: due now
+    with rec.done:
+        assert rec.done.wait_for(lambda: len(rec.batches) == 1, 2)  # long before 5 s
+    assert wakes == 2
+    assert rec.batches[0].items == ("0", "1", "2", "3")
+    runner.stop()
+
+
+def test_a_failing_batch_is_counted_and_does_not_stop_the_runner() -> None:
+    rec = Recorder()
+
+    def run(batch: LaneBatch[str]) -> None:
+        if "boom" in batch.items:
+            raise RuntimeError("a bug in the callback")
+        rec.run(batch)
+
+    runner: LaneBatcher[str] = LaneBatcher(
+        SchedulerPolicy(max_batch_size=1, lanes=big_lanes()), run, rec.reject
+    )
+    runner.start()
+    runner.submit(STREAM, "boom")
+    runner.submit(STREAM, "after")
+    with rec.done:
+        assert rec.done.wait_for(lambda: rec.served_items == {"after"}, 10)
+    assert runner.failures == 1
+    runner.stop()
