@@ -34,6 +34,10 @@ from .errors import MqttBadDataError, MqttTransportError
 __all__ = ["Inbound", "InboundHandler", "MessageHandler", "MqttConnection", "Received"]
 
 log = logging.getLogger("fogline.messaging")
+# A library's logger: an application that configures logging sees these lines; one that
+# does not gets no stray output from Python's last-resort handler (its own errors say why
+# a connection failed).
+log.addHandler(logging.NullHandler())
 
 # MQTT 5 DISCONNECT reason "Session taken over": another client connected with our id.
 _SESSION_TAKEN_OVER = 142

@@ -65,7 +65,7 @@ def test_an_unreachable_broker_is_a_one_line_error_and_exit_code_2() -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "error: no connection to broker 127.0.0.1:1 within 10 s"
+        "error: no connection to broker 127.0.0.1:1 within 10 s: [Errno 111] Connection refused"
     ]
 
 
