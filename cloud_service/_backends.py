@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fogline.cloud_service.errors import BackendError
+from fogline.compression import onnxruntime_errors
 
 __all__ = [
     "Availability",
@@ -247,12 +248,10 @@ class OnnxRuntimeBackend:
                 fp16=fp16,
                 device_id=device_id,
             )
-        try:
+        with onnxruntime_errors(into=BackendError, what=f"onnxruntime cannot load {model_path}"):
             self._session = ort.InferenceSession(
                 str(model_path), opts, providers=chosen, provider_options=provider_options
             )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise BackendError(f"onnxruntime cannot load {model_path}: {exc}") from exc
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         missing = [p for p in chosen if p in GPU_PROVIDERS and p not in self.providers]
         if missing:
@@ -284,10 +283,8 @@ class OnnxRuntimeBackend:
             name: np.asarray(inputs[name], dtype=self._input_dtypes[name])
             for name in self._input_names
         }
-        try:
+        with onnxruntime_errors(into=BackendError, what="onnxruntime run failed"):
             outs = self._session.run(None, feed)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise BackendError(f"onnxruntime run failed: {exc}") from exc
         return dict(zip(self.output_names, outs, strict=True))
 
     def warmup(self) -> None:
@@ -315,10 +312,8 @@ def _input_shapes(model_path: str | Path) -> dict[str, tuple[Any, ...]]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    try:
+    with onnxruntime_errors(into=BackendError, what=f"onnxruntime cannot load {model_path}"):
         probe = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise BackendError(f"onnxruntime cannot load {model_path}: {exc}") from exc
     return {i.name: tuple(i.shape) for i in probe.get_inputs()}
 
 

@@ -89,6 +89,7 @@ from fogline.cloud_service.errors import (
     QueueFullError,
     UnknownModelError,
 )
+from fogline.compression import onnxruntime_errors
 from fogline.sync import Bundle, BundleError
 
 __all__ = [
@@ -151,10 +152,8 @@ def read_signature(path: str | Path) -> tuple[tuple[TensorSpec, ...], tuple[Tens
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    try:
+    with onnxruntime_errors(into=BackendError, what=f"onnxruntime cannot load {path}"):
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
 
     def specs(args: Sequence[Any], what: str) -> tuple[TensorSpec, ...]:
         out = []

@@ -23,6 +23,7 @@ from fogline.cloud_service._backends import (
     ort_provider_options,
 )
 from fogline.cloud_service._tensorrt import engine_cache_key
+from fogline.compression._ort_errors import ONNXRUNTIME_EXCEPTIONS
 
 ALL_PROVIDERS = (
     "TensorrtExecutionProvider",
@@ -62,6 +63,22 @@ def test_a_run_the_model_rejects_is_a_backend_error(tiny_bundle: Path) -> None:
     backend = OnnxRuntimeBackend(tiny_bundle / "cloud.onnx")
     with pytest.raises(BackendError, match="run failed"):
         backend.run({"features": np.zeros((2, 3), np.float32)})
+
+
+@pytest.mark.parametrize("kind", ONNXRUNTIME_EXCEPTIONS, ids=lambda k: k.__name__)
+def test_every_onnxruntime_error_at_run_becomes_the_clouds_backend_error(
+    tiny_bundle: Path, kind: type[Exception]
+) -> None:
+    backend = OnnxRuntimeBackend(tiny_bundle / "cloud.onnx")
+
+    class _Failing:
+        def run(self, *args: object) -> None:
+            raise kind("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : staged failure")
+
+    backend._session = _Failing()  # type: ignore[assignment]
+    with pytest.raises(BackendError, match="onnxruntime run failed: staged failure") as info:
+        backend.run({"features": np.zeros((1, 16), np.float32)})
+    assert type(info.value.__cause__) is kind
 
 
 def test_a_file_that_is_not_a_model_is_a_backend_error(tmp_path: Path) -> None:
