@@ -362,13 +362,15 @@ class CloudWorker:
                 raise RuntimeError("a CloudWorker can be started once")
             self._started = True
         try:
+            # The store first: a store URL that cannot work is a one-line error, said
+            # before minutes of loading and warming models, not after.
+            if self._store is None:
+                self._store = ResultStore(self.config.store.url)
             repository = self._repository
             if repository is None:
                 repository = self._repository = self._own_repository()
                 repository.start()
             self._bundles_ready = True
-            if self._store is None:
-                self._store = ResultStore(self.config.store.url)
             self._writer = _StoreWriter(self._store, self.metrics, self._ack)
             self._writer.start()
             self._accepting = True

@@ -295,7 +295,14 @@ def serve(
     with_mqtt = model_repository is None or broker is not None or _has_broker(config)
     worker: CloudWorker | None = None
     repo = None
+    result_store = None
     try:
+        if with_mqtt:
+            from fogline.cloud_service._store import ResultStore
+
+            # The store first: a store URL that cannot work is a one-line error, said
+            # before any model is loaded and warmed.
+            result_store = ResultStore(cfg.store.url)
         if model_repository is not None:
             from fogline.cloud_service._auth import load_token_store
             from fogline.cloud_service._repository import ModelRepository, bundle_model_config
@@ -316,7 +323,7 @@ def serve(
         if with_mqtt:
             # With a repository, edge features share each model's scheduler with the API
             # (the stream lane); without, the worker builds its own over the bundles.
-            worker = CloudWorker(cfg, metrics=metrics, repository=repo)
+            worker = CloudWorker(cfg, metrics=metrics, repository=repo, store=result_store)
             # Connect in the background: /readyz answers 503 until the broker is reached.
             worker.start(wait=False)
     except CloudDataError as exc:
@@ -364,6 +371,8 @@ def serve(
             worker.stop()
         if repo is not None:
             repo.stop()
+        if result_store is not None:
+            result_store.close()  # the worker leaves a store it was given open
 
 
 def _has_broker(config: Path | None) -> bool:
