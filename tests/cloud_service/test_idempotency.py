@@ -3,6 +3,7 @@ after their results are stored. Real Mosquitto, real SQLite."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -118,6 +119,34 @@ def test_a_resent_item_gets_the_same_answer_without_running_or_storing_again(
     assert (
         worker.metrics.value("fogline_cloud_duplicates_suppressed_total", {"source": "memory"}) == 2
     )
+
+
+def test_one_message_id_from_two_sites_is_two_items_run_and_stored_apart(
+    started, cloud_config, paho_client, make_features
+) -> None:  # type: ignore[no-untyped-def]
+    # Message ids are the sites' own: two sites may pick the same one (by accident or on
+    # purpose), and neither may be answered with the other's result.
+    backends: list[CountingBackend] = []
+    worker = started(cloud_config(), backend_loader=_counting(backends))
+    a = make_features("site-a", seed=1)
+    b = dataclasses.replace(make_features("site-b", seed=2), message_id=a.message_id)
+    paho_client.publish("site-a", encode_envelope(a))
+    topic_a, _ = paho_client.result_for(a)
+    paho_client.publish("site-b", encode_envelope(b))
+    answers = paho_client.wait_for(2)
+    assert len(answers) == 2
+    got_b = next(env for t, env in answers if t.endswith("/site-b/results"))
+    assert topic_a.endswith("/site-a/results")
+    assert not got_b.meta.get("duplicate")
+    assert backends[0].rows == 2  # each one ran
+    # site-b's answer is its own features' (int8 on the wire, so within the codec's error).
+    expected = backends[0].inner.run({"features": b.tensors["features"]})["probs"][0]
+    np.testing.assert_allclose(got_b.tensors["probs"], expected, atol=1e-2)
+    assert worker.flush(10)
+    assert worker.store is not None
+    assert worker.store.count() == 2
+    assert worker.store.get("site-a", a.message_id) is not None
+    assert worker.store.get("site-b", a.message_id) is not None
 
 
 def test_an_item_another_worker_stored_is_answered_from_the_store(
