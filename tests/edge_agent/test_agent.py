@@ -437,3 +437,20 @@ def test_a_priority_outside_the_outbox_range_is_refused_at_the_door(
         agent.submit(frames(1)[0], priority=priority)  # type: ignore[arg-type]
     with pytest.raises((TypeError, ValueError), match="priority must be"):
         agent.submit_batch(frames(2), priority=priority)  # type: ignore[arg-type]
+
+
+def test_a_resent_envelope_carries_the_resent_flag_and_the_first_send_does_not(
+    bundle_factory, agent_factory, responder_factory
+) -> None:
+    # The flag tells a worker to look for an earlier answer first; without it a re-sent
+    # item that another worker already stored would be run and stored again.
+    bundle = bundle_factory(**FORWARD_ALL)
+    responder = responder_factory(bundle, busy_first=1)  # busy, retry after 250 ms
+    agent = agent_factory(bundle)
+    answer = agent.submit_batch(frames(1))[0].result(15)
+    assert answer.source == "cloud"
+    sent = [env for _topic, env, _size in responder.received]
+    assert len(sent) == 2
+    assert sent[0].message_id == sent[1].message_id
+    assert not sent[0].resent
+    assert sent[1].resent
