@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from typing import Any, NoReturn
 
@@ -16,6 +17,22 @@ def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
     """Print ``error: message`` on one line to stderr and exit (2 by default), no traceback."""
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """A socket bound to the HTTP address, made before anything else starts: a taken
+    port is one ``error:`` line and exit 1, before any broker connection, database or
+    model is touched and before the address is announced. uvicorn serves on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", code=1)
+    sock.set_inheritable(True)
+    return sock
 
 
 class Status:

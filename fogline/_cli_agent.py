@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fogline._cli import fail, settle_heap, setup_logging
+from fogline._cli import bind_http, fail, settle_heap, setup_logging
 from fogline.reference import BUNDLE_DIR
 
 if TYPE_CHECKING:
@@ -113,6 +113,7 @@ def run(
         from fogline.edge_agent._agent import Agent
         from fogline.edge_agent._api import create_app
 
+        sock = bind_http(cfg.http.host, cfg.http.port)
         try:
             agent = Agent(cfg, on_answer=_log_delivery)
             agent.start(wait_connected=False)
@@ -143,7 +144,7 @@ def run(
                 cfg.broker.port,
             )
             try:
-                server.run()
+                server.run(sockets=[sock])
             except SystemExit:
                 fail(f"the HTTP API could not listen on {cfg.http.host}:{cfg.http.port}", code=1)
         finally:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fogline._cli import fail, settle_heap, setup_logging
+from fogline._cli import bind_http, fail, settle_heap, setup_logging
 from fogline.cloud_service._auth import Scope, add_token, generate_token
 from fogline.cloud_service._batch_job import load_inputs, save_outputs, score
 from fogline.cloud_service._doctor import diagnose, gpu_usable
@@ -291,6 +291,7 @@ def serve(
     from fogline.cloud_service._metrics import CloudMetrics
     from fogline.cloud_service._worker import CloudWorker
 
+    sock = bind_http(cfg.http.host, cfg.http.port)
     metrics = CloudMetrics()
     with_mqtt = model_repository is None or broker is not None or _has_broker(config)
     worker: CloudWorker | None = None
@@ -365,7 +366,7 @@ def serve(
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         if worker is not None:
             worker.stop()
