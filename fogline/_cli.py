@@ -64,6 +64,17 @@ class Status:
             self._status = None
 
 
+def _tidy_uvicorn(record: Any) -> bool:
+    """uvicorn logs its server lines under ``uvicorn.error`` whatever their level, and adds
+    a ``color_message`` copy with ANSI escapes, which a JSON formatter would ship as a
+    field: name them ``uvicorn`` and drop the colours."""
+    if record.name == "uvicorn.error":
+        record.name = "uvicorn"
+    if "color_message" in record.__dict__:
+        del record.__dict__["color_message"]
+    return True
+
+
 def setup_logging(level: int | str, log_format: str = "text") -> None:
     """Configure the root logger for a service: ``text`` lines, or ``json`` (one JSON
     object a line, for log shippers) through python-json-logger."""
@@ -83,6 +94,7 @@ def setup_logging(level: int | str, log_format: str = "text") -> None:
         )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_tidy_uvicorn)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if isinstance(level, str) else level)
