@@ -40,6 +40,7 @@ queued, then frees the backend; other models are never paused.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import re
@@ -120,6 +121,7 @@ NUMPY_DTYPES = DATATYPES
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
 
+@functools.lru_cache(maxsize=256)
 def oip_datatype(dtype: np.dtype[Any]) -> str | None:
     """The protocol datatype a numpy dtype carries (any byte order), or None."""
     if dtype.kind in "OSU":
@@ -315,6 +317,7 @@ class _Instance:
         self.meter = meter
         self._clock = clock
         self._input_names = tuple(s.name for s in inputs)
+        self._where = f"model {model!r} version {version}"
         self._bytes_outputs = {s.name for s in outputs if s.datatype == "BYTES"}
         try:
             policy = SchedulerPolicy.from_model_config(config, max_batch_size)
@@ -347,7 +350,7 @@ class _Instance:
 
     def prepare(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """Check ``inputs`` against the model; returns the feed and its row count."""
-        where = f"model {self.model!r} version {self.version}"
+        where = self._where
         for name in inputs:
             if name not in self._input_names:
                 raise InferenceInputError(

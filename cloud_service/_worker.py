@@ -78,6 +78,7 @@ from fogline.compression import (
     Envelope,
     Kind,
     ResultMeta,
+    ResultStatus,
     decode_message,
     encode_envelope,
     join_envelopes,
@@ -344,6 +345,13 @@ class CloudWorker:
         self._stopped = False
         self._bundles_ready = False
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+        # Read when scraped rather than set for every message: a gauge's set takes a lock
+        # and was several of each item's microseconds on the network thread.
+        self.metrics.acks_pending.set_function(lambda: float(max(0, self._unacked)))
+        self.metrics.queue_depth.set_function(lambda: float(len(self._in_flight)))
+        self._results_by_status = {
+            status: self.metrics.results.labels(status.value) for status in ResultStatus
+        }
 
     # lifecycle
 
@@ -563,7 +571,6 @@ class CloudWorker:
         # Runs on paho's network thread: an exception here would stop all MQTT traffic.
         with self._dlock:
             self._unacked += 1
-        self.metrics.acks_pending.set(self._unacked)
         if inbound.dup:
             self.metrics.redeliveries.inc()
         self.metrics.received.inc()
@@ -731,7 +738,6 @@ class CloudWorker:
         for item, meta in refused:
             self._reply(item.env, meta)
             self._ack(self._finish_item(item, None))
-        self.metrics.queue_depth.set(len(self._in_flight))
 
     def _not_served(self, bundle_id: str) -> ResultMeta:
         """The answer for a bundle version that stopped being served under an item: an
@@ -754,10 +760,8 @@ class CloudWorker:
                 if d.left == 0:
                     done.append(d.inbound)
             self._unacked -= len(done)
-            unacked = self._unacked
         if not done:
             return
-        self.metrics.acks_pending.set(max(0, unacked))
         mqtt = self._mqtt
         if mqtt is None:
             return
@@ -858,7 +862,6 @@ class CloudWorker:
             self._writer.put(stored, acks)
         else:
             self._ack(acks)
-        self.metrics.queue_depth.set(len(self._in_flight))
 
     # replies
 
@@ -883,7 +886,7 @@ class CloudWorker:
             codec=Codec.FP16,
         )
         encoded = encode_envelope(result, compress=False)
-        self.metrics.results.labels(meta.status.value).inc()
+        self._results_by_status[meta.status].inc()
         return self.topics.results(request.site), encoded
 
     def _publish(self, messages: list[tuple[str, bytes]]) -> None:

@@ -12,6 +12,7 @@ format (msgpack, protobuf) would add a dependency and per-message overhead for n
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
 import operator
@@ -148,8 +149,18 @@ def _text_problem(text: object, what: str, *, site: bool = False) -> tuple[str, 
     """Why ``text`` cannot be a site, bundle or tensor name (reason, detail); None if it
     can. Control and other unprintable characters are refused: these names reach logs,
     topics and metrics labels. A site is one topic level as well."""
-    if not isinstance(text, str):
+    if type(text) is not str:
         return "bad_text", f"{what} {text!r} is not a string"
+    if len(text) > 255:
+        return "too_long", f"{what} is longer than 255 bytes of UTF-8"
+    # Every envelope names its site and bundle, from a small set: the answer is
+    # remembered rather than worked out again for each message (a bounded cache of
+    # names of at most 255 characters).
+    return _str_problem(text, what, site)
+
+
+@functools.lru_cache(maxsize=4096)
+def _str_problem(text: str, what: str, site: bool) -> tuple[str, str] | None:
     if not text:
         return "missing_field", f"{what} is empty"
     if len(text) > 255 or len(text.encode(errors="replace")) > 255:
@@ -540,6 +551,35 @@ def _decode_meta(raw: bytes) -> dict[str, Any]:
 def _meta_problem(meta: dict[str, Any]) -> tuple[str, str] | None:
     """Why ``meta`` breaks a bound (reason, detail), or None. Used on what was decoded
     and on what is about to be encoded, so the two refuse the same."""
+    if len(meta) <= MAX_META_ENTRIES and _flat_meta_ok(meta):
+        return None
+    return _walk_meta(meta)
+
+
+def _flat_meta_ok(meta: dict[str, Any]) -> bool:
+    """True when ``meta`` is one level of ASCII keys and plain values, each within its
+    bound: every envelope's meta, checked without :func:`_walk_meta`'s stack (it ran on
+    every message, twice for a worker's reply). False means "walk it", not "refused"."""
+    for key, value in meta.items():
+        if type(key) is not str or len(key) > MAX_META_KEY_CHARS or not key.isascii():
+            return False
+        kind = type(value)
+        if kind is str:
+            if len(value) > MAX_META_STRING_CHARS or not value.isascii():
+                return False
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif kind is int:
+            if not -_MAX_META_INT <= value <= _MAX_META_INT:
+                return False
+        elif kind is not bool and value is not None:
+            return False
+    return True
+
+
+def _walk_meta(meta: dict[str, Any]) -> tuple[str, str] | None:
+    """:func:`_meta_problem` for any meta: every level, every bound."""
     entries = 0
     stack: list[tuple[Any, int]] = [(meta, 1)]
     while stack:
