@@ -3,7 +3,8 @@
 python-tuf splits its errors as we do: ``RepositoryError`` for bad remote data and
 ``DownloadError`` for transport. One of its download errors is bad data all the same —
 ``DownloadLengthMismatchError``, more bytes than signed — and becomes
-:class:`OversizedError`. Local files (the trust cache) fail with ``OSError``.
+:class:`OversizedError`. A signer whose private key does not match its public key is a
+:class:`SigningKeyError`. Local files (the trust cache) fail with ``OSError``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fogline.sync.errors import (
     MetadataVersionError,
     OversizedError,
     SignatureError,
+    SigningKeyError,
     StorageError,
     SyncError,
     TamperedError,
@@ -39,6 +41,7 @@ _MAP: tuple[tuple[type[BaseException], type[SyncError]], ...] = (
     (tuf_exceptions.DownloadLengthMismatchError, OversizedError),
     (tuf_exceptions.DownloadError, FetchError),
     (sslib_exceptions.UnverifiedSignatureError, SignatureError),
+    (sslib_exceptions.KeyMismatchError, SigningKeyError),
     (sslib_exceptions.Error, MetadataError),
 )
 
@@ -67,6 +70,7 @@ def tuf_errors(what: str) -> Iterator[None]:
         tuf_exceptions.RepositoryError,
         tuf_exceptions.DownloadError,
         sslib_exceptions.Error,
+        sslib_exceptions.KeyMismatchError,
         OSError,
     ) as exc:
         raise error_for(exc, what) from exc

@@ -168,3 +168,15 @@ def endless(chunk: bytes = b"x" * 65536) -> tuple[Callable[[], Iterator[bytes]],
             yield chunk
 
     return body, taken
+
+
+def resign_root(data: bytes, signers: list[CryptoSigner]) -> bytes:
+    """A root file re-signed by ``signers`` only."""
+    from tuf.api.metadata import Metadata, Root
+    from tuf.api.serialization.json import JSONSerializer
+
+    md = Metadata[Root].from_bytes(data)
+    md.signatures.clear()
+    for signer in signers:
+        md.sign(signer, append=True)
+    return md.to_bytes(JSONSerializer(compact=True))
