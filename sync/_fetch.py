@@ -59,6 +59,9 @@ class HttpFetcher(FetcherInterface):
         # inherited; urllib's default handlers are kept otherwise.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self.resumes = 0
+        """Broken connections resumed so far."""
+        self.bytes_read = 0
+        """Body bytes read from the network so far (skipped ones included)."""
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         return self._stream(url, limit=None)
@@ -137,6 +140,7 @@ class HttpFetcher(FetcherInterface):
                     data = response.read(want)
                 except (OSError, http.client.HTTPException) as exc:
                     raise _ConnectionCutError(str(exc) or type(exc).__name__) from None
+                self.bytes_read += len(data)
                 if not data:
                     if total is not None and got < total:
                         raise _ConnectionCutError(f"{got} of {total} bytes")

@@ -52,9 +52,9 @@ def resign(data: bytes, signers: Sequence[CryptoSigner], edit: Callable[[Any], N
 
 
 def nothing_installed(site: SiteSync) -> bool:
-    bundles = site.state_dir / "bundles"
-    finished = [p for p in bundles.glob("*/*") if not p.name.startswith(".")]
-    return not finished and site.installed_releases() == {}
+    """No bundle file on disk (finished or half-downloaded) and nothing recorded."""
+    files = [p for p in (site.state_dir / "bundles").rglob("*") if p.is_file()]
+    return not files and site.installed_releases() == {}
 
 
 def stored_artifact(fleet: Fleet, release: Release, filename: str) -> str:

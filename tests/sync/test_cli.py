@@ -37,7 +37,10 @@ def mode(path: Path) -> int:
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     home = tmp_path / "home"
-    ok_json("keys", "init", "--home", str(home), "--root-keys", "3", "--root-threshold", "2")
+    ok_json(
+        "keys", "init", "--home", str(home), "--root-keys", "3", "--root-threshold", "2",
+        "--site-bins-bits", "4",
+    )  # fmt: skip
     return home
 
 

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from tuf.api import exceptions as tuf_exceptions
 
 from fogline.sync import (
     FetchError,
@@ -195,6 +196,25 @@ def test_attack_endless_answer_over_http_is_cut_at_the_signed_length(
     with pytest.raises(OversizedError, match="more than the allowed"):
         site.update()
     assert not (published[1] / "bundles" / "tiny" / "1").exists()
+
+
+def test_the_http_fetcher_reads_at_most_one_byte_past_the_allowed_length(
+    published: tuple[SyncHome, Path], server: tuple[Served, str]
+) -> None:
+    _, base = server
+    url = f"{base}/{artifact(published[0], 'edge.onnx')}"
+    fetcher = HttpFetcher()
+    with (
+        pytest.raises(tuf_exceptions.DownloadLengthMismatchError),
+        fetcher.download_file(url, 1000),
+    ):
+        pass
+    assert fetcher.bytes_read == 1001
+    with fetcher.download_file(url, 10_000) as whole:
+        assert (
+            len(whole.read())
+            == (published[0].path / artifact(published[0], "edge.onnx")).stat().st_size
+        )
 
 
 def test_no_server_is_a_fetch_error(published: tuple[SyncHome, Path]) -> None:

@@ -211,6 +211,14 @@ def test_a_manifest_naming_a_path_outside_the_bundle_is_refused() -> None:
         manifest_files(json.dumps(data).encode(), RELEASE)
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "models/edge.onnx"])
+def test_a_manifest_file_that_would_shadow_the_manifest_or_nest_is_refused(name: str) -> None:
+    data = json.loads(manifest())
+    data["files"] = {name: {"bytes": 1, "sha256": "11" * 32}}
+    with pytest.raises(UnsafePathError):
+        manifest_files(json.dumps(data).encode(), RELEASE)
+
+
 def test_a_manifest_nested_without_end_is_refused() -> None:
     with pytest.raises(MetadataError):
         manifest_files(b"[" * 100_000, RELEASE)
