@@ -319,6 +319,7 @@ class SiteSync:
         have = self._verified_copy(final, release, decision.installed)
         if have is not None:
             return have
+        make_private_dir(self.state_dir / "bundles")
         make_private_dir(final.parent)
         try:
             staging = Path(
