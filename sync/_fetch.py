@@ -117,9 +117,9 @@ class HttpFetcher(FetcherInterface):
         headers = {"User-Agent": self.settings.user_agent}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        request = urllib.request.Request(url, headers=headers)  # noqa: S310 (http/https only, checked below)
         if not url.startswith(("http://", "https://")):
             raise tuf_exceptions.DownloadError(f"{url}: only http and https URLs are fetched")
+        request = urllib.request.Request(url, headers=headers)  # noqa: S310 (scheme checked)
         try:
             response = self._opener.open(request, timeout=self.settings.timeout_s)
         except urllib.error.HTTPError as exc:

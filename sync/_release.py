@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fogline.sync._names import ANY_REGION, check_name, check_target_path, parse_version
+from fogline.sync._names import ANY_REGION, check_name, parse_version
 from fogline.sync.errors import MetadataError
 
 __all__ = [
@@ -174,8 +174,3 @@ def fogline_custom(custom: object, kind: str, where: str) -> Mapping[str, Any]:
     if inner.get("kind") != kind:
         raise MetadataError(f"{where} is a {inner.get('kind')!r} entry, not a {kind!r} one")
     return inner
-
-
-def checked_target(path: object) -> str:
-    """A target path from remote data, refused when unsafe."""
-    return check_target_path(path)

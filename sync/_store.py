@@ -37,10 +37,6 @@ class Store(Protocol):
         """Write (or atomically replace) one file."""
         ...
 
-    def names(self, directory: str) -> list[str]:
-        """The file names directly inside ``directory`` (none when it is absent)."""
-        ...
-
 
 class MemoryStore:
     """A repository held in a dict (``files``), for tests and in-process serving."""
@@ -53,14 +49,6 @@ class MemoryStore:
 
     def write(self, path: str, data: bytes) -> None:
         self.files[check_target_path(path)] = bytes(data)
-
-    def names(self, directory: str) -> list[str]:
-        prefix = directory.rstrip("/") + "/"
-        return sorted(
-            p[len(prefix) :]
-            for p in self.files
-            if p.startswith(prefix) and "/" not in p[len(prefix) :]
-        )
 
 
 class DirectoryStore:
@@ -98,12 +86,3 @@ class DirectoryStore:
                 raise
         except OSError as exc:
             raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
-
-    def names(self, directory: str) -> list[str]:
-        where = self.root / directory
-        try:
-            return sorted(p.name for p in where.iterdir() if p.is_file())
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StorageError(f"cannot list {where}: {exc.strerror or exc}") from exc

@@ -37,7 +37,6 @@ from fogline.sync._names import (
 )
 from fogline.sync._release import (
     MANIFEST,
-    Platform,
     Release,
     fogline_custom,
     manifest_path,
@@ -279,11 +278,3 @@ def check_file(release: Release, file: FileEntry, entry: TargetFile | None) -> T
             f"{release.id}: {file.name} differs between the manifest and the catalogue"
         )
     return entry
-
-
-def platform_of(data: Mapping[str, Any]) -> Platform:
-    """A :class:`Platform` from its dict form (remote data: :class:`MetadataError`)."""
-    try:
-        return Platform.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise MetadataError(f"platform is invalid: {exc}") from exc

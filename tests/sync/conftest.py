@@ -89,15 +89,10 @@ class Fleet:
         agent_version: str = "0.1.0",
         onnxruntime: str = "1.32.0",
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
-        roots: tuple[bytes, bytes] | None = None,
     ) -> SiteSync:
         state = self.tmp / f"state-{name}"
         if not (state / "site.json").exists():
-            catalogue_root, director_root = roots or (
-                self.root_bytes("catalogue"),
-                self.root_bytes("director"),
-            )
-            enroll(state, catalogue_root, director_root, name, region)
+            enroll(state, self.root_bytes("catalogue"), self.root_bytes("director"), name, region)
         return SiteSync(
             state,
             catalogue_url=CATALOGUE_URL,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -320,3 +322,32 @@ def test_keys_refresh_names_an_offline_key_that_is_due(home: Path) -> None:
     code, out, _ = fogline("keys", "refresh", "--home", str(home), "--json")
     assert code == 1
     assert json.loads(out)["catalogue"]["due_without_key"] == ["targets"]
+
+
+def test_the_sync_commands_join_their_groups() -> None:
+    for group, command in (("model", "publish"), ("agent", "enroll"), ("bundle", "ls")):
+        code, out, _ = fogline(group, "--help")
+        assert code == 0
+        assert command in out
+    code, out, _ = fogline("agent", "--help")
+    assert "run" in out  # the agent's own commands are still there
+
+
+def test_without_tuf_a_command_names_the_edge_extra(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['tuf'] = None; "
+        "sys.argv = ['fogline', 'keys', 'init', '--home', sys.argv[1]]; "
+        "from fogline.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "h")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: this command needs the 'edge' extra (missing module tuf): "
+        "pip install 'fogline[edge]'"
+    ]
