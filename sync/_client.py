@@ -242,9 +242,11 @@ class SiteSync:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StorageError(f"{path} is unreadable: {exc}") from exc
         releases = data.get("releases") if isinstance(data, dict) else None
-        if not isinstance(releases, dict):
-            raise StorageError(f"{path} has no releases object")
-        return {str(k): int(v) for k, v in releases.items()}
+        if not isinstance(releases, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in releases.values()
+        ):
+            raise StorageError(f"{path} must map bundle names to release counters")
+        return {str(k): v for k, v in releases.items()}
 
     def state(self) -> SiteState:
         return SiteState(

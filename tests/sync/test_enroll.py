@@ -110,3 +110,10 @@ def test_a_full_disk_is_a_storage_error_and_keeps_the_trust_state(
     got = site.update()
     assert got is not None
     assert got.id == "tiny@1"
+
+
+def test_a_garbled_installed_record_is_a_storage_error(fleet: Fleet) -> None:
+    site = fleet.site()
+    (site.state_dir / "installed.json").write_text('{"releases": {"tiny": "three"}}')
+    with pytest.raises(StorageError, match="release counters"):
+        site.update()
