@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import fogline.sync as sync
 from fogline.sync import errors
 
@@ -44,9 +46,16 @@ def test_bad_data_and_transport_are_apart() -> None:
     assert not issubclass(errors.StorageError, errors.VerificationError)
 
 
-def test_importing_bundles_does_not_load_tuf() -> None:
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import fogline.sync; from fogline.sync import Bundle, Release, SyncError",
+        "import fogline.cli",
+    ],
+)
+def test_importing_bundles_or_the_command_does_not_load_tuf(imports: str) -> None:
     code = (
-        "import sys, fogline.sync; from fogline.sync import Bundle, Release, SyncError; "
+        f"import sys; {imports}; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tuf', 'securesystemslib')))"
     )
     out = subprocess.run(
