@@ -15,6 +15,9 @@ from fogline._bench import app as bench_app
 from fogline._cli_agent import app as agent_app
 from fogline._cli_cloud import app as cloud_app
 from fogline._cli_model import app as model_app
+from fogline._cli_sync import agent_app as agent_sync_app
+from fogline._cli_sync import bundle_app, keys_app
+from fogline._cli_sync import model_app as model_sync_app
 from fogline._demo import demo
 
 __all__ = ["app", "main"]
@@ -30,6 +33,10 @@ app.add_typer(model_app, name="model", help="Split, quantize and build models.")
 app.add_typer(agent_app, name="agent", help="Run the edge agent.")
 app.add_typer(cloud_app, name="cloud", help="Run the cloud worker and API.")
 app.add_typer(bench_app, name="bench", help="Measure speed, size and accuracy.")
+app.add_typer(keys_app, name="keys", help="Create and rotate the sync's roots of trust.")
+app.add_typer(bundle_app, name="bundle", help="Release bundles and list what is released.")
+model_app.add_typer(model_sync_app)
+agent_app.add_typer(agent_sync_app)
 app.command("demo")(demo)
 
 

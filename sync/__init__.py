@@ -1,4 +1,28 @@
-"""Bundles (the unit of versioning) and, in time, their signing, registry and rollout."""
+"""Bundles (the unit of versioning) and their signed sync over two TUF repositories.
+
+- **Bundles**: :class:`Bundle` (load and verify a bundle directory), :func:`write_manifest`.
+- **Releases**: :class:`Release` (a released bundle: name, version, release counter,
+  :class:`Platform`, allowed regions, minimum agent version, manifest length and hash).
+- **Publishing** (python-tuf's metadata API): :class:`RepositoryWriter` over a store
+  (:class:`DirectoryStore`, :class:`MemoryStore`), the :class:`Catalogue` of releases and the
+  :class:`Director` of per-site desired state, and :class:`SyncHome`, the publisher's
+  directory with both repositories and their keys (:class:`KeyRing`).
+- **Sites**: :func:`enroll` once, then :class:`SiteSync` refreshes both repositories with
+  fresh python-tuf ``Updater`` objects over a fetcher (:class:`HttpFetcher`,
+  :class:`MemoryFetcher`) and returns a :class:`VerifiedBundle`.
+- **Verification without I/O**: :func:`read_desired`, :func:`decide`,
+  :func:`manifest_files`, :func:`check_file` over :class:`SiteState`.
+- **Status reports**: :func:`make_status_report`, :func:`verify_status_report`,
+  :class:`NonceLedger`.
+
+Only the bundle, release and error types load eagerly: the edge and the cloud import them
+on every start. Everything built on python-tuf loads on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from fogline.sync._bundle import (
     BUNDLE_FORMAT,
@@ -9,16 +33,181 @@ from fogline.sync._bundle import (
     file_sha256,
     write_manifest,
 )
-from fogline.sync.errors import BundleError, SyncError
+from fogline.sync._names import ANY_REGION, check_target_path
+from fogline.sync._release import Platform, Release
+from fogline.sync.errors import (
+    AgentVersionError,
+    BundleError,
+    DisagreementError,
+    ExpiredError,
+    FetchError,
+    MetadataError,
+    MetadataVersionError,
+    NotForThisSiteError,
+    NotReleasedError,
+    OversizedError,
+    PlatformError,
+    PublishError,
+    RegionError,
+    ReleaseRollbackError,
+    ReplayedReportError,
+    ReportError,
+    SignatureError,
+    SigningKeyError,
+    StorageError,
+    SyncError,
+    TamperedError,
+    UnsafePathError,
+    VerificationError,
+    WrongSiteError,
+)
+
+if TYPE_CHECKING:
+    from fogline.sync._catalogue import Catalogue, Director
+    from fogline.sync._client import SiteIdentity, SiteSync, VerifiedBundle, enroll
+    from fogline.sync._fetch import HttpFetcher, HttpSettings, MemoryFetcher
+    from fogline.sync._home import DEFAULT_EXPIRY, HomeSettings, SyncHome
+    from fogline.sync._keys import KeyRing, generate_key, read_key, write_key
+    from fogline.sync._report import (
+        NonceLedger,
+        StatusReport,
+        make_status_report,
+        verify_status_report,
+    )
+    from fogline.sync._signatures import model_signatures
+    from fogline.sync._store import DirectoryStore, MemoryStore, Store
+    from fogline.sync._verify import (
+        Decision,
+        DesiredState,
+        FileEntry,
+        SiteState,
+        check_file,
+        decide,
+        manifest_files,
+        read_desired,
+    )
+    from fogline.sync._writer import Expiry, RefreshReport, RepositoryWriter
 
 __all__ = [
+    "ANY_REGION",
     "BUNDLE_FORMAT",
+    "DEFAULT_EXPIRY",
+    "AgentVersionError",
     "Bundle",
     "BundleError",
+    "Catalogue",
     "CloudSpec",
+    "Decision",
+    "DesiredState",
+    "Director",
+    "DirectoryStore",
+    "DisagreementError",
     "EdgeSpec",
+    "ExpiredError",
+    "Expiry",
+    "FetchError",
+    "FileEntry",
+    "HomeSettings",
+    "HttpFetcher",
+    "HttpSettings",
+    "KeyRing",
+    "MemoryFetcher",
+    "MemoryStore",
+    "MetadataError",
+    "MetadataVersionError",
+    "NonceLedger",
+    "NotForThisSiteError",
+    "NotReleasedError",
+    "OversizedError",
+    "Platform",
+    "PlatformError",
+    "PublishError",
+    "RefreshReport",
+    "RegionError",
+    "Release",
+    "ReleaseRollbackError",
+    "ReplayedReportError",
+    "ReportError",
+    "RepositoryWriter",
+    "SignatureError",
+    "SigningKeyError",
+    "SiteIdentity",
+    "SiteState",
+    "SiteSync",
+    "StatusReport",
+    "StorageError",
+    "Store",
     "SyncError",
+    "SyncHome",
+    "TamperedError",
     "Thresholds",
+    "UnsafePathError",
+    "VerificationError",
+    "VerifiedBundle",
+    "WrongSiteError",
+    "check_file",
+    "check_target_path",
+    "decide",
+    "enroll",
     "file_sha256",
+    "generate_key",
+    "make_status_report",
+    "manifest_files",
+    "model_signatures",
+    "read_desired",
+    "read_key",
+    "verify_status_report",
+    "write_key",
     "write_manifest",
 ]
+
+_LAZY = {
+    "Catalogue": "fogline.sync._catalogue",
+    "Director": "fogline.sync._catalogue",
+    "SiteIdentity": "fogline.sync._client",
+    "SiteSync": "fogline.sync._client",
+    "VerifiedBundle": "fogline.sync._client",
+    "enroll": "fogline.sync._client",
+    "HttpFetcher": "fogline.sync._fetch",
+    "HttpSettings": "fogline.sync._fetch",
+    "MemoryFetcher": "fogline.sync._fetch",
+    "DEFAULT_EXPIRY": "fogline.sync._home",
+    "HomeSettings": "fogline.sync._home",
+    "SyncHome": "fogline.sync._home",
+    "KeyRing": "fogline.sync._keys",
+    "generate_key": "fogline.sync._keys",
+    "read_key": "fogline.sync._keys",
+    "write_key": "fogline.sync._keys",
+    "NonceLedger": "fogline.sync._report",
+    "StatusReport": "fogline.sync._report",
+    "make_status_report": "fogline.sync._report",
+    "verify_status_report": "fogline.sync._report",
+    "model_signatures": "fogline.sync._signatures",
+    "DirectoryStore": "fogline.sync._store",
+    "MemoryStore": "fogline.sync._store",
+    "Store": "fogline.sync._store",
+    "Decision": "fogline.sync._verify",
+    "DesiredState": "fogline.sync._verify",
+    "FileEntry": "fogline.sync._verify",
+    "SiteState": "fogline.sync._verify",
+    "check_file": "fogline.sync._verify",
+    "decide": "fogline.sync._verify",
+    "manifest_files": "fogline.sync._verify",
+    "read_desired": "fogline.sync._verify",
+    "Expiry": "fogline.sync._writer",
+    "RefreshReport": "fogline.sync._writer",
+    "RepositoryWriter": "fogline.sync._writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fogline.sync' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

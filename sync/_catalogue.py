@@ -1,0 +1,234 @@
+"""The catalogue (every released bundle) and the director (what each site should run).
+
+Both are TUF repositories written by :class:`~fogline.sync._writer.RepositoryWriter`.
+The catalogue's targets are signed by the release keys, which may stay offline between
+releases; the director's by the rollout service's online key. A site installs a bundle
+only when both agree (:mod:`fogline.sync._verify`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tuf.api.metadata import TargetFile
+
+from fogline.sync._bundle import Bundle
+from fogline.sync._names import check_name
+from fogline.sync._release import (
+    MANIFEST,
+    Platform,
+    Release,
+    file_path,
+    fogline_custom,
+    manifest_path,
+    site_path,
+)
+from fogline.sync._writer import RepositoryWriter
+from fogline.sync.errors import MetadataError, PublishError
+
+__all__ = ["Catalogue", "Director"]
+
+
+def _hashed_name(path: str, sha256: str) -> str:
+    """Where a target is stored: its directory, then ``<sha256>.<basename>`` (TUF's
+    consistent-snapshot naming), so every stored artifact is named by its content."""
+    parent, _, base = path.rpartition("/")
+    return f"targets/{parent}/{sha256}.{base}"
+
+
+class Catalogue:
+    """The released bundles, as TUF targets: each release's manifest and model files."""
+
+    def __init__(self, writer: RepositoryWriter) -> None:
+        self.writer = writer
+
+    def releases(self) -> list[Release]:
+        """Every release, by name and then release counter."""
+        out = []
+        for path, entry in self.writer.targets().targets.items():
+            custom = entry.custom
+            if isinstance(custom, Mapping) and custom.get("fogline", {}).get("kind") == "bundle":
+                out.append(_release_of(path, entry))
+        return sorted(out, key=lambda r: (r.name, r.release))
+
+    def get(self, name: str, version: str) -> Release | None:
+        entry = self.writer.targets().targets.get(manifest_path(name, version))
+        return None if entry is None else _release_of(entry.path, entry)
+
+    def manifest(self, release: Release) -> dict[str, Any]:
+        """The released manifest, as stored."""
+        data = self.writer.store.read(_hashed_name(release.path, release.sha256))
+        if data is None:
+            raise MetadataError(f"the catalogue lacks the manifest of {release.id}")
+        parsed: dict[str, Any] = json.loads(data)
+        return parsed
+
+    def publish(
+        self,
+        bundle_dir: Path,
+        *,
+        name: str,
+        version: str,
+        platform: Platform,
+        regions: Sequence[str],
+        min_agent_version: str,
+        release: int | None = None,
+        signatures: Mapping[str, Any] | None = None,
+    ) -> Release:
+        """Release the bundle in ``bundle_dir`` as ``name`` ``version``.
+
+        The release counter must be strictly greater than every earlier release of
+        ``name`` (by default it is one more than the highest); a released ``name``
+        ``version`` is never replaced. The bundle's files are checked against its manifest
+        first, then stored under their SHA-256 and listed in targets with the release's
+        fields, and a new snapshot and timestamp are signed.
+        """
+        try:
+            check_name(name, "bundle name")
+            check_name(version, "bundle version")
+        except ValueError as exc:
+            raise PublishError(str(exc)) from None
+        if self.get(name, version) is not None:
+            raise PublishError(f"{name}@{version} is already released; releases are immutable")
+        highest = max((r.release for r in self.releases() if r.name == name), default=0)
+        counter = highest + 1 if release is None else release
+        if counter <= highest:
+            raise PublishError(
+                f"release counter {counter} of {name!r} must be greater than {highest}, "
+                "the highest released so far"
+            )
+        bundle = Bundle.load(bundle_dir)
+        manifest = {k: v for k, v in bundle.manifest.items() if k != "release"}
+        manifest["name"] = name
+        manifest["version"] = version
+        manifest["release"] = {
+            "counter": counter,
+            "platform": platform.to_dict(),
+            "regions": list(regions),
+            "min_agent_version": min_agent_version,
+        }
+        if signatures is not None:
+            manifest["signatures"] = dict(signatures)
+        data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        try:
+            released = Release(
+                name=name,
+                version=version,
+                release=counter,
+                platform=platform,
+                regions=tuple(regions),
+                min_agent_version=min_agent_version,
+                length=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+            )
+        except (TypeError, ValueError) as exc:
+            raise PublishError(str(exc)) from None
+        entries: dict[str, TargetFile] = {}
+        for fname, info in sorted(bundle.manifest["files"].items()):
+            try:
+                path = file_path(name, version, fname)
+            except ValueError as exc:
+                raise PublishError(str(exc)) from None
+            if fname == MANIFEST:
+                raise PublishError(f"a bundle file may not be named {MANIFEST}")
+            content = (bundle.root / fname).read_bytes()
+            sha256 = hashlib.sha256(content).hexdigest()
+            if sha256 != info["sha256"]:
+                raise PublishError(f"{fname} changed while it was being released")
+            self.writer.store.write(_hashed_name(path, sha256), content)
+            entries[path] = TargetFile(
+                len(content),
+                {"sha256": sha256},
+                path,
+                {"custom": {"fogline": {"kind": "file", "bundle": released.id}}},
+            )
+        self.writer.store.write(_hashed_name(released.path, released.sha256), data)
+        entries[released.path] = TargetFile(
+            released.length,
+            {"sha256": released.sha256},
+            released.path,
+            {"custom": {"fogline": {"kind": "bundle", **released.fields()}}},
+        )
+        with self.writer.edit_targets() as targets:
+            targets.targets.update(entries)
+        self.writer.commit()
+        return released
+
+
+def _release_of(path: str, entry: TargetFile) -> Release:
+    custom = fogline_custom(entry.custom, "bundle", f"catalogue entry {path!r}")
+    return Release.from_fields(custom, length=entry.length, sha256=entry.hashes["sha256"])
+
+
+class Director:
+    """Per-site desired state: which release each site should run.
+
+    A site's entry is the target ``sites/<site>`` in the hash bin its path falls in; it
+    carries the manifest's length and hashes and the release's fields, which the site
+    compares with the catalogue's.
+    """
+
+    def __init__(self, writer: RepositoryWriter) -> None:
+        self.writer = writer
+
+    def _bin(self, path: str) -> str:
+        bins = self.writer.bins()
+        if bins is None:
+            raise MetadataError(f"{self.writer.name} has no site bins: not a director")
+        return bins.get_role_for_target(path)
+
+    def assign(self, sites: Iterable[str], release: Release) -> None:
+        """Have every site of ``sites`` run ``release``: each touched bin is re-signed
+        once, then one snapshot and timestamp."""
+        by_bin: dict[str, list[str]] = defaultdict(list)
+        for site in sites:
+            try:
+                path = site_path(site)
+            except ValueError as exc:
+                raise PublishError(str(exc)) from None
+            by_bin[self._bin(path)].append(site)
+        for bin_name, members in sorted(by_bin.items()):
+            with self.writer.edit_targets(bin_name) as targets:
+                for site in members:
+                    path = site_path(site)
+                    targets.targets[path] = TargetFile(
+                        release.length,
+                        {"sha256": release.sha256},
+                        path,
+                        {
+                            "custom": {
+                                "fogline": {
+                                    "kind": "desired",
+                                    "site": site,
+                                    "target": release.path,
+                                    **release.fields(),
+                                }
+                            }
+                        },
+                    )
+        self.writer.commit()
+
+    def unassign(self, sites: Iterable[str]) -> None:
+        """Remove the desired state of ``sites`` (they keep what they run)."""
+        by_bin: dict[str, list[str]] = defaultdict(list)
+        for site in sites:
+            by_bin[self._bin(site_path(site))].append(site)
+        for bin_name, members in sorted(by_bin.items()):
+            with self.writer.edit_targets(bin_name) as targets:
+                for site in members:
+                    targets.targets.pop(site_path(site), None)
+        self.writer.commit()
+
+    def desired(self, site: str) -> Release | None:
+        """The release ``site`` is told to run, if any."""
+        path = site_path(site)
+        entry = self.writer.targets(self._bin(path)).targets.get(path)
+        if entry is None:
+            return None
+        custom = fogline_custom(entry.custom, "desired", f"director entry {path!r}")
+        return Release.from_fields(custom, length=entry.length, sha256=entry.hashes["sha256"])

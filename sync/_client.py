@@ -1,0 +1,385 @@
+"""The site's side: enrolment, and a refresh of both repositories that ends in a verified
+bundle on disk — or in an error that says what was refused.
+
+A site's state directory (0700)::
+
+    site.json                 site, region, the site key's public half
+    site.key                  the site's Ed25519 key for status reports (0600)
+    trust/catalogue.root.json the roots the site was provisioned with (trust anchors)
+    trust/director.root.json
+    trust/catalogue/, trust/director/   python-tuf's metadata caches (every root version
+                              seen, the newest timestamp, snapshot and targets)
+    installed.json            the highest release counter installed, per bundle name
+    bundles/<name>/<version>/ verified bundles (manifest.json and its model files)
+
+TUF is never on the serving path: :meth:`SiteSync.update` returns a
+:class:`VerifiedBundle` (name, version, release counter, hashes, length, local path),
+which the agent loads and records (:meth:`SiteSync.record_installed`) once it runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import CryptoSigner, SSlibKey
+from tuf.api.metadata import Metadata, Root, TargetFile
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from fogline.sync._bundle import Bundle, file_sha256
+from fogline.sync._fetch import HttpFetcher
+from fogline.sync._keys import (
+    generate_key,
+    make_private_dir,
+    read_key,
+    write_key,
+    write_private_file,
+)
+from fogline.sync._names import check_name
+from fogline.sync._release import MANIFEST, Release, file_path, site_path
+from fogline.sync._tuf_errors import tuf_errors
+from fogline.sync._verify import (
+    Decision,
+    FileEntry,
+    SiteState,
+    check_file,
+    decide,
+    manifest_files,
+    read_desired,
+)
+from fogline.sync.errors import (
+    MetadataError,
+    StorageError,
+    VerificationError,
+)
+
+__all__ = ["SiteIdentity", "SiteSync", "VerifiedBundle", "enroll"]
+
+SITE_FORMAT = 1
+_REPOSITORIES = ("catalogue", "director")
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """An enrolled site: its name, region, state directory and public key (which the
+    rollout service registers to verify the site's status reports)."""
+
+    site: str
+    region: str
+    state_dir: Path
+    public_key: SSlibKey
+
+    @classmethod
+    def load(cls, state_dir: Path) -> SiteIdentity:
+        path = Path(state_dir) / "site.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StorageError(f"{state_dir} is not an enrolled site: no site.json") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StorageError(f"{path} is unreadable: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != SITE_FORMAT:
+            raise StorageError(f"{path} is not a fogline site file (format {SITE_FORMAT})")
+        try:
+            key = data["public_key"]
+            return cls(
+                site=check_name(data["site"], "site"),
+                region=check_name(data["region"], "region"),
+                state_dir=Path(state_dir),
+                public_key=SSlibKey.from_dict(key["keyid"], dict(key["key"])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StorageError(f"{path} is incomplete: {exc}") from exc
+
+    def signer(self) -> CryptoSigner:
+        """The site's signing key, for status reports."""
+        signer = read_key(self.state_dir / "site.key")
+        if signer.public_key.keyid != self.public_key.keyid:
+            raise StorageError(f"{self.state_dir / 'site.key'} is not the key site.json names")
+        return signer
+
+
+def _root_bytes(root: bytes | Path, what: str) -> bytes:
+    if isinstance(root, bytes):
+        return root
+    try:
+        return Path(root).read_bytes()
+    except OSError as exc:
+        raise StorageError(f"cannot read the {what} root {root}: {exc.strerror or exc}") from exc
+
+
+def _checked_root(data: bytes, what: str) -> Metadata[Root]:
+    with tuf_errors(f"the {what} root"):
+        md = Metadata[Root].from_bytes(data)
+    if not isinstance(md.signed, Root):
+        raise MetadataError(f"the {what} root file holds {md.signed.type} metadata, not root")
+    with tuf_errors(f"the {what} root is not signed by its own keys"):
+        md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
+    return md
+
+
+def enroll(
+    state_dir: Path,
+    catalogue_root: bytes | Path,
+    director_root: bytes | Path,
+    site: str,
+    region: str,
+) -> SiteIdentity:
+    """Provision a site once: its trust anchors (the two repositories' root metadata), its
+    name and region, and a new Ed25519 key for its status reports, all owner-only.
+
+    A directory already enrolled is refused: the site key a rollout service registered
+    must not change behind its back.
+    """
+    check_name(site, "site")
+    check_name(region, "region")
+    state_dir = Path(state_dir)
+    roots = {
+        "catalogue": _root_bytes(catalogue_root, "catalogue"),
+        "director": _root_bytes(director_root, "director"),
+    }
+    if roots["catalogue"] == roots["director"]:
+        raise ValueError("the catalogue and director roots are the same file; each has its own")
+    parsed = {repo: _checked_root(data, repo) for repo, data in roots.items()}
+    if set(parsed["catalogue"].signed.keys) & set(parsed["director"].signed.keys):
+        raise ValueError("the catalogue and director roots share keys; each needs its own")
+    if (state_dir / "site.json").exists():
+        raise ValueError(f"{state_dir} is already enrolled; remove it to enroll again")
+    make_private_dir(state_dir)
+    make_private_dir(state_dir / "trust")
+    for repo, data in roots.items():
+        write_private_file(state_dir / "trust" / f"{repo}.root.json", data)
+    signer = generate_key()
+    write_key(state_dir / "site.key", signer)
+    public = signer.public_key
+    write_private_file(
+        state_dir / "site.json",
+        (
+            json.dumps(
+                {
+                    "format": SITE_FORMAT,
+                    "site": site,
+                    "region": region,
+                    "public_key": {"keyid": public.keyid, "key": public.to_dict()},
+                },
+                indent=2,
+            )
+            + "\n"
+        ).encode(),
+    )
+    return SiteIdentity(site=site, region=region, state_dir=state_dir, public_key=public)
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle both repositories agreed on, verified on disk at ``path``. ``installed``
+    is true when the site already runs this release."""
+
+    release: Release
+    path: Path
+    files: Mapping[str, FileEntry]
+    installed: bool
+
+    @property
+    def id(self) -> str:
+        return self.release.id
+
+    @property
+    def manifest_sha256(self) -> str:
+        return self.release.sha256
+
+
+class SiteSync:
+    """One site's refreshes of the director and the catalogue.
+
+    Each :meth:`check` and :meth:`update` makes fresh python-tuf ``Updater`` objects
+    (python-tuf fixes "now" when one is made), bootstrapped from the provisioned roots and
+    walking every newer root version one by one.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        catalogue_url: str,
+        director_url: str,
+        agent_version: str,
+        onnxruntime: str,
+        execution_providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        fetcher: FetcherInterface | None = None,
+        updater_config: UpdaterConfig | None = None,
+    ) -> None:
+        self.identity = SiteIdentity.load(state_dir)
+        self.state_dir = Path(state_dir)
+        self._urls = {"catalogue": catalogue_url.rstrip("/"), "director": director_url.rstrip("/")}
+        self._agent_version = agent_version
+        self._onnxruntime = onnxruntime
+        self._providers = tuple(execution_providers)
+        self._fetcher = fetcher if fetcher is not None else HttpFetcher()
+        self._config = updater_config
+        SiteState(
+            site=self.identity.site,
+            region=self.identity.region,
+            agent_version=agent_version,
+            onnxruntime=onnxruntime,
+            execution_providers=self._providers,
+        )
+
+    # -------------------------------------------------------------------------- state
+
+    def installed_releases(self) -> dict[str, int]:
+        path = self.state_dir / "installed.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StorageError(f"{path} is unreadable: {exc}") from exc
+        releases = data.get("releases") if isinstance(data, dict) else None
+        if not isinstance(releases, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in releases.values()
+        ):
+            raise StorageError(f"{path} must map bundle names to release counters")
+        return {str(k): v for k, v in releases.items()}
+
+    def state(self) -> SiteState:
+        return SiteState(
+            site=self.identity.site,
+            region=self.identity.region,
+            agent_version=self._agent_version,
+            onnxruntime=self._onnxruntime,
+            execution_providers=self._providers,
+            releases=self.installed_releases(),
+        )
+
+    def record_installed(self, bundle: VerifiedBundle) -> None:
+        """Remember that the site runs ``bundle``: later bundles of its name may not have a
+        lower release counter."""
+        releases = self.installed_releases()
+        name = bundle.release.name
+        releases[name] = max(releases.get(name, 0), bundle.release.release)
+        _replace(self.state_dir / "installed.json", {"releases": releases})
+
+    # ------------------------------------------------------------------------ refresh
+
+    def _updater(self, repo: str) -> Updater:
+        trust = self.state_dir / "trust"
+        anchor = trust / f"{repo}.root.json"
+        try:
+            bootstrap = anchor.read_bytes()
+            (trust / repo).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot read the {repo} trust anchor: {exc.strerror}") from exc
+        base = self._urls[repo]
+        with tuf_errors(f"{repo}: loading the trusted root"):
+            return Updater(
+                metadata_dir=str(trust / repo),
+                metadata_base_url=f"{base}/metadata/",
+                target_dir=None,
+                target_base_url=f"{base}/targets/",
+                fetcher=self._fetcher,
+                config=self._config,
+                bootstrap=bootstrap,
+            )
+
+    def _decide(self) -> tuple[Decision | None, Updater | None]:
+        state = self.state()
+        director = self._updater("director")
+        with tuf_errors("director"):
+            director.refresh()
+            entry = director.get_targetinfo(site_path(state.site))
+        desired = read_desired(state.site, entry)
+        if desired is None:
+            return None, None
+        catalogue = self._updater("catalogue")
+        with tuf_errors("catalogue"):
+            catalogue.refresh()
+            released = catalogue.get_targetinfo(desired.target)
+        return decide(state, desired, released), catalogue
+
+    def check(self) -> Decision | None:
+        """What the repositories tell this site to run, verified; ``None`` when the
+        director has no desired state for it. Nothing is downloaded but metadata."""
+        return self._decide()[0]
+
+    def update(self) -> VerifiedBundle | None:
+        """Refresh both repositories and download the bundle they agree on (unless a
+        verified copy is already here); ``None`` when the director has nothing for this
+        site. Any refusal is a :class:`VerificationError`, any transport failure a
+        :class:`FetchError`."""
+        decision, catalogue = self._decide()
+        if decision is None or catalogue is None:
+            return None
+        release = decision.release
+        final = self.state_dir / "bundles" / release.name / release.version
+        have = self._verified_copy(final, release, decision.installed)
+        if have is not None:
+            return have
+        make_private_dir(self.state_dir / "bundles")
+        make_private_dir(final.parent)
+        try:
+            staging = Path(
+                tempfile.mkdtemp(prefix=f".partial-{release.version}-", dir=final.parent)
+            )
+        except OSError as exc:
+            raise StorageError(f"cannot stage {release.id}: {exc.strerror or exc}") from exc
+        try:
+            manifest = staging / MANIFEST
+            manifest_entry = TargetFile(release.length, {"sha256": release.sha256}, release.path)
+            with tuf_errors(f"catalogue: downloading {release.path}"):
+                catalogue.download_target(manifest_entry, filepath=str(manifest))
+            files = manifest_files(manifest.read_bytes(), release)
+            for entry in files.values():
+                path = file_path(release.name, release.version, entry.name)
+                with tuf_errors(f"catalogue: {path}"):
+                    info = check_file(release, entry, catalogue.get_targetinfo(path))
+                    catalogue.download_target(info, filepath=str(staging / entry.name))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except OSError as exc:
+            raise StorageError(f"cannot store {release.id}: {exc.strerror or exc}") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        Bundle.load(final)
+        return VerifiedBundle(
+            release=release, path=final, files=files, installed=decision.installed
+        )
+
+    @staticmethod
+    def _verified_copy(final: Path, release: Release, installed: bool) -> VerifiedBundle | None:
+        manifest = final / MANIFEST
+        if not manifest.is_file():
+            return None
+        try:
+            if file_sha256(manifest) != release.sha256:
+                return None
+            files = manifest_files(manifest.read_bytes(), release)
+            Bundle.load(final)
+        except (OSError, VerificationError):
+            return None
+        return VerifiedBundle(release=release, path=final, files=files, installed=installed)
+
+
+def _replace(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON to ``path`` whole (temporary file, fsync, rename), owner-only."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
