@@ -428,7 +428,7 @@ class Agent:
         future: Future[Answer] = Future()
         with self._cond:
             if not self._accepting:
-                raise NotRunningError(f"agent for {self.site} is not running")
+                raise self._not_running()
             try:
                 self._queue.put_nowait((arr, future, t0, created_us, tag, int(priority)))
             except queue.Full:
@@ -478,7 +478,7 @@ class Agent:
         created = [created_us] * n
         with self._cond:
             if not self._accepting:
-                raise NotRunningError(f"agent for {self.site} is not running")
+                raise self._not_running()
             self._active += 1
         try:
             self._process(
@@ -500,8 +500,14 @@ class Agent:
     def _require_running(self) -> EdgeRuntime:
         rt = self._runtime
         if rt is None or not self._accepting:
-            raise NotRunningError(f"agent for {self.site} is not running")
+            raise self._not_running()
         return rt
+
+    def _not_running(self) -> NotRunningError:
+        failure = self.supervisor.failed
+        if failure is not None:
+            return NotRunningError(f"agent for {self.site} stopped serving: {failure}")
+        return NotRunningError(f"agent for {self.site} is not running")
 
     # the way through
 
@@ -558,7 +564,7 @@ class Agent:
         caller who waits with the failure, then tell ``on_failure``."""
         with self._cond:
             self._accepting = False
-        error = NotRunningError(f"agent for {self.site} stopped serving: {failure}")
+        error = self._not_running()
         for fut in self._delivery.take_waiters():
             settle(fut, None, error)
         with self._jlock:
@@ -709,9 +715,8 @@ class Agent:
             out.items.append((p, futures[i]))
         if not out.entries:
             return
-        failure = self.supervisor.failed
-        if failure is not None:
-            error = NotRunningError(f"agent for {self.site} stopped serving: {failure}")
+        if self.supervisor.failed is not None:
+            error = self._not_running()
             for _p, fut in out.items:
                 settle(fut, None, error)
             return
@@ -722,7 +727,12 @@ class Agent:
                 for key, held in list(self._in_journal.items()):
                     if all(fut.done() for _p, fut in held.items):
                         del self._in_journal[key]
-        self._courier.send(out)
+        try:
+            self._courier.send(out)
+        finally:
+            if out.done is not None:  # waited for: the journal is done with it (or gone)
+                with self._jlock:
+                    self._in_journal.pop(id(out), None)
 
     def _release(
         self, outgoing: list[Outgoing[Item]], evicted: list[Eviction], stored: bool
@@ -730,7 +740,8 @@ class Agent:
         """The journal's hook after each commit (:meth:`Courier.release`)."""
         with self._jlock:
             for out in outgoing:
-                self._in_journal.pop(id(out), None)
+                if out.done is None:  # one waited for leaves once the journal sets done
+                    self._in_journal.pop(id(out), None)
         self._courier.release(outgoing, evicted, stored)
 
 

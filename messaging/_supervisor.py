@@ -136,7 +136,7 @@ class Supervisor:
             what,
             _describe(error),
             f" ({held} similar failures since the last line)" if held else "",
-            exc_info=not isinstance(error, RecursionError),
+            exc_info=False if isinstance(error, RecursionError) else error,
         )
 
     def watch(self, kind: str, read: Callable[[], int]) -> None:
@@ -208,7 +208,7 @@ class Supervisor:
                 self.count(kind)
                 notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
                 # A RecursionError's traceback is thousands of frames: the line says enough.
-                trace = not isinstance(exc, RecursionError)
+                trace = False if isinstance(exc, RecursionError) else exc
                 if fatal or not isinstance(exc, Exception):
                     self._log.critical(
                         "%s: the %s thread failed%s: %s; its work cannot go on, so the process "
