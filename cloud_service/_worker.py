@@ -468,7 +468,8 @@ class CloudWorker:
                 stall_after_s=self.config.store.stall_after_s,
             )
             self._writer.start()
-            self._accepting = True
+            with self._lock:  # not when a thread failed for good meanwhile (see _failed)
+                self._accepting = self.failed is None
             self._connect(wait)
         except BaseException:
             self.stop()
@@ -565,8 +566,8 @@ class CloudWorker:
     def _failed(self, failure: ThreadFailure) -> None:
         """A thread of the worker or of its repository failed for good (on that thread):
         stop taking work, then tell ``on_failure`` (once)."""
-        self._accepting = False
         with self._lock:
+            self._accepting = False
             told, self._failure_told = self._failure_told, True
         callback = self.on_failure
         if not told and callback is not None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from fogline._broker import free_port
 from fogline.edge_agent import (
     Agent,
     AgentError,
+    Answer,
     NotRunningError,
     OutboxConfig,
     create_app,
@@ -224,8 +226,12 @@ def test_attack_a_fault_that_escapes_the_journal_ends_the_agents_serving_for_goo
     monkeypatch.setattr(agent._delivery, "journal_done", finished)
     agent.start()
     http = serve(agent)
-    futures = agent.submit_batch(frames(2))  # returns: no caller is left waiting
-    for future in futures:
+    returned: list[list[Future[Answer]]] = []
+    caller = threading.Thread(target=lambda: returned.append(agent.submit_batch(frames(2))))
+    caller.start()
+    caller.join(10)
+    assert returned, "submit_batch is still waiting for a journal that is gone"
+    for future in returned[0]:
         with pytest.raises(NotRunningError, match="the journal thread of agent for site-a"):
             future.result(10)
     failure = agent.failed
