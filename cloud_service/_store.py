@@ -166,12 +166,19 @@ class ResultStore:
                 ) from exc
             self.engine.dispose()
             raise StoreError(f"cannot open the result store {where}: {text}") from exc
-        problems = [str(row[0]) for row in rows]
+        # One line for the error: SQLite puts several problems in one row, on lines of their
+        # own, after a "*** in database main ***" heading.
+        problems = [
+            line.strip()
+            for row in rows
+            for line in str(row[0]).splitlines()
+            if line.strip() and not line.startswith("***")
+        ]
         if problems != ["ok"]:
             self.engine.dispose()
             raise StoreCorruptError(
                 f"the result store {where} is damaged (PRAGMA quick_check: "
-                f"{'; '.join(problems)}): {advice}"
+                f"{'; '.join(problems[:_CHECK_ROWS])}): {advice}"
             )
         log.info(
             "result store %s passed its integrity check (quick_check) in %.2f s",

@@ -152,6 +152,7 @@ class Agent:
         # Forwarded items handed to the journal thread and not yet released by it: a
         # journal that dies takes them with it, and their callers must still be answered.
         self._in_journal: dict[int, Outgoing[Item]] = {}
+        self._prune_at = _IN_JOURNAL_PRUNE
         self._jlock = threading.Lock()
         self.metrics.pending.set_function(lambda: len(delivery))
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
@@ -722,11 +723,13 @@ class Agent:
             return
         with self._jlock:
             self._in_journal[id(out)] = out
-            if len(self._in_journal) > _IN_JOURNAL_PRUNE:
+            if len(self._in_journal) > self._prune_at:
                 # Items the journal refused are answered by it but never released here.
                 for key, held in list(self._in_journal.items()):
                     if all(fut.done() for _p, fut in held.items):
                         del self._in_journal[key]
+                # A journal far behind keeps many: scan again only once they have doubled.
+                self._prune_at = max(_IN_JOURNAL_PRUNE, 2 * len(self._in_journal))
         try:
             self._courier.send(out)
         finally:
