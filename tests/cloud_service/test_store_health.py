@@ -21,7 +21,9 @@ import uvicorn
 
 from fogline._broker import free_port
 from fogline.cloud_service import (
+    CloudConfig,
     CloudWorker,
+    ConfigError,
     ResultStore,
     StoreConfig,
     StoreCorruptError,
@@ -174,8 +176,12 @@ def test_a_locked_postgresql_results_table_is_a_stall_in_readiness_until_it_writ
 
 def test_the_stall_threshold_is_read_from_the_config_and_checked() -> None:
     assert StoreConfig().stall_after_s == 10.0
-    with pytest.raises(ValueError, match="stall_after_s must lie in"):
-        StoreConfig(stall_after_s=0)
+    cfg = CloudConfig.from_mapping({"store": {"url": "sqlite://", "stall_after_s": 2}})
+    assert cfg.store.stall_after_s == 2.0
+    # --store replaces the URL only.
+    assert cfg.with_overrides(store_url="sqlite:///x.db").store.stall_after_s == 2.0
+    with pytest.raises(ConfigError, match=r"store\.stall_after_s must lie in"):
+        CloudConfig.from_mapping({"store": {"stall_after_s": 0}})
 
 
 # a damaged file
