@@ -90,13 +90,17 @@ class BatchingConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     """Where results are kept: an SQLAlchemy URL (SQLite by default, PostgreSQL by
-    ``postgresql+psycopg://user@host/db``)."""
+    ``postgresql+psycopg://user@host/db``). The store counts as stalled, and the worker as
+    not ready, while results wait and no write has completed for ``stall_after_s``."""
 
     url: str = DEFAULT_STORE_URL
+    stall_after_s: float = 10.0
 
     def __post_init__(self) -> None:
         if "://" not in self.url:
             raise ValueError(f"url {self.url!r} is not a database URL (e.g. sqlite:///x.db)")
+        if not 0 < self.stall_after_s <= 86_400:
+            raise ValueError(f"stall_after_s must lie in (0, 86400], got {self.stall_after_s}")
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,9 @@ class CloudConfig:
                 host=self.http.host if http_host is None else http_host,
                 port=self.http.port if http_port is None else http_port,
             )
-            store = self.store if store_url is None else StoreConfig(store_url)
+            store = (
+                self.store if store_url is None else dataclasses.replace(self.store, url=store_url)
+            )
             return dataclasses.replace(
                 self,
                 broker=broker,
@@ -252,7 +258,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, type]]] = {
             "busy_retry_after_ms": int,
         },
     ),
-    "store": (StoreConfig, {"url": str}),
+    "store": (StoreConfig, {"url": str, "stall_after_s": float}),
     "http": (HttpConfig, {"host": str, "port": int}),
     "tensorrt": (
         TensorRTConfig,

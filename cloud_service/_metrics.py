@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,8 +22,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE_LATEST", "CloudMetrics", "ModelMetrics"]
+__all__ = ["CLOUD_THREAD_KINDS", "CONTENT_TYPE_LATEST", "CloudMetrics", "ModelMetrics"]
+
+#: The long-lived threads of a worker and its model repository, as
+#: ``fogline_cloud_thread_failures_total`` labels them.
+CLOUD_THREAD_KINDS = ("store", "scheduler", "mqtt", "mqtt_handler", "http")
 
 _LATENCY_BUCKETS_S = (
     0.0001,
@@ -40,6 +46,57 @@ _LATENCY_BUCKETS_S = (
     1.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# A write transaction takes milliseconds when all is well and seconds to minutes behind a
+# lock or a busy timeout; the buckets cover both.
+_STORE_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class ThreadFailures(Collector):
+    """A counter by thread kind read from the supervisors' own counts when scraped (the
+    worker's, which also counts what its MQTT connection counts, and its repository's);
+    every kind in ``kinds`` is reported, 0 included, so an alert has a series to watch."""
+
+    def __init__(self, name: str, documentation: str, kinds: Sequence[str]) -> None:
+        self._name = name
+        self._doc = documentation
+        self._kinds = tuple(kinds)
+        self._sources: list[Callable[[], Mapping[str, int]]] = []
+
+    def add(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Report ``counts()`` (failures by kind) too, summed with the other sources."""
+        self._sources.append(counts)
+
+    def totals(self) -> dict[str, int]:
+        out = dict.fromkeys(self._kinds, 0)
+        for source in list(self._sources):
+            for kind, n in source().items():
+                out[kind] = out.get(kind, 0) + n
+        return out
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=["thread"])
+        for kind, n in self.totals().items():
+            family.add_metric([kind], float(n))
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, labels=["thread"])
 
 
 class CloudMetrics:
@@ -81,6 +138,29 @@ class CloudMetrics:
         self.store_errors = Counter(
             "fogline_cloud_store_errors", "Result batches the store failed to write.", registry=r
         )
+        self.store_write_seconds = Histogram(
+            "fogline_cloud_store_write_seconds",
+            "Time per write transaction of the result store (each attempt, failed ones too).",
+            buckets=_STORE_BUCKETS_S,
+            registry=r,
+        )
+        self.store_waiting = Gauge(
+            "fogline_cloud_store_waiting",
+            "Results handed to the store writer and not yet written.",
+            registry=r,
+        )
+        self.store_stalled = Gauge(
+            "fogline_cloud_store_stalled",
+            "1 while results wait and no write has completed for store.stall_after_s.",
+            registry=r,
+        )
+        self.thread_failures = ThreadFailures(
+            "fogline_cloud_thread_failures",
+            "Failures that escaped the work of a long-lived thread, by thread kind (logged; "
+            "the thread carried on, or the worker reported not ready for good).",
+            CLOUD_THREAD_KINDS,
+        )
+        r.register(self.thread_failures)
         self.duplicates = Counter(
             "fogline_cloud_duplicates_suppressed",
             "Re-sent items answered from an earlier result instead of being run again.",

@@ -91,6 +91,7 @@ from fogline.cloud_service.errors import (
     UnknownModelError,
 )
 from fogline.compression import onnxruntime_errors
+from fogline.messaging import Supervisor, ThreadFailure
 from fogline.sync import Bundle, BundleError
 
 __all__ = [
@@ -305,6 +306,7 @@ class _Instance:
         max_batch_size: int,
         meter: _Meter,
         clock: Callable[[], float],
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.model = model
         self.version = version
@@ -329,6 +331,7 @@ class _Instance:
             self._reject_expired,
             clock=clock,
             name=f"fogline-model-{model}-{version}",
+            supervisor=supervisor,
         )
 
     @property
@@ -771,6 +774,11 @@ class ModelRepository:
         self._backend = backend
         self._choice: BackendChoice | None = backend if isinstance(backend, BackendChoice) else None
         self.metrics = metrics if metrics is not None else CloudMetrics()
+        # The model versions' scheduler threads run under this supervisor: a batch that
+        # fails is answered and counted, and the thread carries on; an escape from the
+        # scheduling itself is fatal (see LaneBatcher) and ready turns false for good.
+        self.supervisor = Supervisor("the model repository", log)
+        self.metrics.thread_failures.add(self.supervisor.counts)
         self._loader = backend_loader
         self._clock = clock
         self._models: dict[str, _Model] = {}
@@ -1098,6 +1106,7 @@ class ModelRepository:
             max_batch_size=max_batch_size,
             meter=meter,
             clock=self._clock,
+            supervisor=self.supervisor,
         )
         instance.warm_up()
         instance.start()
@@ -1135,9 +1144,17 @@ class ModelRepository:
     # ModelProvider
 
     @property
+    def failed(self) -> ThreadFailure | None:
+        """The scheduler thread failure that ended a model version's serving for good, or
+        None. Once set, :attr:`ready` stays false: the process should be restarted
+        (``fogline cloud serve`` exits 70)."""
+        return self.supervisor.failed
+
+    @property
     def ready(self) -> bool:
-        """Started, not stopped, and every version that should be served is ready."""
-        if not self._started or self._stopped:
+        """Started, not stopped, no scheduler thread failed for good, and every version
+        that should be served is ready."""
+        if not self._started or self._stopped or self.supervisor.failed is not None:
             return False
         with self._lock:
             entries = list(self._models.values())

@@ -48,6 +48,7 @@ from typing import Any, Generic, TypeVar
 from fogline.cloud_service._config import LaneConfigs, ModelConfig
 from fogline.cloud_service._serving import Lane
 from fogline.cloud_service.errors import QueueFullError
+from fogline.messaging import Supervisor
 
 __all__ = [
     "LANES",
@@ -377,8 +378,12 @@ class LaneBatcher(Generic[T]):
 
     ``submit`` may be called from any thread. On the runner's thread, ``run_batch(batch)``
     runs one batch at a time and ``on_expired(entries)`` rejects requests whose deadline
-    passed; exceptions from either are logged and the runner carries on. ``stop`` refuses
-    new requests, runs (or, past their deadline, expires) everything waiting, and joins.
+    passed; exceptions from either are logged and counted, and the runner carries on: the
+    callbacks answer their own requests first. Anything that escapes the scheduling itself
+    leaves its queues in a state that cannot be trusted: the thread ends, and with a
+    ``supervisor`` (kind ``scheduler``, fatal) its owner reports not ready for good. ``stop``
+    refuses new requests, runs (or, past their deadline, expires) everything waiting, and
+    joins.
     """
 
     def __init__(
@@ -389,8 +394,10 @@ class LaneBatcher(Generic[T]):
         *,
         clock: Callable[[], float] = time.monotonic,
         name: str = "fogline-scheduler",
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._scheduler: LaneScheduler[T] = LaneScheduler(policy)
+        self._supervisor = supervisor or Supervisor(f"scheduler {name}", log)
         self._run_batch = run_batch
         self._on_expired = on_expired
         self._clock = clock
@@ -403,7 +410,7 @@ class LaneBatcher(Generic[T]):
         # and most requests join a batch that is already due at the same moment.
         self._sleeping_until: float | None = None
         self._failures = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = self._supervisor.thread("scheduler", self._run, fatal=True, name=name)
 
     @property
     def policy(self) -> SchedulerPolicy:
@@ -530,9 +537,11 @@ class LaneBatcher(Generic[T]):
         while (polled := self._next()) is not None:
             try:
                 if polled.expired:
-                    self._supervised(self._on_expired, polled.expired, "rejecting expired requests")
-                if polled.batch is not None:
-                    self._supervised(self._run_batch, polled.batch, "a batch")
+                    n = len(polled.expired)
+                    self._supervised(self._on_expired, polled.expired, f"{n} expired requests")
+                if (batch := polled.batch) is not None:
+                    what = f"a batch of {len(batch)} requests in the {batch.lane.value} lane"
+                    self._supervised(self._run_batch, batch, what)
             finally:
                 with self._cond:
                     self._busy = False
@@ -545,7 +554,7 @@ class LaneBatcher(Generic[T]):
         # with its traceback, counted, and the runner carries on.
         try:
             call(arg)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - the batch thread's supervisor, per batch
             with self._cond:
                 self._failures += 1
-            log.exception("scheduler %s: %s failed", self.name, what)
+            self._supervisor.contained("scheduler", f"{what} of {self.name}", exc)

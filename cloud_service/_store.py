@@ -4,11 +4,18 @@ SQLite (in WAL mode, so the HTTP API reads while the worker writes) by default,
 PostgreSQL by URL (``postgresql+psycopg://…``). Writes come in batches and are
 idempotent: a result already stored under its key is left as it is, because delivery is
 at-least-once and the same item may be answered twice.
+
+An SQLite file is checked when the store opens (``PRAGMA quick_check``: every page and
+index entry, in time proportional to the file's size): a damaged file is refused with
+:class:`StoreCorruptError`, naming the file and what to do, rather than served until a
+write or a read lands on the damaged page.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,11 +28,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from fogline.cloud_service.errors import ConfigError, StoreError
+from fogline.cloud_service.errors import ConfigError, StoreCorruptError, StoreError
 
 __all__ = ["DEFAULT_TABLE", "ResultStore", "StoredResult", "normalize_message_id"]
 
+log = logging.getLogger("fogline.cloud")
+
 DEFAULT_TABLE = "fogline_results"
+# What quick_check reports is one row per problem; a damaged file can have thousands.
+_CHECK_ROWS = 5
 
 
 def normalize_message_id(message_id: str | bytes) -> str:
@@ -124,10 +135,56 @@ class ResultStore:
             ) from exc
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _enable_sqlite_wal)
+            self._check_sqlite(sa_url.database)
         self.table = _table(table_name, sa.MetaData())
         self._key = (self.table.c.site, self.table.c.message_id)
         if create:
             self._create_table()
+
+    def _check_sqlite(self, database: str | None) -> None:
+        """Refuse a damaged SQLite file (see the module docstring)."""
+        if database in (None, "", ":memory:"):
+            return
+        where = str(database)
+        advice = (
+            f"stop every worker using it, then restore {where} from a backup, or move it "
+            f"aside (with its -wal and -shm files) to start with an empty store: the results "
+            f"in it are then no longer served"
+        )
+        t0 = time.perf_counter()
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.exec_driver_sql(f"PRAGMA quick_check({_CHECK_ROWS})").all()
+        except SQLAlchemyError as exc:
+            # "file is not a database", "database disk image is malformed": the header or
+            # the schema itself is unreadable.
+            text = str(getattr(exc, "orig", None) or exc)
+            if "malformed" in text or "not a database" in text:
+                self.engine.dispose()
+                raise StoreCorruptError(
+                    f"the result store {where} is damaged ({text}): {advice}"
+                ) from exc
+            self.engine.dispose()
+            raise StoreError(f"cannot open the result store {where}: {text}") from exc
+        # One line for the error: SQLite puts several problems in one row, on lines of their
+        # own, after a "*** in database main ***" heading.
+        problems = [
+            line.strip()
+            for row in rows
+            for line in str(row[0]).splitlines()
+            if line.strip() and not line.startswith("***")
+        ]
+        if problems != ["ok"]:
+            self.engine.dispose()
+            raise StoreCorruptError(
+                f"the result store {where} is damaged (PRAGMA quick_check: "
+                f"{'; '.join(problems[:_CHECK_ROWS])}): {advice}"
+            )
+        log.info(
+            "result store %s passed its integrity check (quick_check) in %.2f s",
+            where,
+            time.perf_counter() - t0,
+        )
 
     def _create_table(self) -> None:
         try:

@@ -16,6 +16,14 @@ the one data plane, as the inference API is (threads in brackets)::
             _StoreWriter [store thread]: write the results in one transaction, then
                                           acknowledge their MQTT messages
 
+Each of these threads is supervised (docs/cloud.md, "Thread supervision"): a message or a
+batch whose handling fails is answered, logged and counted, and its thread carries on; an
+escape from the store writer or from a scheduler's own loop leaves work in a state that
+cannot be trusted, so the worker reports not ready for good (:attr:`CloudWorker.failed`)
+and ``fogline cloud serve`` exits 70. A store that completes no write for
+``store.stall_after_s`` while results wait makes the worker not ready until it writes
+again.
+
 Results are published before they are stored, so a database round trip never sits on
 the answer's path; the store catches up within a batch or two.
 
@@ -84,7 +92,7 @@ from fogline.compression import (
     join_envelopes,
     now_us,
 )
-from fogline.messaging import Inbound, MqttConnection, MqttError
+from fogline.messaging import Inbound, MqttConnection, MqttError, Supervisor, ThreadFailure
 from fogline.sync import Bundle, BundleError
 
 __all__ = ["CloudWorker"]
@@ -155,20 +163,30 @@ class _StoreWriter:
 
     A failing store is retried with backoff until it works or the worker stops: the
     messages stay unacknowledged meanwhile, which also stops the broker from sending this
-    worker more than its in-flight window."""
+    worker more than its in-flight window. Each write transaction's time is observed
+    (``fogline_cloud_store_write_seconds``), and the store counts as *stalled* while
+    results wait and no write has completed for ``stall_after_s`` (a lock held on the
+    table, a database that hangs): :meth:`stalled_s` says so, for readiness and metrics.
+
+    The thread runs under ``supervisor`` (kind ``store``, fatal): what escapes a write is
+    not a store error (those are retried) but a fault after which the transaction's rows
+    and acknowledgements are in no known state."""
 
     def __init__(
         self,
         store: ResultStore,
         metrics: CloudMetrics,
         ack: Callable[[list[_Delivery]], None],
+        supervisor: Supervisor,
         *,
+        stall_after_s: float = 10.0,
         linger_s: float = 0.05,
         max_rows: int = 5000,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._ack = ack
+        self._stall_after_s = stall_after_s
         self._linger_s = linger_s
         self._max_rows = max_rows
         self._lock = threading.Lock()
@@ -178,6 +196,10 @@ class _StoreWriter:
         self._rows: list[StoredResult] = []
         self._acks: list[_Delivery] = []
         self._pending = 0
+        # When the store last made progress: the last completed write, or the moment
+        # results began to wait after none did. Stalled = results wait and this is old.
+        self._progress_at = time.monotonic()
+        self._stall_reported = False
         # The writer's state, which decides whether a put must wake it: only when it
         # waits for a first write, or lingers and max_rows has come. A wake-up of another
         # thread costs the waker tens of microseconds on a virtual machine; waking the
@@ -187,13 +209,44 @@ class _StoreWriter:
         self._lingering = False
         self._closing = False
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fogline-store", daemon=True)
+        self._thread = supervisor.thread("store", self._run, fatal=True, name="fogline-store")
+        metrics.store_waiting.set_function(lambda: float(self._pending))
+        metrics.store_stalled.set_function(lambda: 0.0 if self.stalled_s() is None else 1.0)
 
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def waiting(self) -> int:
+        """Results handed over and not yet written."""
+        return self._pending
+
+    def stalled_s(self) -> float | None:
+        """How long results have waited without a write completing, once that is at least
+        ``stall_after_s``; None while the store keeps up."""
+        with self._lock:
+            if self._pending == 0:
+                return None
+            waited = time.monotonic() - self._progress_at
+            if waited < self._stall_after_s:
+                return None
+            first = not self._stall_reported
+            self._stall_reported = True
+            waiting = self._pending
+        if first:
+            log.warning(
+                "the result store %s has completed no write for %.0f s while %d results "
+                "wait; not ready until it writes again",
+                self._store.url,
+                waited,
+                waiting,
+            )
+        return waited
+
     def put(self, rows: list[StoredResult], acks: list[_Delivery]) -> None:
         with self._lock:
+            if self._pending == 0:
+                self._progress_at = time.monotonic()
             self._rows.extend(rows)
             self._acks.extend(acks)
             self._pending += len(rows)
@@ -241,15 +294,27 @@ class _StoreWriter:
 
     def _run(self) -> None:
         while (taken := self._take()) is not None:
-            self._write(*taken)
+            rows, acks = taken
+            try:
+                self._write(rows, acks)
+            except BaseException as exc:
+                # Named for the supervisor's log line: which results were being written.
+                keys = ", ".join(f"{r.site}/{r.message_id}" for r in rows[:3])
+                more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+                exc.add_note(f"while writing {len(rows)} results ({keys}{more})")
+                raise
 
     def _write(self, rows: list[StoredResult], acks: list[_Delivery]) -> None:
         attempt = 0
+        observe = self._metrics.store_write_seconds.observe
         while True:
+            began = time.perf_counter()
             try:
                 self._store.put_many(rows)
+                observe(time.perf_counter() - began)
                 break
             except StoreError as exc:
+                observe(time.perf_counter() - began)
                 self._metrics.store_errors.inc()
                 attempt += 1
                 if self._stopping.is_set():
@@ -267,7 +332,17 @@ class _StoreWriter:
             self._ack(acks)
         with self._lock:
             self._pending -= len(rows)
+            now = time.monotonic()
+            stalled_for = now - self._progress_at
+            self._progress_at = now
+            reported, self._stall_reported = self._stall_reported, False
             self._written.notify_all()
+        if reported:
+            log.warning(
+                "the result store %s wrote again after %.1f s without a completed write",
+                self._store.url,
+                stalled_for,
+            )
 
 
 class _RateLimitedLog:
@@ -314,6 +389,7 @@ class CloudWorker:
         store: ResultStore | None = None,
         backend_loader: BackendLoader | None = None,
         metrics: CloudMetrics | None = None,
+        on_failure: Callable[[ThreadFailure], None] | None = None,
     ) -> None:
         if repository is not None and backend_loader is not None:
             raise ValueError("give a repository or a backend_loader, not both")
@@ -344,6 +420,18 @@ class CloudWorker:
         self._accepting = False
         self._stopped = False
         self._bundles_ready = False
+        self.on_failure = on_failure
+        # The worker's threads run under this supervisor: the store writer (fatal), and
+        # the MQTT connection's network thread and handlers, whose counts it reports. The
+        # repository's scheduler threads have the repository's (see start).
+        supervisor = self.supervisor = Supervisor(f"cloud worker {self.worker_id}", log)
+        supervisor.watch("mqtt", lambda: 0 if self._mqtt is None else self._mqtt.loop_restarts)
+        supervisor.watch(
+            "mqtt_handler", lambda: 0 if self._mqtt is None else self._mqtt.handler_errors
+        )
+        supervisor.on_fatal(self._failed)
+        self.metrics.thread_failures.add(supervisor.counts)
+        self._failure_told = False
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         # Read when scraped rather than set for every message: a gauge's set takes a lock
         # and was several of each item's microseconds on the network thread.
@@ -378,10 +466,18 @@ class CloudWorker:
             if repository is None:
                 repository = self._repository = self._own_repository()
                 repository.start()
+            repository.supervisor.on_fatal(self._failed)
             self._bundles_ready = True
-            self._writer = _StoreWriter(self._store, self.metrics, self._ack)
+            self._writer = _StoreWriter(
+                self._store,
+                self.metrics,
+                self._ack,
+                self.supervisor,
+                stall_after_s=self.config.store.stall_after_s,
+            )
             self._writer.start()
-            self._accepting = True
+            with self._lock:  # not when a thread failed for good meanwhile (see _failed)
+                self._accepting = self.failed is None
             self._connect(wait)
         except BaseException:
             self.stop()
@@ -437,13 +533,53 @@ class CloudWorker:
 
     @property
     def ready(self) -> bool:
-        """Bundles loaded and warmed, and connected to the broker."""
-        return (
-            self._bundles_ready
-            and not self._stopped
-            and self._mqtt is not None
-            and self._mqtt.is_connected
-        )
+        """Bundles loaded and warmed, connected to the broker, no thread failed for good
+        (:attr:`failed`) and the store not stalled."""
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the worker is not ready (one line), or None when it is."""
+        if self._stopped:
+            return "stopped"
+        failed = self.failed
+        if failed is not None:
+            return failed.message
+        if not self._bundles_ready:
+            return "loading bundles" if self._started else "not started"
+        if self._mqtt is None or not self._mqtt.is_connected:
+            return "not connected to the broker"
+        writer = self._writer
+        stalled = None if writer is None else writer.stalled_s()
+        if stalled is not None:
+            assert writer is not None
+            return (
+                f"result store stalled: no write completed for {stalled:.0f} s while "
+                f"{writer.waiting} results wait"
+            )
+        return None
+
+    @property
+    def failed(self) -> ThreadFailure | None:
+        """Why the worker stopped serving for good (its store writer, or a scheduler thread
+        of its repository, failed in a way that leaves its work in no known state), or
+        None. Once set, :attr:`ready` stays false and new items are answered busy; the
+        process should be restarted (``fogline cloud serve`` exits 70). ``on_failure`` is
+        called with it when it happens."""
+        own = self.supervisor.failed
+        if own is not None:
+            return own
+        repository = self._repository
+        return None if repository is None else repository.failed
+
+    def _failed(self, failure: ThreadFailure) -> None:
+        """A thread of the worker or of its repository failed for good (on that thread):
+        stop taking work, then tell ``on_failure`` (once)."""
+        with self._lock:
+            self._accepting = False
+            told, self._failure_told = self._failure_told, True
+        callback = self.on_failure
+        if not told and callback is not None:
+            callback(failure)
 
     def wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -496,8 +632,14 @@ class CloudWorker:
         """A JSON-friendly summary for ``/readyz`` and logs."""
         choice = self.backend_choice
         backends = self._backends()
+        reason = self.not_ready_reason()
+        failed = self.failed
+        writer = self._writer
         return {
-            "ready": self.ready,
+            "ready": reason is None,
+            "reason": reason,
+            "failed": None if failed is None else failed.message,
+            "store_waiting": 0 if writer is None else writer.waiting,
             "worker": self.worker_id,
             "bundles": list(backends),
             "backends": backends,
@@ -586,18 +728,29 @@ class CloudWorker:
         for env in envelopes:
             try:
                 item = self._ingest(topic, env, received_us, delivery)
-            except Exception:
+            except Exception as exc:  # noqa: BLE001 - the handler's supervisor, per envelope
                 # The top of this worker's code on paho's thread (its supervisor): whatever
-                # escapes the checks above is a bug; it is logged with its traceback and
-                # counted, and the envelope is let go, so the thread serves the next one.
+                # escapes the checks above is a bug; it is logged with the envelope's
+                # identity and counted, and the envelope is let go, so the thread serves
+                # the next one.
                 self.metrics.rejected.labels("internal").inc()
-                log.exception("could not handle a message on %s", topic)
+                what = f"envelope {env.message_id.hex()} of site {env.site!r} on {topic}"
+                self.supervisor.contained("mqtt_handler", what, exc)
                 self._ack([delivery])
                 continue
             if item is not None:
                 items.append(item)
-        if items:
-            self._submit(self._answer_from_store(items))
+        if not items:
+            return
+        try:
+            todo = self._answer_from_store(items)
+        except Exception as exc:  # noqa: BLE001 - contained: a duplicate run at worst
+            self.supervisor.contained(
+                "mqtt_handler", f"looking up earlier results for {_ids(items)} on {topic}", exc
+            )
+            with self._dlock:  # those it answered before it failed are retired already
+                todo = [item for item in items if item.key in self._in_flight]
+        self._submit(todo)
 
     def _ingest(
         self, topic: str, env: Envelope, received_us: int, delivery: _Delivery
@@ -714,8 +867,8 @@ class CloudWorker:
                 refused.extend((item, ResultMeta.busy(busy_ms)) for item in group)
                 continue
             served = group[0].served
-            requests = [(_feed(item.env, served), item) for item in group]
             try:
+                requests = [(_feed(item.env, served), item) for item in group]
                 errors = repository.submit_many_async(
                     served.bundle.name,
                     served.bundle.version,
@@ -729,6 +882,16 @@ class CloudWorker:
                 continue
             except RuntimeError:  # the version's scheduler stopped between the checks
                 refused.extend((item, ResultMeta.busy(busy_ms)) for item in group)
+                continue
+            except Exception as exc:  # noqa: BLE001 - the handler's supervisor, per message
+                # A bug between the checks and the queue: these items are answered with the
+                # error and retired, so none stays in flight for ever (its re-sends would
+                # wait for it), and the thread serves the next message.
+                self.supervisor.contained(
+                    "mqtt_handler", f"{_ids(group)} for bundle {bundle_id}", exc
+                )
+                why = f"inference failed: internal error ({type(exc).__name__})"
+                refused.extend((item, ResultMeta.failed(why)) for item in group)
                 continue
             for item, error in errors:
                 if isinstance(error, QueueFullError):
@@ -925,6 +1088,13 @@ class CloudWorker:
         """Answer a re-sent item with the result it already has."""
         meta = ResultMeta.ok(label, confidence, duplicate=True)
         self._reply(request, meta, {output_name: output.reshape(-1)})
+
+
+def _ids(items: Sequence[_Item]) -> str:
+    """Items by site and message id, for a log line (the first few)."""
+    head = ", ".join(f"{it.env.site}/{it.env.message_id.hex()}" for it in items[:3])
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return f"item{'s' if len(items) != 1 else ''} {head}{more}"
 
 
 def _output_row(done: Completed, name: str, retry_ms: int) -> np.ndarray | ResultMeta:

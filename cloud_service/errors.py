@@ -19,6 +19,7 @@ __all__ = [
     "InferenceInputError",
     "ModelNotReadyError",
     "QueueFullError",
+    "StoreCorruptError",
     "StoreError",
     "UnknownBundleError",
     "UnknownModelError",
@@ -67,6 +68,11 @@ class BackendError(CloudServiceError):
 
 class StoreError(CloudServiceError):
     """The result store could not be reached or refused a statement."""
+
+
+class StoreCorruptError(StoreError):
+    """The result store's database file is damaged (SQLite's integrity check found it so
+    when the store was opened); the message names the file and what to do."""
 
 
 class BrokerError(CloudServiceError):

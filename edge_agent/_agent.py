@@ -68,6 +68,7 @@ from fogline.edge_agent.errors import (
     OutboxError,
     OverloadedError,
 )
+from fogline.messaging import Supervisor, ThreadFailure
 from fogline.sync import Bundle, Thresholds
 
 __all__ = ["Agent", "Answer", "Delivery", "Source"]
@@ -75,6 +76,8 @@ __all__ = ["Agent", "Answer", "Delivery", "Source"]
 log = logging.getLogger("fogline.edge_agent")
 
 _STOP = object()
+# Batches held for the journal beyond which those it answered itself are forgotten.
+_IN_JOURNAL_PRUNE = 4096
 
 
 class Agent:
@@ -92,6 +95,7 @@ class Agent:
         *,
         registry: CollectorRegistry | None = None,
         on_answer: Callable[[Delivery], None] | None = None,
+        on_failure: Callable[[ThreadFailure], None] | None = None,
     ) -> None:
         if not isinstance(config, AgentConfig):
             raise TypeError("Agent needs an AgentConfig")
@@ -102,6 +106,7 @@ class Agent:
         )
         self.site = config.site
         self.on_answer = on_answer
+        self.on_failure = on_failure
         self.metrics = AgentMetrics(registry)
         self.metrics.info.info(
             {"site": self.site, "bundle": self.bundle_id, "codec": self.codec.name.lower()}
@@ -134,6 +139,21 @@ class Agent:
             halt=self._halt,
         )
         self._transport = self._courier.transport
+        # Every long-lived thread runs under this supervisor (see _start for each kind's
+        # policy); the MQTT connection supervises its own network thread and handlers and
+        # keeps the counts, which the supervisor reports with its own.
+        supervisor = self.supervisor = Supervisor(f"agent for {self.site}", log)
+        connection = self._transport.connection
+        supervisor.watch("mqtt", lambda: connection.loop_restarts)
+        supervisor.watch("mqtt_handler", lambda: connection.handler_errors)
+        supervisor.on_fatal(self._failed)
+        self._transport.supervisor = supervisor
+        self.metrics.thread_failures.add(supervisor.counts)
+        # Forwarded items handed to the journal thread and not yet released by it: a
+        # journal that dies takes them with it, and their callers must still be answered.
+        self._in_journal: dict[int, Outgoing[Item]] = {}
+        self._prune_at = _IN_JOURNAL_PRUNE
+        self._jlock = threading.Lock()
         self.metrics.pending.set_function(lambda: len(delivery))
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self.metrics.circuit_state.set_function(lambda: STATE_CODES[delivery.breaker.state])
@@ -213,15 +233,28 @@ class Agent:
             # Looked up at each call, so that a test may replace the method.
             release=lambda out, ev, stored: self._release(out, ev, stored),  # noqa: PLW0108
         )
-        loops = {
-            "model": self._model_loop,
-            "deadlines": courier.deadline_loop,
-            "journal": journal.run,
-            "resend": courier.resend_loop,
+        # What each thread kind does when something escapes it (docs/agent.md, "Thread
+        # supervision"): the model and resend loops lose at most one iteration's work,
+        # whose callers are answered (model) or whose items are re-sent at their next
+        # backoff (resend), so they carry on. An escape from the journal leaves the items
+        # it was committing neither known stored nor known refused, and one from the
+        # deadline loop leaves callers taken off their items but never answered: the agent
+        # cannot be trusted after either, so it reports not ready for good.
+        loops: dict[str, tuple[Callable[[], None], bool]] = {
+            "model": (self._model_loop, False),
+            "deadlines": (courier.deadline_loop, True),
+            "journal": (journal.run, True),
+            "resend": (courier.resend_loop, False),
         }
         self._threads = [
-            threading.Thread(target=fn, name=f"fogline-agent-{self.site}-{name}", daemon=True)
-            for name, fn in loops.items()
+            self.supervisor.thread(
+                kind,
+                fn,
+                fatal=fatal,
+                name=f"fogline-agent-{self.site}-{kind}",
+                halt=self._halt,
+            )
+            for kind, (fn, fatal) in loops.items()
         ]
         for thread in self._threads:
             thread.start()
@@ -276,9 +309,24 @@ class Agent:
 
     @property
     def ready(self) -> bool:
-        """True when the model is warm, the broker connected and inputs are accepted."""
+        """True when the model is warm, the broker connected, inputs are accepted and no
+        thread has failed for good (:attr:`failed`)."""
         rt = self._runtime
-        return self._accepting and rt is not None and rt.ready and self._transport.connected
+        return (
+            self._accepting
+            and rt is not None
+            and rt.ready
+            and self._transport.connected
+            and self.supervisor.failed is None
+        )
+
+    @property
+    def failed(self) -> ThreadFailure | None:
+        """Why the agent stopped serving for good (a thread whose state cannot be trusted
+        after a failure; see :meth:`_start`), or None. Once set, :attr:`ready` stays false,
+        new inputs are refused, and the agent should be stopped and started afresh:
+        ``fogline agent run`` exits 70. ``on_failure`` is called with it when it happens."""
+        return self.supervisor.failed
 
     @property
     def model_ready(self) -> bool:
@@ -381,7 +429,7 @@ class Agent:
         future: Future[Answer] = Future()
         with self._cond:
             if not self._accepting:
-                raise NotRunningError(f"agent for {self.site} is not running")
+                raise self._not_running()
             try:
                 self._queue.put_nowait((arr, future, t0, created_us, tag, int(priority)))
             except queue.Full:
@@ -431,7 +479,7 @@ class Agent:
         created = [created_us] * n
         with self._cond:
             if not self._accepting:
-                raise NotRunningError(f"agent for {self.site} is not running")
+                raise self._not_running()
             self._active += 1
         try:
             self._process(
@@ -453,8 +501,14 @@ class Agent:
     def _require_running(self) -> EdgeRuntime:
         rt = self._runtime
         if rt is None or not self._accepting:
-            raise NotRunningError(f"agent for {self.site} is not running")
+            raise self._not_running()
         return rt
+
+    def _not_running(self) -> NotRunningError:
+        failure = self.supervisor.failed
+        if failure is not None:
+            return NotRunningError(f"agent for {self.site} stopped serving: {failure}")
+        return NotRunningError(f"agent for {self.site} is not running")
 
     # the way through
 
@@ -476,11 +530,10 @@ class Agent:
                     stop = True
                     break
                 items.append(nxt)
-            frames = np.stack([it[0] for it in items])
             futures = [it[1] for it in items]
             try:
                 self._process(
-                    frames,
+                    np.stack([it[0] for it in items]),
                     futures,
                     [it[2] for it in items],
                     [it[3] for it in items],
@@ -488,12 +541,44 @@ class Agent:
                     [it[5] for it in items],
                     uniform=False,
                 )
-            except Exception as exc:
-                log.exception("site %s: processing a batch failed", self.site)
-                for fut in futures:
-                    settle(fut, None, exc)
+            except Exception as exc:  # noqa: BLE001 - the model thread's supervisor, per batch
+                self._batch_failed(items, exc)
             if stop:
                 return
+
+    def _batch_failed(self, items: list[Any], exc: Exception) -> None:
+        """A batch of the model thread failed: its callers get the error, the failure is
+        logged with the batch's tags and counted, and the thread goes on with the next."""
+        tags = [it[4] for it in items if it[4] is not None]
+        what = f"a batch of {len(items)} inputs" + (
+            f" (tags {', '.join(repr(t) for t in tags[:8])}{', …' if len(tags) > 8 else ''})"
+            if tags
+            else ""
+        )
+        self.supervisor.contained("model", what, exc)
+        error = exc if isinstance(exc, AgentError) else AgentError(f"the agent failed on {what}")
+        for it in items:
+            settle(it[1], None, error)
+
+    def _failed(self, failure: ThreadFailure) -> None:
+        """A thread failed for good (on that thread): refuse new inputs, answer every
+        caller who waits with the failure, then tell ``on_failure``."""
+        with self._cond:
+            self._accepting = False
+        error = self._not_running()
+        for fut in self._delivery.take_waiters():
+            settle(fut, None, error)
+        with self._jlock:
+            held = list(self._in_journal.values())
+            self._in_journal.clear()
+        for out in held:
+            for _p, fut in out.items:
+                settle(fut, None, error)
+            if out.done is not None:
+                out.done.set()  # submit_batch callers waiting for a journal that is gone
+        callback = self.on_failure
+        if callback is not None:
+            callback(failure)
 
     def _process(
         self,
@@ -629,13 +714,37 @@ class Agent:
                 None, arrived[i], r, c, None if labels is None else labels[i], tags[i]
             )
             out.items.append((p, futures[i]))
-        if out.entries:
+        if not out.entries:
+            return
+        if self.supervisor.failed is not None:
+            error = self._not_running()
+            for _p, fut in out.items:
+                settle(fut, None, error)
+            return
+        with self._jlock:
+            self._in_journal[id(out)] = out
+            if len(self._in_journal) > self._prune_at:
+                # Items the journal refused are answered by it but never released here.
+                for key, held in list(self._in_journal.items()):
+                    if all(fut.done() for _p, fut in held.items):
+                        del self._in_journal[key]
+                # A journal far behind keeps many: scan again only once they have doubled.
+                self._prune_at = max(_IN_JOURNAL_PRUNE, 2 * len(self._in_journal))
+        try:
             self._courier.send(out)
+        finally:
+            if out.done is not None:  # waited for: the journal is done with it (or gone)
+                with self._jlock:
+                    self._in_journal.pop(id(out), None)
 
     def _release(
         self, outgoing: list[Outgoing[Item]], evicted: list[Eviction], stored: bool
     ) -> None:
         """The journal's hook after each commit (:meth:`Courier.release`)."""
+        with self._jlock:
+            for out in outgoing:
+                if out.done is None:  # one waited for leaves once the journal sets done
+                    self._in_journal.pop(id(out), None)
         self._courier.release(outgoing, evicted, stored)
 
 

@@ -5,7 +5,8 @@
   ``dtype`` defaults to the model's. Answers with the :class:`Answer` as JSON.
 * ``GET /v1/info`` — site, bundle, codec, thresholds and the model input.
 * ``GET /healthz`` — the process is alive.
-* ``GET /readyz`` — 200 once the model is warm and MQTT is connected, 503 before.
+* ``GET /readyz`` — 200 once the model is warm and MQTT is connected, 503 before and
+  after a thread failed for good (``failed`` says which and why).
 * ``GET /metrics`` — this agent's Prometheus registry, text format.
 
 Errors are JSON ``{"error": message, "type": name}``, on every route and status: 413 for
@@ -14,7 +15,9 @@ read, or as soon as the stream passes the limit), 422 for an input that does not
 model (the message names the field and the problem, and repeats at most a few hundred
 characters of what was sent), 404/405 for an unknown route or method, 503 when the agent
 is not running or overloaded (with ``Retry-After``), 504 when the cloud did not answer in
-time, 502 when it answered with an error. The body is read as JSON whatever its
+time, 502 when it answered with an error, 500 when a handler failed unexpectedly (logged
+with the route and counted as ``fogline_agent_thread_failures_total{thread="http"}``; the
+server goes on). The body is read as JSON whatever its
 ``Content-Type`` says, as the cloud's inference API does. HTTP status codes live here,
 not in the errors.
 """
@@ -25,6 +28,7 @@ import base64
 import binascii
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,6 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fogline.edge_agent._agent import PRIORITY_MAX, PRIORITY_MIN, Agent
 from fogline.edge_agent._runtime import InputSpec
@@ -226,6 +231,39 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _Contained:
+    """ASGI middleware, the HTTP server's supervisor: a request whose handler raised
+    something no handler maps is answered 500 with a JSON error, and the failure is logged
+    with its route and counted (``on_error(route, exc)``); the server serves the next one.
+    Pure ASGI rather than ``BaseHTTPMiddleware``: it adds no task or queue per request."""
+
+    def __init__(self, app: ASGIApp, on_error: Callable[[str, BaseException], None]) -> None:
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:  # noqa: BLE001 - the HTTP server's supervisor
+            self.on_error(f"{scope.get('method', '?')} {scope.get('path', '?')}", exc)
+            if started:  # the answer is on its way: nothing else can be said
+                return
+            error = f"internal error ({type(exc).__name__}), logged"
+            body = {"error": error, "type": "InternalError"}
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
 def _parse(body: bytes) -> InferRequest:
     try:
         obj = json.loads(body)
@@ -248,6 +286,11 @@ def create_app(agent: Agent, *, max_body_bytes: int | None = None) -> FastAPI:
         version=fogline_version(),
         docs_url=None,
         redoc_url=None,
+    )
+    supervisor = agent.supervisor
+    app.add_middleware(
+        _Contained,
+        on_error=lambda route, exc: supervisor.contained("http", f"request {route}", exc),
     )
 
     def _invalid_response(errors: list[Any]) -> JSONResponse:
@@ -333,7 +376,13 @@ def create_app(agent: Agent, *, max_body_bytes: int | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        body = {"ready": agent.ready, "model": agent.model_ready, "mqtt": agent.connected}
+        failed = agent.failed
+        body = {
+            "ready": agent.ready,
+            "model": agent.model_ready,
+            "mqtt": agent.connected,
+            "failed": None if failed is None else failed.message,
+        }
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")

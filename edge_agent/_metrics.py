@@ -14,15 +14,17 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["SOURCES", "AgentMetrics", "BatchHistogram"]
+__all__ = ["SOURCES", "THREAD_KINDS", "AgentMetrics", "BatchHistogram", "ThreadFailures"]
 
 SOURCES = ("dropped", "edge", "cloud")
+#: The agent's long-lived threads, as ``fogline_agent_thread_failures_total`` labels them.
+THREAD_KINDS = ("model", "journal", "resend", "deadlines", "mqtt", "mqtt_handler", "http")
 LATENCY_BUCKETS_S = (
     0.0005,
     0.001,
@@ -95,6 +97,38 @@ class BatchHistogram(Collector):
     def count(self, value: str) -> int:
         with self._lock:
             return sum(self._counts.get(value, ()))
+
+
+class ThreadFailures(Collector):
+    """A counter by thread kind read from the supervisors' own counts when scraped (they
+    also count what the MQTT connection counts); every kind in ``kinds`` is reported, 0
+    included, so an alert on the series has something to watch from the start."""
+
+    def __init__(self, name: str, documentation: str, kinds: Sequence[str]) -> None:
+        self._name = name
+        self._doc = documentation
+        self._kinds = tuple(kinds)
+        self._sources: list[Callable[[], Mapping[str, int]]] = []
+
+    def add(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Report ``counts()`` (failures by kind) too, summed with the other sources."""
+        self._sources.append(counts)
+
+    def totals(self) -> dict[str, int]:
+        out = dict.fromkeys(self._kinds, 0)
+        for source in list(self._sources):
+            for kind, n in source().items():
+                out[kind] = out.get(kind, 0) + n
+        return out
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=["thread"])
+        for kind, n in self.totals().items():
+            family.add_metric([kind], float(n))
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, labels=["thread"])
 
 
 class AgentMetrics:
@@ -190,6 +224,13 @@ class AgentMetrics:
             "fogline_agent_ready", "1 when the model is warm and MQTT is connected.", registry=r
         )
         self.info = Info("fogline_agent", "Site and bundle of this agent.", registry=r)
+        self.thread_failures = ThreadFailures(
+            "fogline_agent_thread_failures",
+            "Failures that escaped the work of a long-lived thread, by thread kind (logged; "
+            "the thread carried on, or the agent reported not ready for good).",
+            THREAD_KINDS,
+        )
+        r.register(self.thread_failures)
         self.latency = BatchHistogram(
             "fogline_agent_latency_seconds",
             "Time from an input's arrival to its answer, by where it was answered.",

@@ -21,7 +21,7 @@ import paho.mqtt.client as mqtt
 from fogline.compression import Envelope, Kind, decode_message, join_envelopes
 from fogline.edge_agent._metrics import AgentMetrics
 from fogline.edge_agent.errors import BrokerError
-from fogline.messaging import MqttConnection, MqttError, MqttSettings
+from fogline.messaging import MqttConnection, MqttError, MqttSettings, Supervisor
 
 __all__ = ["Transport"]
 
@@ -48,6 +48,9 @@ class Transport:
         self.results_topic = topics.results(site)
         self._on_result = on_result
         self._metrics = metrics
+        #: Where a result whose handling raised is logged and counted (the agent sets its
+        #: own); without one it is only logged.
+        self.supervisor: Supervisor | None = None
         self._last: mqtt.MQTTMessageInfo | None = None
         self._reject_counts: dict[str, int] = {}
         self._reject_lock = threading.Lock()
@@ -144,9 +147,12 @@ class Transport:
                 continue
             try:
                 self._on_result(env)
-            except Exception:
-                log.exception(
-                    "site %s: handling the result for %s failed", self.site, env.message_id.hex()
-                )
+            except Exception as exc:  # one result must not stop the others of its message
+                supervisor = self.supervisor
+                what = f"the result for {env.message_id.hex()} on {topic}"
+                if supervisor is None:
+                    log.exception("site %s: handling %s failed", self.site, what)
+                else:
+                    supervisor.contained("mqtt_handler", what, exc)
         if error is not None:
             self._reject(error.reason, error.detail)

@@ -8,9 +8,14 @@ from typing import Any, NoReturn
 
 import typer
 
-__all__ = ["USAGE_ERROR", "Status", "fail"]
+__all__ = ["SOFTWARE_ERROR", "USAGE_ERROR", "Status", "fail"]
 
 USAGE_ERROR = 2
+#: A service that stopped because part of it failed for good (a supervised thread whose
+#: state cannot be trusted any more): sysexits' EX_SOFTWARE, so the service manager
+#: restarts it and an operator can tell it from a bad configuration (2) or a start-up
+#: failure (1).
+SOFTWARE_ERROR = 70
 
 
 def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:

@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fogline._cli import bind_http, fail, settle_heap, setup_logging
+from fogline._cli import SOFTWARE_ERROR, bind_http, fail, settle_heap, setup_logging
 from fogline.reference import BUNDLE_DIR
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from fogline.edge_agent import AgentConfig
     from fogline.edge_agent._agent import Delivery
+    from fogline.messaging import ThreadFailure
 
 __all__ = ["app", "with_reference_bundle"]
 
@@ -83,7 +86,10 @@ def run(
     ] = "info",
     log_format: Annotated[str, typer.Option(help="text, or json: one object a line")] = "text",
 ) -> None:
-    """Run the agent and its local HTTP API until SIGTERM or Ctrl+C, then shut down cleanly."""
+    """Run the agent and its local HTTP API until SIGTERM or Ctrl+C, then shut down cleanly.
+
+    Exits 70 with an ``error:`` line when a thread of the agent or the HTTP server failed
+    for good (see docs/agent.md, "Thread supervision")."""
     level = log_level.lower()
     if level not in _LOG_LEVELS:
         fail(f"--log-level {log_level!r} must be one of {', '.join(_LOG_LEVELS)}")
@@ -114,8 +120,16 @@ def run(
         from fogline.edge_agent._api import create_app
 
         sock = bind_http(cfg.http.host, cfg.http.port)
+        servers: list[uvicorn.Server] = []
+
+        def _on_failure(failure: ThreadFailure) -> None:
+            # On the failing thread: end the server; the command exits 70 once it stops.
+            for server in servers:
+                server.should_exit = True
+
+        failure_line: str | None = None
         try:
-            agent = Agent(cfg, on_answer=_log_delivery)
+            agent = Agent(cfg, on_answer=_log_delivery, on_failure=_on_failure)
             agent.start(wait_connected=False)
         except AgentDataError as exc:
             fail(str(exc))
@@ -143,12 +157,22 @@ def run(
                 cfg.broker.host,
                 cfg.broker.port,
             )
+            servers.append(server)
+            if agent.failed is not None:  # failed before the server was there to end
+                server.should_exit = True
             try:
                 server.run(sockets=[sock])
             except SystemExit:
                 fail(f"the HTTP API could not listen on {cfg.http.host}:{cfg.http.port}", code=1)
+            except Exception as exc:  # the HTTP server's own loop: the API is gone
+                log.critical("site %s: the HTTP server failed", cfg.site, exc_info=True)
+                failure_line = f"the HTTP server failed: {type(exc).__name__}: {exc}"
         finally:
             agent.stop()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if failure_line is None and agent.failed is not None:
+        failure_line = agent.failed.message
+    if failure_line is not None:
+        fail(failure_line, code=SOFTWARE_ERROR)

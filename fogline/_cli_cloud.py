@@ -3,7 +3,8 @@
 
 Heavy imports (onnxruntime, FastAPI, SQLAlchemy, uvicorn) happen inside the commands so
 ``fogline --help`` stays fast. The cloud package raises its own errors; this module turns
-them into one ``error: …`` line and the exit code (2 for bad input, 1 for a failure).
+them into one ``error: …`` line and the exit code (2 for bad input, 1 for a failure, 70
+when ``serve`` stopped because a thread failed for good).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fogline._cli import bind_http, fail, settle_heap, setup_logging
+from fogline._cli import SOFTWARE_ERROR, bind_http, fail, settle_heap, setup_logging
 from fogline.cloud_service._auth import Scope, add_token, generate_token
 from fogline.cloud_service._batch_job import load_inputs, save_outputs, score
 from fogline.cloud_service._doctor import diagnose, gpu_usable
@@ -30,6 +31,9 @@ from fogline.reference import BUNDLE_DIR
 if TYPE_CHECKING:
     from fogline.cloud_service import CloudConfig
     from fogline.cloud_service._doctor import Finding
+    from fogline.messaging import ThreadFailure
+
+log = logging.getLogger("fogline.cloud")
 
 __all__ = ["app", "batch_command", "doctor_command", "token_command", "with_reference_bundle"]
 
@@ -264,7 +268,9 @@ def serve(
     With --model-repository, also serve the Open Inference Protocol (KServe V2) API over
     the repository's models and the bundles' cloud parts; the MQTT ingest then runs only
     when a broker is configured (--broker or [broker] in the config file).
-    SIGTERM or Ctrl-C answers what is queued, then exits 0.
+    SIGTERM or Ctrl-C answers what is queued, then exits 0. A thread of the worker or of
+    the model repository that failed for good (docs/cloud.md, "Thread supervision"), or the
+    HTTP server's own loop failing, stops the service with an ``error:`` line and exit 70.
     """
     from fogline.cloud_service._config import CloudConfig
 
@@ -292,6 +298,13 @@ def serve(
     from fogline.cloud_service._worker import CloudWorker
 
     sock = bind_http(cfg.http.host, cfg.http.port)
+    servers: list[uvicorn.Server] = []
+
+    def _on_failure(failure: ThreadFailure) -> None:
+        # On the failing thread: end the server; the command exits 70 once it stops.
+        for running in servers:
+            running.should_exit = True
+
     metrics = CloudMetrics()
     with_mqtt = model_repository is None or broker is not None or _has_broker(config)
     worker: CloudWorker | None = None
@@ -321,10 +334,13 @@ def serve(
                 metrics=metrics,
             )
             repo.start()
+            repo.supervisor.on_fatal(_on_failure)
         if with_mqtt:
             # With a repository, edge features share each model's scheduler with the API
             # (the stream lane); without, the worker builds its own over the bundles.
-            worker = CloudWorker(cfg, metrics=metrics, repository=repo, store=result_store)
+            worker = CloudWorker(
+                cfg, metrics=metrics, repository=repo, store=result_store, on_failure=_on_failure
+            )
             # Connect in the background: /readyz answers 503 until the broker is reached.
             worker.start(wait=False)
     except CloudDataError as exc:
@@ -365,8 +381,21 @@ def serve(
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    servers.append(server)
+    failure_line: str | None = None
+
+    def _failure() -> ThreadFailure | None:
+        if worker is not None and worker.failed is not None:
+            return worker.failed
+        return None if repo is None else repo.failed
+
+    if _failure() is not None:  # failed before the server was there to end
+        server.should_exit = True
     try:
         server.run(sockets=[sock])
+    except Exception as exc:  # the HTTP server's own loop: the API is gone
+        log.critical("the HTTP server failed", exc_info=True)
+        failure_line = f"the HTTP server failed: {type(exc).__name__}: {exc}"
     finally:
         if worker is not None:
             worker.stop()
@@ -374,6 +403,11 @@ def serve(
             repo.stop()
         if result_store is not None:
             result_store.close()  # the worker leaves a store it was given open
+    failed = _failure()
+    if failure_line is None and failed is not None:
+        failure_line = failed.message
+    if failure_line is not None:
+        fail(failure_line, code=SOFTWARE_ERROR)
 
 
 def _has_broker(config: Path | None) -> bool:

@@ -362,6 +362,11 @@ class MqttConnection:
     def is_connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def loop_restarts(self) -> int:
+        """Times the network loop was entered again after something escaped it."""
+        return self._client.loop_restarts
+
     def start(self, wait: bool = True) -> None:
         """Connect and start the network thread.
 

@@ -951,6 +951,7 @@ def test_every_cloud_error_maps_to_a_status_code() -> None:
         "DeadlineExceededError": 503,
         "ModelNotReadyError": 503,
         "StoreError": 503,
+        "StoreCorruptError": 503,
         "BrokerError": 503,
         "CloudServiceError": 503,
         "BackendError": 500,

@@ -39,6 +39,7 @@ def test_the_public_names_are_pinned() -> None:
         "QueueFullError",
         "ResultStore",
         "StoreConfig",
+        "StoreCorruptError",
         "StoreError",
         "StoredResult",
         "TensorRTConfig",

@@ -289,7 +289,7 @@ def test_health_readiness_and_metrics(broker, bundle_factory, agent_factory, ser
     assert http.get("/healthz").json() == {"status": "ok"}
     r = http.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {"ready": True, "model": True, "mqtt": True}
+    assert r.json() == {"ready": True, "model": True, "mqtt": True, "failed": None}
     http.post("/v1/infer", json={"data": frames(1)[0].tolist()})
     r = http.get("/metrics")
     assert r.status_code == 200
@@ -314,7 +314,7 @@ def test_health_readiness_and_metrics(broker, bundle_factory, agent_factory, ser
         time.sleep(0.02)
     r = http.get("/readyz")
     assert r.status_code == 503
-    assert r.json() == {"ready": False, "model": True, "mqtt": False}
+    assert r.json() == {"ready": False, "model": True, "mqtt": False, "failed": None}
 
 
 def test_an_agent_that_is_not_started_is_not_ready_and_refuses_work(

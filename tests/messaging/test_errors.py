@@ -24,7 +24,8 @@ def test_public_names_are_pinned() -> None:
             "DEFAULT_TOPIC_PREFIX", "ConfigValueError", "Inbound", "InboundHandler",
             "MessageHandler", "MessagingError", "MqttBadDataError", "MqttConnection",
             "MqttError", "MqttRefusedError", "MqttSettings", "MqttTransportError", "Received",
-            "Section", "TlsSettings", "Topics", "broker_settings", "error_for_code",
+            "Section", "Supervisor", "ThreadFailure", "TlsSettings", "Topics",
+            "broker_settings", "error_for_code",
             "load_toml", "mapped_errors", "parse_broker_url",
         ]
     )  # fmt: skip
