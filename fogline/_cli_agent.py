@@ -6,11 +6,14 @@ Heavy imports (onnxruntime, FastAPI, uvicorn) happen inside the command so that
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import signal
+import sys
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,7 +24,7 @@ if TYPE_CHECKING:
     from fogline.edge_agent import AgentConfig
     from fogline.edge_agent._agent import Delivery
 
-__all__ = ["app", "with_reference_bundle"]
+__all__ = ["app", "sample_body", "with_reference_bundle"]
 
 log = logging.getLogger("fogline.edge_agent")
 
@@ -55,15 +58,18 @@ def with_reference_bundle(config: AgentConfig) -> AgentConfig:
 
 app = typer.Typer(no_args_is_help=True)
 
+SAMPLE_TAG = "sample-{seed}"
+"""The ``tag`` of a sample body: the agent returns it with the answer."""
+
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @app.callback()
 def _agent() -> None:
-    """Run the edge agent."""
+    """Run the edge agent; make sample inputs for it."""
 
 
-@app.command("run")
+@app.command("run", short_help="Run the agent and its local HTTP API.")
 def run(
     *,
     config: Annotated[
@@ -77,7 +83,9 @@ def run(
     bundle: Annotated[
         Path | None, typer.Option(help="bundle directory (overrides the file)", file_okay=False)
     ] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP API port (overrides the file)")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="HTTP API port (overrides the file)")
+    ] = None,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error", case_sensitive=False)
     ] = "info",
@@ -152,3 +160,80 @@ def run(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def sample_body(
+    *, seed: int, digit: bool = True, lists: bool = False
+) -> tuple[dict[str, Any], int]:
+    """A body for the agent's ``POST /v1/infer`` holding one reference frame, and the digit
+    in it (:data:`~fogline.reference._frames.NO_DIGIT` for a frame without one).
+
+    The frame is one of the camera-like frames the packaged reference bundle is built and
+    measured on (``fogline.reference``), drawn from the held-out digits: no download, the
+    same frame for the same ``seed``. It is base64 of the raw uint8 pixels with their shape,
+    or nested lists (``lists``).
+    """
+    from fogline.reference._frames import make_frames
+
+    frames, labels = make_frames(1, seed=seed, p_digit=1.0 if digit else 0.0, split="holdout")
+    frame = frames[0]
+    body: dict[str, Any]
+    if lists:
+        body = {"data": frame.tolist()}
+    else:
+        body = {
+            "b64": base64.b64encode(frame.tobytes()).decode("ascii"),
+            "shape": list(frame.shape),
+            "dtype": str(frame.dtype),
+        }
+    body["tag"] = SAMPLE_TAG.format(seed=seed)
+    return body, int(labels[0])
+
+
+@app.command("sample", short_help="A sample input frame for the agent's HTTP API.")
+def sample(
+    *,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="<file>",
+            dir_okay=False,
+            help="Write the body to this file instead of stdout.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Which frame: the same seed gives the same frame.")
+    ] = 0,
+    empty: Annotated[
+        bool,
+        typer.Option(
+            "--empty", help="A frame with no digit in it (the agent drops it at the edge)."
+        ),
+    ] = False,
+    lists: Annotated[
+        bool,
+        typer.Option("--lists", help="The pixels as nested lists instead of base64."),
+    ] = False,
+) -> None:
+    """Write a JSON body for the agent's POST /v1/infer: one frame for the reference bundle.
+
+    The frame is a 64×64 uint8 camera-like frame of the kind the packaged reference bundle
+    reads (what fogline agent run serves when no bundle is configured), holding a
+    handwritten digit unless --empty is given. Nothing is downloaded; the same --seed gives
+    the same frame. The body carries the tag sample-SEED, which the answer repeats. Send
+    it with: fogline agent sample | curl -s --data-binary @- http://127.0.0.1:8081/v1/infer
+    """
+    body, digit = sample_body(seed=seed, digit=not empty, lists=lists)
+    text = json.dumps(body, separators=(",", ":"))
+    what = "no digit" if empty else f"the digit {digit}"
+    if out is None:
+        print(text)
+        print(f"a frame holding {what} (seed {seed})", file=sys.stderr)
+        return
+    try:
+        out.write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}", code=1)
+    print(f"wrote {out}: a frame holding {what} (seed {seed})", file=sys.stderr)

@@ -213,11 +213,11 @@ def batch_command(
         repository.stop()
 
 
-app.command("doctor")(doctor_command)
-app.command("batch")(batch_command)
+app.command("doctor", short_help="Which GPU and CPU backends work here, and why.")(doctor_command)
+app.command("batch", short_help="Score a file of inputs at low priority.")(batch_command)
 
 
-@app.command("serve")
+@app.command("serve", short_help="Run the cloud worker and its HTTP API.")
 def serve(
     config: Annotated[
         Path | None,
@@ -228,10 +228,12 @@ def serve(
     ] = None,
     bundle: Annotated[
         list[Path] | None,
-        typer.Option("--bundle", help="Bundle directory to serve; repeat for several."),
+        typer.Option(
+            "--bundle", metavar="<path>", help="Bundle directory to serve; repeat for several."
+        ),
     ] = None,
     host: Annotated[str | None, typer.Option(help="HTTP listen address.")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="HTTP port.")] = None,
     store: Annotated[
         str | None, typer.Option(help="Result store URL, e.g. sqlite:///results.db.")
     ] = None,
@@ -256,7 +258,8 @@ def serve(
         float, typer.Option(min=0.001, help="Largest accepted inference request body.")
     ] = 64.0,
     cors_origin: Annotated[
-        list[str] | None, typer.Option(help="Allow CORS from this origin; repeat for several.")
+        list[str] | None,
+        typer.Option(metavar="<origin>", help="Allow CORS from this origin; repeat for several."),
     ] = None,
 ) -> None:
     """Consume features over MQTT, answer each site, store results, serve the HTTP API.
@@ -393,7 +396,9 @@ def token_command(
     ],
     scope: Annotated[
         list[Scope],
-        typer.Option("--scope", help="infer, read or admin; repeat for several."),
+        typer.Option(
+            "--scope", metavar="<infer|read|admin>", help="What it may do; repeat for several."
+        ),
     ],
     file: Annotated[
         Path, typer.Option("--file", help="Token file to add the hash to (TOML, or .json).")
@@ -418,5 +423,7 @@ def token_command(
 
 
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for the inference API.")
-tokens_app.command("create")(token_command)
+tokens_app.command("create", short_help="Mint an API token; only its hash is stored.")(
+    token_command
+)
 app.add_typer(tokens_app, name="token")
