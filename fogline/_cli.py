@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
+import urllib.parse
 from typing import Any, NoReturn
 
 import typer
@@ -71,6 +73,26 @@ def usage_error_line(exc: typer.TyperException) -> str:
         return f"no such option: {name}{see}"
     text = _sentence(exc.format_message()).replace(". Did you mean", "; did you mean")
     return text if "did you mean" in text else f"{text}{see}"
+
+
+def broker_url_option(value: str | None) -> str | None:
+    """Check a ``--broker`` URL as the command line is read, so a bad one is a usage error
+    naming the option (``--broker: broker URL … must start with mqtt://``); a password in
+    it is never repeated."""
+    if value is None:
+        return None
+    from fogline.messaging import parse_broker_url
+
+    try:
+        parse_broker_url(value)
+    except ValueError as exc:
+        message = str(exc)
+        with contextlib.suppress(ValueError):
+            password = urllib.parse.urlsplit(value).password
+            if password:
+                message = message.replace(password, "***")
+        raise typer.BadParameter(message) from None
+    return value
 
 
 def bind_http(host: str, port: int) -> socket.socket:

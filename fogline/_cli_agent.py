@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fogline._cli import bind_http, fail, settle_heap, setup_logging
+from fogline._cli import bind_http, broker_url_option, fail, settle_heap, setup_logging
 from fogline.reference import BUNDLE_DIR
 
 if TYPE_CHECKING:
@@ -69,27 +69,47 @@ def _agent() -> None:
     """Run the edge agent; make sample inputs for it."""
 
 
+def _site_option(value: str | None) -> str | None:
+    """A ``--site`` that cannot name an MQTT topic level is a usage error naming the option."""
+    if value is not None:
+        from fogline.edge_agent import AgentConfig
+        from fogline.edge_agent.errors import ConfigError
+
+        try:
+            AgentConfig(site=value)  # checked as a config file's site would be
+        except ConfigError as exc:
+            raise typer.BadParameter(exc.problem) from None
+    return value
+
+
 @app.command("run", short_help="Run the agent and its local HTTP API.")
 def run(
     *,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="agent.toml (see docs/agent.md)", dir_okay=False),
+        typer.Option("--config", "-c", help="agent.toml (see docs/agent.md)."),
     ] = None,
     broker: Annotated[
-        str | None, typer.Option(help="broker URL, e.g. mqtt://host:1883 (overrides the file)")
+        str | None,
+        typer.Option(
+            callback=broker_url_option,
+            help="Broker URL, e.g. mqtt://host:1883 (overrides the file).",
+        ),
     ] = None,
-    site: Annotated[str | None, typer.Option(help="site name (overrides the file)")] = None,
+    site: Annotated[
+        str | None, typer.Option(callback=_site_option, help="Site name (overrides the file).")
+    ] = None,
     bundle: Annotated[
-        Path | None, typer.Option(help="bundle directory (overrides the file)", file_okay=False)
+        Path | None,
+        typer.Option(help="Bundle directory (overrides the file).", file_okay=False),
     ] = None,
     port: Annotated[
-        int | None, typer.Option(min=0, max=65535, help="HTTP API port (overrides the file)")
+        int | None, typer.Option(min=0, max=65535, help="HTTP API port (overrides the file).")
     ] = None,
     log_level: Annotated[
-        str, typer.Option(help="debug, info, warning or error", case_sensitive=False)
+        str, typer.Option(help="debug, info, warning or error.", case_sensitive=False)
     ] = "info",
-    log_format: Annotated[str, typer.Option(help="text, or json: one object a line")] = "text",
+    log_format: Annotated[str, typer.Option(help="text, or json: one object a line.")] = "text",
 ) -> None:
     """Run the agent and its local HTTP API until SIGTERM or Ctrl+C, then shut down cleanly."""
     level = log_level.lower()

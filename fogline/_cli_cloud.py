@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fogline._cli import bind_http, fail, settle_heap, setup_logging
+from fogline._cli import bind_http, broker_url_option, fail, settle_heap, setup_logging
 from fogline.cloud_service._auth import Scope, add_token, generate_token
 from fogline.cloud_service._batch_job import load_inputs, save_outputs, score
 from fogline.cloud_service._doctor import diagnose, gpu_usable
@@ -217,6 +217,18 @@ app.command("doctor", short_help="Which GPU and CPU backends work here, and why.
 app.command("batch", short_help="Score a file of inputs at low priority.")(batch_command)
 
 
+def _store_url_option(value: str | None) -> str | None:
+    """A ``--store`` that is no database URL is a usage error naming the option."""
+    if value is not None:
+        from fogline.cloud_service._config import StoreConfig
+
+        try:
+            StoreConfig(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc).removeprefix("url ")) from None
+    return value
+
+
 @app.command("serve", short_help="Run the cloud worker and its HTTP API.")
 def serve(
     config: Annotated[
@@ -224,7 +236,11 @@ def serve(
         typer.Option("--config", "-c", help="cloud.toml (defaults apply without one)."),
     ] = None,
     broker: Annotated[
-        str | None, typer.Option(help="Broker URL, e.g. mqtt://host:1883 (overrides config).")
+        str | None,
+        typer.Option(
+            callback=broker_url_option,
+            help="Broker URL, e.g. mqtt://host:1883 (overrides config).",
+        ),
     ] = None,
     bundle: Annotated[
         list[Path] | None,
@@ -235,7 +251,10 @@ def serve(
     host: Annotated[str | None, typer.Option(help="HTTP listen address.")] = None,
     port: Annotated[int | None, typer.Option(min=0, max=65535, help="HTTP port.")] = None,
     store: Annotated[
-        str | None, typer.Option(help="Result store URL, e.g. sqlite:///results.db.")
+        str | None,
+        typer.Option(
+            callback=_store_url_option, help="Result store URL, e.g. sqlite:///results.db."
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="text, or json: one object a line.")] = "text",
