@@ -234,6 +234,9 @@ def quantize(
             holdout_fraction=holdout,
             progress=status.update,
         )
+    for warning in report.warnings:
+        # what about the calibration set deserves a look: said whatever the output format
+        status_console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if report.speedup < 1.0:
         # Small or memory-bound models can run slower in INT8: the target was met, but the
         # FP32 model may be the better one to deploy.
