@@ -134,16 +134,22 @@ _EXTRA_OF_MODULE = {
     "amqtt": "broker",
     "httpx": "demo",
 }
-# Commands whose whole set of optional modules one extra brings.
-_EXTRA_OF_COMMAND = {"demo": "demo", "bench": "demo"}
+# Commands whose whole set of optional modules one extra brings. `agent sample` draws its
+# frames from scikit-learn's bundled digits: `demo` brings them without torch.
+_EXTRA_OF_COMMAND = {"demo": "demo", "bench": "demo", "agent sample": "demo"}
 
 
 def missing_extra_message(argv: list[str], module: str) -> str:
     """The one line that names the extra to install for a missing ``module``."""
     top = module.split(".", maxsplit=1)[0]
     command = next((a for a in argv if not a.startswith("-")), "")
-    extra = _EXTRA_OF_COMMAND.get(command) or _EXTRA_OF_MODULE.get(top, "all")
-    words = " ".join(a for a in argv[:2] if not a.startswith("-")) or "this command"
+    words = " ".join(a for a in argv[:2] if not a.startswith("-"))
+    extra = (
+        _EXTRA_OF_COMMAND.get(words)
+        or _EXTRA_OF_COMMAND.get(command)
+        or _EXTRA_OF_MODULE.get(top, "all")
+    )
+    words = words or "this command"
     return (
         f"error: fogline {words} needs the '{extra}' extra (missing module {top}): "
         f"pip install 'fogline[{extra}]'"
