@@ -113,8 +113,11 @@ class HttpConfig:
     def __post_init__(self) -> None:
         if not self.host:
             raise ValueError("host must not be empty")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must lie in 0..65535, got {self.port}")
+        # worded as the agent words its own http.port: one shape for both sides
+        if self.port < 0:
+            raise ValueError(f"port must be at least 0, got {self.port}")
+        if self.port > 65535:
+            raise ValueError(f"port must be at most 65535, got {self.port}")
 
 
 @dataclass(frozen=True)
@@ -129,18 +132,18 @@ class TensorRTConfig:
     opt_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        # Messages start with the field's name, as every other section's do, so that a
+        # file's error reads tensorrt.device_id (Section.build adds the table's name).
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int):
-            raise ConfigError("tensorrt.device_id must be an integer")
+            raise ConfigError(f"device_id must be an integer, got {self.device_id!r}")
         if self.device_id < 0:
-            raise ConfigError(f"tensorrt.device_id must be >= 0, got {self.device_id}")
+            raise ConfigError(f"device_id must be at least 0, got {self.device_id}")
         if self.execution_contexts < 1:
             raise ConfigError(
-                f"tensorrt.execution_contexts must be at least 1, got {self.execution_contexts}"
+                f"execution_contexts must be at least 1, got {self.execution_contexts}"
             )
         if self.opt_batch_size is not None and self.opt_batch_size < 1:
-            raise ConfigError(
-                f"tensorrt.opt_batch_size must be at least 1, got {self.opt_batch_size}"
-            )
+            raise ConfigError(f"opt_batch_size must be at least 1, got {self.opt_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,8 @@ class CloudConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> CloudConfig:
-        """Read ``cloud.toml``; raises :class:`ConfigError` naming the bad key."""
+        """Read ``cloud.toml``; raises :class:`ConfigError` naming the file and the bad key
+        (``cloud.toml: http.port must be at most 65535, got 70000``), as the agent does."""
         path = Path(path)
         try:
             data = load_toml(path)
@@ -241,11 +245,11 @@ class CloudConfig:
     def from_mapping(
         cls, data: Mapping[str, Any], *, base_dir: Path | None = None, source: str = "config"
     ) -> CloudConfig:
-        """Build from parsed TOML (or any mapping of the same shape)."""
+        """Build from parsed TOML (or any mapping of the same shape); errors name ``source``."""
         try:
             return _read(Section(data, base_dir=base_dir))
         except ConfigValueError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            raise ConfigError(str(exc.in_file(source))) from None
 
 
 _SECTIONS: dict[str, tuple[type[Any], dict[str, type]]] = {
@@ -506,7 +510,7 @@ class ModelConfig:
         try:
             return _read_model(Section(data))
         except ConfigValueError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            raise ConfigError(str(exc.in_file(source))) from None
 
 
 def _read_model(top: Section) -> ModelConfig:

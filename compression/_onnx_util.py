@@ -162,25 +162,66 @@ def load_model(path: Path) -> onnx.ModelProto:
     return model
 
 
+_NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive of .npy files
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def load_samples(path: Path) -> dict[str, np.ndarray]:
-    """Arrays keyed by input name from an ``.npz`` (or a single ``.npy``: key ``""``)."""
+    """Arrays keyed by input name from an ``.npz`` (or a single ``.npy``: key ``""``).
+
+    A file that is neither (a CSV, a text file named ``.npz``), an archive member that is
+    not an array, or an array of pickled Python objects is a :class:`ModelError` that says
+    so in one line; nothing is ever unpickled.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
     if not path.is_file():
         raise ModelError(f"{path}: not a file")
     try:
+        with path.open("rb") as file:
+            head = file.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    if not head.startswith((*_NPZ_MAGIC, _NPY_MAGIC)):
+        raise ModelError(f"{path}: not an .npz file (numpy.savez writes one: name=array, ...)")
+    try:
         data = np.load(path, allow_pickle=False)
-        if isinstance(data, np.ndarray):
-            arrays = {"": data}
-        else:
-            with data:
-                arrays = {name: np.asarray(data[name]) for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"{path}: not an .npz file of arrays ({one_line(exc)})") from exc
+    except ValueError:
+        if head.startswith(_NPY_MAGIC):  # numpy refuses to unpickle an object array
+            raise ModelError(f"{path}: holds pickled Python objects, not numbers") from None
+        raise ModelError(f"{path}: not a readable .npz file") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{path}: not a readable .npz file ({one_line(exc)})") from None
+    if isinstance(data, np.ndarray):
+        return {"": _numeric(path, "", data)}
+    arrays: dict[str, np.ndarray] = {}
+    with data:
+        for name in data.files:
+            try:
+                array = np.asarray(data[name])
+            except ValueError:
+                raise ModelError(
+                    f"{path}: {name!r} holds pickled Python objects, not numbers"
+                ) from None
+            except (OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise ModelError(
+                    f"{path}: {name!r} is not a NumPy array ({one_line(exc)})"
+                ) from None
+            if array.ndim == 0 and array.dtype.kind == "S":
+                # a zip member that is no .npy file comes back as its raw bytes
+                raise ModelError(f"{path}: {name!r} is not a NumPy array")
+            arrays[name] = _numeric(path, name, array)
     if not arrays:
         raise ModelError(f"{path}: holds no arrays")
     return arrays
+
+
+def _numeric(path: Path, name: str, array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind not in "biufc":
+        what = f"{name!r}" if name else "the array"
+        raise ModelError(f"{path}: {what} holds {array.dtype} values, not numbers")
+    return array
 
 
 def concrete_shape(
@@ -249,8 +290,10 @@ def random_inputs(
 
 
 def _kind(dtype: np.dtype[Any]) -> str:
-    if dtype.kind in "fc" or dtype.name == "bfloat16":
+    if dtype.kind == "f" or dtype.name == "bfloat16":
         return "float"
+    if dtype.kind == "c":  # never cast to a real type: the imaginary part would be dropped
+        return "complex"
     if dtype.kind in "iu":
         return "integer"
     if dtype.kind == "b":

@@ -12,12 +12,17 @@ and keeps the fastest that meets the agreement target.
 Agreement per output is top-1 agreement for outputs that look like class scores (``[N, C]``,
 2 ≤ C ≤ 1000, not named like features) and mean cosine similarity for other float outputs;
 a candidate's agreement is its worst output's.
+
+Calibration sets on which any candidate would agree — identical samples, fewer than
+:data:`MIN_DISTINCT_SAMPLES` distinct ones, NaN, or FP32 outputs that do not vary over the
+held-out samples — are refused before any candidate is built; narrow ones are quantized
+with warnings in the report. Tensors holding infinities stay in FP32 (:class:`_Calibration`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import hashlib
 import io
 import logging
 import math
@@ -39,8 +44,11 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
+    TensorsData,
+    create_calibrator,
     quantize_dynamic,
     quantize_static,
+    save_tensors_data,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -119,7 +127,19 @@ _ELEMENTWISE_JOINS = frozenset({"Add", "Sub", "Mul"})
 
 _FEATURE_NAME = re.compile(r"feat|embed|hidden|latent|vector|pool|repr|encod", re.IGNORECASE)
 _MAX_CLASSES = 1000
-_SUPPORTS_CACHE = "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+MIN_DISTINCT_SAMPLES = 16
+"""Fewer distinct calibration samples are refused: a quarter of them is held out to measure
+agreement with FP32, and agreement on a handful of samples says nothing."""
+CONSTANT_OUTPUT_SPREAD = 1e-6
+"""An FP32 output whose relative spread over the held-out samples (:func:`_relative_spread`)
+is at most this is constant but for float rounding: every candidate agrees with a constant.
+When every measured output is constant, the calibration set is refused; when some are, a
+warning. (Frames of noise a millionth of a gray level deep reach 2e-8 on a small CNN.)"""
+NARROW_OUTPUT_SPREAD = 1e-2
+"""Below this relative spread an output barely moves over the held-out samples: a warning
+that the calibration set may not be what the model sees in service. (Held-out frames of a
+single class reach 5e-4 on the same CNN's class probabilities; varied ones 0.85.)"""
 
 
 # ----------------------------------------------------------------------------- reports
@@ -209,6 +229,8 @@ class QuantizationReport:
     holdout_samples: int
     timing_batch: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    warnings: tuple[str, ...] = ()
+    """What about the calibration set or the result deserves a look, one line each."""
 
     @property
     def size_ratio(self) -> float:
@@ -250,6 +272,7 @@ class QuantizationReport:
             "holdout_samples": self.holdout_samples,
             "timing_batch": {k: list(v) for k, v in self.timing_batch.items()},
             "elapsed_s": self.elapsed_s,
+            "warnings": list(self.warnings),
         }
 
 
@@ -334,9 +357,39 @@ def _samples(specs: Sequence[TensorSpec], calibration: Mapping[str, np.ndarray])
         listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise ModelError(f"calibration inputs disagree on the number of samples ({listed})")
     count = next(iter(counts.values()), 0)
-    if count < 2:
-        raise ModelError(f"calibration needs at least 2 samples, got {count}")
+    for name, arr in units.items():
+        if arr.dtype.kind == "f" and (nans := int(np.count_nonzero(np.isnan(arr)))):
+            raise ModelError(f"calibration input {name!r} holds NaN in {nans} of {arr.size} values")
+    _check_distinct(units, count)
     return _Samples(units, count, combinable)
+
+
+def _check_distinct(units: Mapping[str, np.ndarray], count: int) -> None:
+    """Refuse calibration sets that are constant or have too few distinct samples.
+
+    A sample is what one model run gets for every input together; two samples are the same
+    when all their bytes are. 64 all-zero frames, say, are one sample 64 times: every
+    candidate agrees with FP32 on it, whatever it does to real inputs.
+    """
+    digests = set()
+    for i in range(count):
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(units):
+            digest.update(np.ascontiguousarray(units[name][i]).tobytes())
+        digests.add(digest.digest())
+    distinct = len(digests)
+    if count > 1 and distinct == 1:
+        raise ModelError(
+            f"all {count} calibration samples are identical (a constant input, such as blank "
+            "frames): agreement measured on them says nothing about real inputs; "
+            "calibrate with real samples"
+        )
+    if distinct < MIN_DISTINCT_SAMPLES:
+        of = f" of {count}" if distinct != count else ""
+        raise ModelError(
+            f"calibration needs at least {MIN_DISTINCT_SAMPLES} distinct samples, "
+            f"got {distinct}{of}"
+        )
 
 
 class _Reader(CalibrationDataReader):  # type: ignore[misc]
@@ -718,12 +771,139 @@ def _quiet() -> Iterator[None]:
         root.removeFilter(chatter)
 
 
+def _relative_spread(values: np.ndarray) -> float:
+    """How much an output moves from sample to sample, relative to its size: the mean over
+    its elements of their standard deviation across samples (the first axis), over the
+    output's root mean square. 0 for an output that is the same for every sample; about 1
+    for one that varies as much as it is large. Infinities and NaN count as 0."""
+    if values.ndim == 0 or len(values) < 2:
+        return math.inf  # nothing to compare
+    rows = values.astype(np.float64).reshape(len(values), -1)
+    rows = np.where(np.isfinite(rows), rows, 0.0)
+    rms = float(np.sqrt(np.mean(rows**2)))
+    if rms == 0.0:
+        return 0.0
+    return float(np.mean(np.std(rows, axis=0)) / rms)
+
+
+def _check_outputs(
+    reference: Mapping[str, np.ndarray], metrics: Mapping[str, MeasuredMetric]
+) -> list[str]:
+    """Refuse a calibration set on which the FP32 model's measured outputs do not vary (every
+    candidate would agree with them); the warnings for outputs that vary little."""
+    spreads = {name: _relative_spread(values) for name, values in reference.items()}
+    constant = [name for name, spread in spreads.items() if spread <= CONSTANT_OUTPUT_SPREAD]
+    if constant and len(constant) == len(spreads):
+        listed = ", ".join(f"{name!r} {spreads[name]:.1e}" for name in constant)
+        raise ModelError(
+            "the FP32 model's outputs do not vary over the held-out calibration samples "
+            f"(relative spread {listed}; at most {CONSTANT_OUTPUT_SPREAD:g} is constant): "
+            "every INT8 model would agree with them; calibrate with samples like those "
+            "the model serves"
+        )
+    warnings: list[str] = []
+    for name, spread in spreads.items():
+        if spread <= CONSTANT_OUTPUT_SPREAD:
+            warnings.append(
+                f"output {name!r} is constant over the held-out samples (relative spread "
+                f"{spread:.1e}): its agreement measures nothing; measure the other outputs only"
+            )
+        elif spread < NARROW_OUTPUT_SPREAD:
+            warnings.append(
+                f"output {name!r} barely varies over the held-out samples (relative spread "
+                f"{spread:.1e} < {NARROW_OUTPUT_SPREAD:g}): are the calibration samples like "
+                "the inputs the model serves?"
+            )
+    for name, metric in metrics.items():
+        if metric == "top1" and len(np.unique(np.argmax(reference[name], axis=-1))) == 1:
+            warnings.append(
+                f"every held-out sample has the same top class on {name!r}: its top-1 "
+                "agreement covers one class only"
+            )
+    return warnings
+
+
+def _finite_range(data: Any) -> bool:
+    low, high = data.range_value
+    return bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)))
+
+
+class _Calibration:
+    """The activation ranges of the prepared model, one calibration per method, computed
+    with onnxruntime's own calibrators and handed to ``quantize_static`` as its calibration
+    cache, so that recipes sharing a method share its ranges.
+
+    Tensors that take infinite (or NaN) values on the calibration samples — an attention
+    mask added as -inf, a log of zero — have no 8-bit range: MinMax would make one of
+    [-inf, x] and ruin the model, the histogram calibrators (Entropy, Percentile) stop with
+    "range ... is not finite". They are found from the MinMax ranges, left out of every
+    calibration and of the ranges, and the nodes that produce or read them stay in FP32;
+    the rest of the model is quantized as usual. onnxruntime has no option for this.
+    """
+
+    def __init__(self, prepared: Path, feeds: Sequence[dict[str, np.ndarray]], work: Path) -> None:
+        self._prepared = prepared
+        self._feeds = feeds
+        self._work = work
+        self._files: dict[str, Path] = {}
+        self._nonfinite: frozenset[str] | None = None
+
+    def nonfinite(self) -> frozenset[str]:
+        """The tensors that hold infinities or NaN on the calibration samples."""
+        if self._nonfinite is None:
+            self.cache("MinMax")  # sets it
+        return self._nonfinite or frozenset()
+
+    def fp32_nodes(self) -> list[str]:
+        """The nodes that produce or read a tensor of :meth:`nonfinite`: kept in FP32."""
+        tensors = self.nonfinite()
+        if not tensors:
+            return []
+        graph = onnx.load(str(self._prepared)).graph
+        return [
+            node.name
+            for node in graph.node
+            if any(name in tensors for name in (*node.input, *node.output))
+        ]
+
+    def cache(self, method: str) -> Path:
+        """The calibration cache file of ``method`` (computed on first use)."""
+        if method not in self._files:
+            skip = frozenset() if method == "MinMax" else self.nonfinite()
+            ranges = self._calibrate(method, skip)
+            if method == "MinMax":
+                self._nonfinite = frozenset(k for k, v in ranges.items() if not _finite_range(v))
+                skip = self._nonfinite
+            kept = {name: data for name, data in ranges.items() if name not in skip}
+            path = self._work / f"ranges-{method}.json"
+            save_tensors_data(TensorsData(ranges.calibration_method, kept), path)
+            self._files[method] = path
+        return self._files[method]
+
+    def _calibrate(self, method: str, skip: frozenset[str]) -> Any:
+        calibrator = create_calibrator(
+            self._prepared,
+            None,
+            augmented_model_path=str(self._work / f"augmented-{method}.onnx"),
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
+        chosen = getattr(calibrator, "tensors_to_calibrate", None)
+        if skip and chosen is not None:
+            # the histogram calibrators collect exactly these tensors
+            calibrator.tensors_to_calibrate = set(chosen) - skip
+        reader = _Reader(self._feeds)
+        for start in range(len(reader)):  # one batch at a time: bounded memory
+            reader.set_range(start, start + 1)
+            calibrator.collect_data(reader)
+        return calibrator.compute_data()
+
+
 def _build(
     recipe: _Recipe,
     prepared: Path,
     target: Path,
     calibration: Sequence[dict[str, np.ndarray]],
-    cache_dir: Path,
+    ranges: _Calibration,
 ) -> None:
     if recipe.dynamic:
         rewritten = _gemm_as_matmul(onnx.load(str(prepared)))
@@ -747,11 +927,8 @@ def _build(
             name: [{"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}]
             for name in exact
         }
-    kwargs: dict[str, Any] = {}
-    if _SUPPORTS_CACHE:
-        # one calibration per method; later recipes with the same method reuse its ranges
-        kwargs["calibration_cache_path"] = cache_dir / f"ranges-{recipe.method}.json"
     with _quiet():
+        cache = ranges.cache(recipe.method)
         quantize_static(
             str(prepared),
             str(target),
@@ -762,10 +939,10 @@ def _build(
             reduce_range=False,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(recipe.exclude),
+            nodes_to_exclude=[*recipe.exclude, *ranges.fp32_nodes()],
             calibrate_method=getattr(CalibrationMethod, recipe.method),
             extra_options=extra,
-            **kwargs,
+            calibration_cache_path=cache,
         )
     if exact:
         quantized = onnx.load(str(target))
@@ -950,6 +1127,7 @@ def quantize_model(
             "the model has no floating-point outputs to compare; name outputs to measure"
         )
     metrics = {n: _choose_metric(n, reference[n], metric) for n in measured}
+    warnings = _check_outputs({n: reference[n] for n in measured}, metrics)
     targets = {n: target if target is not None else DEFAULT_TARGETS[m] for n, m in metrics.items()}
     bench = _Bench(holdout, {n: reference[n] for n in measured}, metrics, targets)
     calibration_feeds = list(samples.batches(calib_idx, CALIBRATION_BATCH))
@@ -960,19 +1138,23 @@ def quantize_model(
         say("preparing the model (shape inference, graph optimization)")
         prepared = _prepare(proto, work)
         facts = _ModelFacts.of(onnx.load(str(prepared)))
+        ranges = _Calibration(prepared, calibration_feeds, work)
         built: dict[str, Path] = {}
 
         def attempt(recipe: _Recipe) -> CandidateResult:
             path = work / f"{recipe.strategy}.onnx"
             say(f"trying {recipe.strategy}")
+            description = recipe.description
             try:
-                _build(recipe, prepared, path, calibration_feeds, work)
+                _build(recipe, prepared, path, calibration_feeds, ranges)
                 agreement = bench.agreement(path)
+                if not recipe.dynamic and (kept := ranges.fp32_nodes()):
+                    description += f"; {len(kept)} nodes on infinite values in FP32"
             except Exception as exc:  # noqa: BLE001 - a recipe may fail on some model; try the next
-                result = CandidateResult(recipe.strategy, recipe.description, error=one_line(exc))
+                result = CandidateResult(recipe.strategy, description, error=one_line(exc))
             else:
                 result = CandidateResult(
-                    recipe.strategy, recipe.description, agreement, size_bytes=path.stat().st_size
+                    recipe.strategy, description, agreement, size_bytes=path.stat().st_size
                 )
                 built[recipe.strategy] = path
             say(_summary(result))
@@ -1027,6 +1209,7 @@ def quantize_model(
         holdout_samples=len(holdout_idx),
         timing_batch={k: tuple(int(d) for d in v.shape) for k, v in timing_feed.items()},
         elapsed_s=time.perf_counter() - started,
+        warnings=tuple(warnings),
     )
     say(
         f"chose {chosen.strategy}: {report.speedup:.2f}× FP32 speed, "

@@ -324,16 +324,17 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
     """
     data: dict[str, Any] = {}
     base_dir = Path.cwd()
+    source: str | None = None
     if path is not None:
         path = Path(path)
+        source = str(path)
         try:
             data = load_toml(path)
         except ConfigValueError as exc:
-            raise ConfigError(exc.key, exc.problem) from None
+            raise ConfigError(exc.key, exc.problem, source=exc.source) from None
         base_dir = path.resolve().parent
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
+    given = {dotted: value for dotted, value in (overrides or {}).items() if value is not None}
+    for dotted, value in given.items():
         table: dict[str, Any] = data
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -345,7 +346,15 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
             table.pop("host", None)
             table.pop("port", None)
         table[leaf] = str(Path(value).resolve()) if dotted == "bundle_dir" else value
-    return _from_mapping(data, base_dir)
+    try:
+        return _from_mapping(data, base_dir)
+    except ConfigError as exc:
+        # A value from the file is named with the file; one the caller gave is not in it.
+        if source is None or exc.source is not None or exc.key in given:
+            raise
+        raise ConfigError(
+            exc.key, exc.problem, source=source, whole_table=exc.whole_table
+        ) from None
 
 
 _RUNTIME_KEYS: dict[str, type] = {
@@ -381,7 +390,7 @@ def _from_mapping(data: Mapping[str, Any], base_dir: Path) -> AgentConfig:
     try:
         return _read(Section(data, base_dir=base_dir))
     except ConfigValueError as exc:
-        raise ConfigError(exc.key, exc.problem) from None
+        raise ConfigError(exc.key, exc.problem, whole_table=exc.whole_table) from None
 
 
 def _read(top: Section) -> AgentConfig:

@@ -9,6 +9,8 @@ started, or is stopping.
 
 from __future__ import annotations
 
+from fogline.messaging import ConfigValueError
+
 __all__ = [
     "AgentDataError",
     "AgentError",
@@ -41,12 +43,22 @@ class AgentDataError(AgentError, ValueError):
 
 
 class ConfigError(AgentDataError):
-    """A configuration value is invalid. ``key`` names it (dotted, as in ``agent.toml``)."""
+    """A configuration value is invalid. ``key`` names it (dotted, as in ``agent.toml``),
+    ``source`` the file it was read from, when known.
 
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
+    The message has the one shape every fogline config error has (the cloud's too):
+    ``agent.toml: http.port must be at most 65535, got 70000``.
+    """
+
+    def __init__(
+        self, key: str, problem: str, *, source: str | None = None, whole_table: bool = False
+    ) -> None:
+        shaped = ConfigValueError(key, problem, source=source, whole_table=whole_table)
+        super().__init__(str(shaped))
         self.key = key
         self.problem = problem
+        self.source = source
+        self.whole_table = whole_table
 
 
 class InputError(AgentDataError):

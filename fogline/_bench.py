@@ -205,7 +205,7 @@ def _cpu_per_item(
     return out
 
 
-@app.command("edge")
+@app.command("edge", short_help="Edge model speed: INT8, FP32, the agent.")
 def bench_edge(
     batch: int = typer.Option(32, min=1, help="Frames per onnxruntime run."),
     samples: int = typer.Option(4096, min=64, help="Frames in the measured stream."),
@@ -217,7 +217,7 @@ def bench_edge(
         3, min=1, help="Rounds; each measures the INT8 model, the FP32 model and the agent."
     ),
     broker: str | None = typer.Option(None, help="Broker URL; default: a private Mosquitto."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Edge model speed: bare onnxruntime vs the full agent pipeline, INT8 vs FP32.
 
@@ -347,7 +347,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float = 60.
     raise RuntimeError("cloud worker did not become ready in time")
 
 
-@app.command("e2e")
+@app.command("e2e", short_help="Edge → cloud → edge round trips at a fixed rate.")
 def bench_e2e(
     rate: float = typer.Option(1000.0, min=1.0, help="Offered samples per second."),
     seconds: float = typer.Option(5.0, min=1.0, help="How long to offer load (measured)."),
@@ -363,7 +363,7 @@ def bench_e2e(
         "1 ms apart here, so waiting for company only adds latency.",
     ),
     broker: str | None = typer.Option(None, help="Broker URL; default: a private Mosquitto."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Edge → broker → cloud → edge round trips at a fixed offered rate.
 
@@ -544,7 +544,7 @@ def _offer(agent: Any, frames: np.ndarray, rate: float, n: int) -> _Offered:
     return _Offered(cloud_ms, caller_ms, counts["edge"], counts["failed"], counts["shed"], elapsed)
 
 
-@app.command("faults")
+@app.command("faults", short_help="Loss and recovery under scripted faults.")
 def bench_faults(
     items: int = typer.Option(5000, min=100, help="Items to offer (every one is forwarded)."),
     rate: float = typer.Option(
@@ -554,9 +554,9 @@ def bench_faults(
     workers: int = typer.Option(2, min=1, help="Cloud worker processes."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Scripted faults through real processes: the broker killed at 30 % of the items and
-    restarted after --broker-down-s, a worker SIGKILLed at 60 %, the agent SIGKILLed and
-    restarted on its outbox at 80 %. Prints offered, answered, lost, duplicates, evicted
+    """Scripted faults through real processes: the broker killed at 30% of the items and
+    restarted after --broker-down-s, a worker SIGKILLed at 60%, the agent SIGKILLed and
+    restarted on its outbox at 80%. Prints offered, answered, lost, duplicates, evicted
     and the longest recovery (fault to every earlier item answered)."""
     from fogline._broker import mosquitto_binary
     from fogline._faults import FaultPlan, run_scenario
@@ -590,5 +590,5 @@ def bench_faults(
         raise typer.Exit(1)
 
 
-app.command("cloud")(bench_cloud)
-app.command("mqtt")(bench_mqtt)
+app.command("cloud", short_help="Inference API throughput, batching off and on.")(bench_cloud)
+app.command("mqtt", short_help="MQTT round trips and QoS 1 throughput.")(bench_mqtt)

@@ -237,10 +237,10 @@ def bench_cloud(
 ) -> None:
     """Inference API requests/s and latency for the reference MLP, batching off and on.
 
-    Batch-1 requests over HTTP at concurrency 1 and 16 against ``mlp_nobatch``
-    (``max_batch_size = 0``) and ``mlp`` (default dynamic batching); ``batching_gain`` is
-    requests/s with batching ÷ without, at concurrency 16. The client shares the machine's
-    cores with the server (see the module docstring).
+    Batch-1 requests over HTTP at concurrency 1 and 16 against two copies of the MLP:
+    mlp_nobatch (max_batch_size = 0) and mlp (default dynamic batching). batching_gain is
+    requests/s with batching ÷ without, at concurrency 16. The client runs on the same
+    machine and shares its cores with the server, so the figures are lower bounds.
     """
     from fogline._bench import _emit
     from fogline._cli import Status, fail

@@ -234,7 +234,7 @@ def bench_mqtt(
         help="Clients to measure, comma-separated: fogline, paho-default.",
     ),
     broker: str | None = typer.Option(None, help="Broker URL; default: a private Mosquitto."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """MQTT round-trip latency at a fixed rate and QoS 1 throughput, fogline's connection
     against paho's defaults, through a real Mosquitto."""

@@ -6,15 +6,25 @@ Heavy imports (onnxruntime, FastAPI, uvicorn) happen inside the command so that
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import signal
+import sys
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fogline._cli import SOFTWARE_ERROR, bind_http, fail, settle_heap, setup_logging
+from fogline._cli import (
+    SOFTWARE_ERROR,
+    bind_http,
+    broker_url_option,
+    fail,
+    settle_heap,
+    setup_logging,
+)
 from fogline.reference import BUNDLE_DIR
 
 if TYPE_CHECKING:
@@ -24,7 +34,7 @@ if TYPE_CHECKING:
     from fogline.edge_agent._agent import Delivery
     from fogline.messaging import ThreadFailure
 
-__all__ = ["app", "with_reference_bundle"]
+__all__ = ["app", "sample_body", "with_reference_bundle"]
 
 log = logging.getLogger("fogline.edge_agent")
 
@@ -58,37 +68,62 @@ def with_reference_bundle(config: AgentConfig) -> AgentConfig:
 
 app = typer.Typer(no_args_is_help=True)
 
+SAMPLE_TAG = "sample-{seed}"
+"""The ``tag`` of a sample body: the agent returns it with the answer."""
+
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @app.callback()
 def _agent() -> None:
-    """Run the edge agent."""
+    """Run the edge agent; make sample inputs for it."""
 
 
-@app.command("run")
+def _site_option(value: str | None) -> str | None:
+    """A ``--site`` that cannot name an MQTT topic level is a usage error naming the option."""
+    if value is not None:
+        from fogline.edge_agent import AgentConfig
+        from fogline.edge_agent.errors import ConfigError
+
+        try:
+            AgentConfig(site=value)  # checked as a config file's site would be
+        except ConfigError as exc:
+            raise typer.BadParameter(exc.problem) from None
+    return value
+
+
+@app.command("run", short_help="Run the agent and its local HTTP API.")
 def run(
     *,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="agent.toml (see docs/agent.md)", dir_okay=False),
+        typer.Option("--config", "-c", help="agent.toml (see docs/agent.md)."),
     ] = None,
     broker: Annotated[
-        str | None, typer.Option(help="broker URL, e.g. mqtt://host:1883 (overrides the file)")
+        str | None,
+        typer.Option(
+            callback=broker_url_option,
+            help="Broker URL, e.g. mqtt://host:1883 (overrides the file).",
+        ),
     ] = None,
-    site: Annotated[str | None, typer.Option(help="site name (overrides the file)")] = None,
+    site: Annotated[
+        str | None, typer.Option(callback=_site_option, help="Site name (overrides the file).")
+    ] = None,
     bundle: Annotated[
-        Path | None, typer.Option(help="bundle directory (overrides the file)", file_okay=False)
+        Path | None,
+        typer.Option(help="Bundle directory (overrides the file).", file_okay=False),
     ] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP API port (overrides the file)")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="HTTP API port (overrides the file).")
+    ] = None,
     log_level: Annotated[
-        str, typer.Option(help="debug, info, warning or error", case_sensitive=False)
+        str, typer.Option(help="debug, info, warning or error.", case_sensitive=False)
     ] = "info",
-    log_format: Annotated[str, typer.Option(help="text, or json: one object a line")] = "text",
+    log_format: Annotated[str, typer.Option(help="text, or json: one object a line.")] = "text",
 ) -> None:
     """Run the agent and its local HTTP API until SIGTERM or Ctrl+C, then shut down cleanly.
 
-    Exits 70 with an ``error:`` line when a thread of the agent or the HTTP server failed
+    Exits 70 with an error: line when a thread of the agent or the HTTP server failed
     for good (see docs/agent.md, "Thread supervision")."""
     level = log_level.lower()
     if level not in _LOG_LEVELS:
@@ -176,3 +211,80 @@ def run(
         failure_line = agent.failed.message
     if failure_line is not None:
         fail(failure_line, code=SOFTWARE_ERROR)
+
+
+def sample_body(
+    *, seed: int, digit: bool = True, lists: bool = False
+) -> tuple[dict[str, Any], int]:
+    """A body for the agent's ``POST /v1/infer`` holding one reference frame, and the digit
+    in it (:data:`~fogline.reference._frames.NO_DIGIT` for a frame without one).
+
+    The frame is one of the camera-like frames the packaged reference bundle is built and
+    measured on (``fogline.reference``), drawn from the held-out digits: no download, the
+    same frame for the same ``seed``. It is base64 of the raw uint8 pixels with their shape,
+    or nested lists (``lists``).
+    """
+    from fogline.reference._frames import make_frames
+
+    frames, labels = make_frames(1, seed=seed, p_digit=1.0 if digit else 0.0, split="holdout")
+    frame = frames[0]
+    body: dict[str, Any]
+    if lists:
+        body = {"data": frame.tolist()}
+    else:
+        body = {
+            "b64": base64.b64encode(frame.tobytes()).decode("ascii"),
+            "shape": list(frame.shape),
+            "dtype": str(frame.dtype),
+        }
+    body["tag"] = SAMPLE_TAG.format(seed=seed)
+    return body, int(labels[0])
+
+
+@app.command("sample", short_help="A sample input frame for the agent's HTTP API.")
+def sample(
+    *,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="<file>",
+            dir_okay=False,
+            help="Write the body to this file instead of stdout.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Which frame: the same seed gives the same frame.")
+    ] = 0,
+    empty: Annotated[
+        bool,
+        typer.Option(
+            "--empty", help="A frame with no digit in it (the agent drops it at the edge)."
+        ),
+    ] = False,
+    lists: Annotated[
+        bool,
+        typer.Option("--lists", help="The pixels as nested lists instead of base64."),
+    ] = False,
+) -> None:
+    """Write a JSON body for the agent's POST /v1/infer: one frame for the reference bundle.
+
+    The frame is a 64×64 uint8 camera-like frame of the kind the packaged reference bundle
+    reads (what fogline agent run serves when no bundle is configured), holding a
+    handwritten digit unless --empty is given. Nothing is downloaded; the same --seed gives
+    the same frame. The body carries the tag sample-SEED, which the answer repeats. Send
+    it with: fogline agent sample | curl -s --data-binary @- http://127.0.0.1:8081/v1/infer
+    """
+    body, digit = sample_body(seed=seed, digit=not empty, lists=lists)
+    text = json.dumps(body, separators=(",", ":"))
+    what = "no digit" if empty else f"the digit {digit}"
+    if out is None:
+        print(text)
+        print(f"a frame holding {what} (seed {seed})", file=sys.stderr)
+        return
+    try:
+        out.write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}", code=1)
+    print(f"wrote {out}: a frame holding {what} (seed {seed})", file=sys.stderr)

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fogline._cli import SOFTWARE_ERROR, bind_http, fail, settle_heap, setup_logging
+from fogline._cli import (
+    SOFTWARE_ERROR,
+    bind_http,
+    broker_url_option,
+    fail,
+    settle_heap,
+    setup_logging,
+)
 from fogline.cloud_service._auth import Scope, add_token, generate_token
 from fogline.cloud_service._batch_job import load_inputs, save_outputs, score
 from fogline.cloud_service._doctor import diagnose, gpu_usable
@@ -217,27 +224,48 @@ def batch_command(
         repository.stop()
 
 
-app.command("doctor")(doctor_command)
-app.command("batch")(batch_command)
+app.command("doctor", short_help="Which GPU and CPU backends work here, and why.")(doctor_command)
+app.command("batch", short_help="Score a file of inputs at low priority.")(batch_command)
 
 
-@app.command("serve")
+def _store_url_option(value: str | None) -> str | None:
+    """A ``--store`` that is no database URL is a usage error naming the option."""
+    if value is not None:
+        from fogline.cloud_service._config import StoreConfig
+
+        try:
+            StoreConfig(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc).removeprefix("url ")) from None
+    return value
+
+
+@app.command("serve", short_help="Run the cloud worker and its HTTP API.")
 def serve(
     config: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="cloud.toml (defaults apply without one)."),
     ] = None,
     broker: Annotated[
-        str | None, typer.Option(help="Broker URL, e.g. mqtt://host:1883 (overrides config).")
+        str | None,
+        typer.Option(
+            callback=broker_url_option,
+            help="Broker URL, e.g. mqtt://host:1883 (overrides config).",
+        ),
     ] = None,
     bundle: Annotated[
         list[Path] | None,
-        typer.Option("--bundle", help="Bundle directory to serve; repeat for several."),
+        typer.Option(
+            "--bundle", metavar="<path>", help="Bundle directory to serve; repeat for several."
+        ),
     ] = None,
     host: Annotated[str | None, typer.Option(help="HTTP listen address.")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="HTTP port.")] = None,
     store: Annotated[
-        str | None, typer.Option(help="Result store URL, e.g. sqlite:///results.db.")
+        str | None,
+        typer.Option(
+            callback=_store_url_option, help="Result store URL, e.g. sqlite:///results.db."
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="text, or json: one object a line.")] = "text",
@@ -260,7 +288,8 @@ def serve(
         float, typer.Option(min=0.001, help="Largest accepted inference request body.")
     ] = 64.0,
     cors_origin: Annotated[
-        list[str] | None, typer.Option(help="Allow CORS from this origin; repeat for several.")
+        list[str] | None,
+        typer.Option(metavar="<origin>", help="Allow CORS from this origin; repeat for several."),
     ] = None,
 ) -> None:
     """Consume features over MQTT, answer each site, store results, serve the HTTP API.
@@ -270,7 +299,7 @@ def serve(
     when a broker is configured (--broker or [broker] in the config file).
     SIGTERM or Ctrl-C answers what is queued, then exits 0. A thread of the worker or of
     the model repository that failed for good (docs/cloud.md, "Thread supervision"), or the
-    HTTP server's own loop failing, stops the service with an ``error:`` line and exit 70.
+    HTTP server's own loop failing, stops the service with an error: line and exit 70.
     """
     from fogline.cloud_service._config import CloudConfig
 
@@ -427,7 +456,9 @@ def token_command(
     ],
     scope: Annotated[
         list[Scope],
-        typer.Option("--scope", help="infer, read or admin; repeat for several."),
+        typer.Option(
+            "--scope", metavar="<infer|read|admin>", help="What it may do; repeat for several."
+        ),
     ],
     file: Annotated[
         Path, typer.Option("--file", help="Token file to add the hash to (TOML, or .json).")
@@ -452,5 +483,7 @@ def token_command(
 
 
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for the inference API.")
-tokens_app.command("create")(token_command)
+tokens_app.command("create", short_help="Mint an API token; only its hash is stored.")(
+    token_command
+)
 app.add_typer(tokens_app, name="token")

@@ -79,13 +79,20 @@ def _num(value: float | str | None, spec: str = ".3g") -> str:
 # ------------------------------------------------------------------------------ split
 
 
-@app.command("split")
+@app.command("split", short_help="Cut a model into edge and cloud parts, proven.")
 def split(
-    model: Annotated[Path, typer.Argument(help="ONNX model to cut.", show_default=False)],
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="ONNX model to cut.", show_default=False)
+    ],
     *,
     at: Annotated[
         list[str],
-        typer.Option("--at", help="Tensor to cut at (repeat for several).", show_default=False),
+        typer.Option(
+            "--at",
+            metavar="<tensor>",
+            help="Tensor to cut at (repeat for several).",
+            show_default=False,
+        ),
     ],
     out_dir: Annotated[
         Path,
@@ -166,11 +173,12 @@ def _show_split(report: SplitReport) -> None:
 # --------------------------------------------------------------------------- quantize
 
 
-@app.command("quantize")
+@app.command("quantize", short_help="INT8 quantization guided by agreement with FP32.")
 def quantize(
     *,
     model: Annotated[
-        Path, typer.Argument(help="FP32 ONNX model (an edge part).", show_default=False)
+        Path,
+        typer.Argument(metavar="MODEL", help="FP32 ONNX model (an edge part).", show_default=False),
     ],
     calibration: Annotated[
         Path,
@@ -195,7 +203,11 @@ def quantize(
     ] = MetricChoice.auto,
     measure: Annotated[
         list[str] | None,
-        typer.Option("--measure", help="Output to compare (repeat; default: all float outputs)."),
+        typer.Option(
+            "--measure",
+            metavar="<output>",
+            help="Output to compare (repeat; default: all float outputs).",
+        ),
     ] = None,
     holdout: Annotated[
         float, typer.Option(help="Share of the samples held out to measure agreement.")
@@ -222,6 +234,9 @@ def quantize(
             holdout_fraction=holdout,
             progress=status.update,
         )
+    for warning in report.warnings:
+        # what about the calibration set deserves a look: said whatever the output format
+        status_console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if report.speedup < 1.0:
         # Small or memory-bound models can run slower in INT8: the target was met, but the
         # FP32 model may be the better one to deploy.
@@ -283,7 +298,7 @@ def _show_quantize(report: QuantizationReport) -> None:
 # -------------------------------------------------------------------- build-reference
 
 
-@app.command("build-reference")
+@app.command("build-reference", short_help="Rebuild the shipped reference bundle.")
 def build_reference(
     out_dir: Annotated[
         Path | None,

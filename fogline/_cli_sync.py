@@ -154,7 +154,7 @@ def _parse_expiry(values: Sequence[str]) -> dict[str, Expiry]:
 # ------------------------------------------------------------------------------ keys
 
 
-@keys_app.command("init")
+@keys_app.command("init", short_help="Create the roots of trust and their keys.")
 def keys_init(
     home: HomeOption = None,
     keys: KeysOption = None,
@@ -211,7 +211,7 @@ def keys_init(
         console.print(f"provision sites with the {repo} root: {escape(path)}")
 
 
-@keys_app.command("rotate")
+@keys_app.command("rotate", short_help="Replace a role's keys.")
 def keys_rotate(
     role: Annotated[
         str, typer.Argument(help="root, targets, snapshot or timestamp.", show_default=False)
@@ -257,7 +257,7 @@ def keys_rotate(
         )
 
 
-@keys_app.command("refresh")
+@keys_app.command("refresh", short_help="Re-sign metadata close to expiring.")
 def keys_refresh(
     home: HomeOption = None, keys: KeysOption = None, as_json: JsonOption = False
 ) -> None:
@@ -369,15 +369,15 @@ def publish(
         )
 
 
-bundle_app.command("publish")(publish)
-model_app.command("publish")(publish)
+bundle_app.command("publish", short_help="Release a bundle into the catalogue.")(publish)
+model_app.command("publish", short_help="Release a bundle into the catalogue.")(publish)
 
 
 def _release_row(release: Release) -> dict[str, Any]:
     return release.to_dict()
 
 
-@bundle_app.command("ls")
+@bundle_app.command("ls", short_help="List every released bundle.")
 def bundle_ls(home: HomeOption = None, as_json: JsonOption = False) -> None:
     """List every released bundle."""
     with _errors_to_exit():
@@ -409,7 +409,7 @@ def _split_id(bundle: str) -> tuple[str, str]:
     return name, version
 
 
-@bundle_app.command("show")
+@bundle_app.command("show", short_help="Describe one released bundle.")
 def bundle_show(
     bundle: Annotated[str, typer.Argument(help="NAME:VERSION", show_default=False)],
     home: HomeOption = None,
@@ -458,7 +458,7 @@ def _mapping(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-@bundle_app.command("assign")
+@bundle_app.command("assign", short_help="Tell sites which bundle to run.")
 def bundle_assign(
     bundle: Annotated[str, typer.Argument(help="NAME:VERSION", show_default=False)],
     site: Annotated[
@@ -481,7 +481,7 @@ def bundle_assign(
 # ----------------------------------------------------------------------------- agent
 
 
-@agent_app.command("enroll")
+@agent_app.command("enroll", short_help="Provision this site once.")
 def agent_enroll(
     catalogue_root: Annotated[
         Path,
@@ -504,8 +504,8 @@ def agent_enroll(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Provision this site once: trust anchors, name, region and a site key (owner-only).
-    Prints the site's public key, which the rollout service registers."""
+    """Provision this site once: trust anchors, name, region and a site key readable by
+    its owner only. Prints the site's public key, which the rollout service registers."""
     with _errors_to_exit():
         from fogline.sync import enroll
 

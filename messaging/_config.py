@@ -13,6 +13,7 @@ error root at its boundary, so callers still catch one package's errors.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,33 +38,75 @@ class ConfigValueError(ValueError):
     """A configuration value is wrong.
 
     ``key`` is the dotted key (``broker.port``; empty for the file as a whole) and
-    ``problem`` what is wrong with it (``must be an integer, got 'x'``). The message reads
-    ``broker.port must be an integer, got 'x'``; a problem with a whole table that no single
-    key explains (``whole_table``) reads ``broker: reconnect backoff must satisfy …``.
+    ``problem`` what is wrong with it (``must be an integer, got 'x'``); ``source`` is the
+    file it was read from, when known. Every config error of every fogline process reads
+    the same way, one line: ``agent.toml: broker.port must be an integer, got 'x'``
+    (without a file: ``broker.port must be an integer, got 'x'``). A problem with a whole
+    table that no single key explains (``whole_table``) reads ``cloud.toml: broker:
+    reconnect backoff must satisfy …``, one with the file itself ``cloud.toml: does not
+    exist``.
     """
 
-    def __init__(self, key: str, problem: str, *, whole_table: bool = False) -> None:
+    def __init__(
+        self,
+        key: str,
+        problem: str,
+        *,
+        whole_table: bool = False,
+        source: str | None = None,
+    ) -> None:
         if not key:
             message = problem
         elif whole_table:
             message = f"{key}: {problem}"
         else:
             message = f"{key} {problem}"
-        super().__init__(message)
+        super().__init__(f"{source}: {message}" if source else message)
         self.key = key
         self.problem = problem
+        self.whole_table = whole_table
+        self.source = source
+
+    def in_file(self, source: str) -> ConfigValueError:
+        """The same error, naming the file it came from (unless it names one already)."""
+        if self.source:
+            return self
+        return ConfigValueError(self.key, self.problem, whole_table=self.whole_table, source=source)
+
+
+_TOML_AT_END = " (at end of document)"
+_TOML_POSITION = re.compile(r"^(?P<what>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
+
+
+def _toml_problem(exc: tomllib.TOMLDecodeError) -> str:
+    """``not valid TOML at line 2, column 8: expected ']' at the end of a table declaration``:
+    where first, then tomllib's reason."""
+    text = str(exc)
+    if (found := _TOML_POSITION.match(text)) is not None:
+        where = f"at line {found['line']}, column {found['column']}"
+        text = found["what"]
+    elif text.endswith(_TOML_AT_END):
+        where = "at the end of the file"
+        text = text.removesuffix(_TOML_AT_END)
+    else:
+        return f"not valid TOML: {text}"
+    return f"not valid TOML {where}: {text[:1].lower()}{text[1:]}"
 
 
 def load_toml(path: Path) -> dict[str, Any]:
     """Read and parse one TOML file; a missing, unreadable or malformed file is named."""
+    source = str(path)
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigValueError("", f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigValueError("", f"config file {path} is unreadable: {exc}") from None
+        raise ConfigValueError("", "does not exist", source=source) from None
+    except UnicodeDecodeError:
+        raise ConfigValueError("", "is not UTF-8 text", source=source) from None
+    except OSError as exc:
+        problem = f"cannot be read: {exc.strerror or exc}"
+        raise ConfigValueError("", problem, source=source) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigValueError("", f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigValueError("", _toml_problem(exc), source=source) from None
 
 
 def _is_a(value: object, kind: type) -> bool:

@@ -214,10 +214,11 @@ def test_a_config_file_is_read_or_named_in_the_error(tmp_path: Path) -> None:
     binary.write_bytes(b"site = '\xff'\n")
     for path, problem in (
         (tmp_path / "missing.toml", "does not exist"),
-        (bad, "is not valid TOML"),
-        (binary, "is unreadable"),
+        (bad, "not valid TOML at line 1, column 8: invalid value"),
+        (binary, "is not UTF-8 text"),
+        (tmp_path, "cannot be read: Is a directory"),
     ):
         with pytest.raises(ConfigValueError) as info:
             load_toml(path)
-        assert str(info.value).startswith(f"config file {path} {problem}")
-        assert info.value.key == ""
+        assert str(info.value) == f"{path}: {problem}"
+        assert (info.value.key, info.value.source) == ("", str(path))

@@ -130,7 +130,7 @@ def test_an_empty_share_group_subscribes_to_the_plain_topic(tmp_path: Path) -> N
         ("bundles = []", "bundles must name at least one"),
         ("bundles = [3]", r"bundles\[0\] must be a directory path"),
         ('share_group = "a/b"', "share_group 'a/b' must not contain"),
-        ("[http]\nport = 70000", "http.port must lie in"),
+        ("[http]\nport = 70000", "http.port must be at most 65535, got 70000"),
         ('[store]\nurl = "results.db"', "store.url 'results.db' is not a database URL"),
         ('[broker]\nurl = "http://x"', "broker.url is invalid: .* must start with mqtt://"),
         ("[broker]\nport = 0", "broker.port must be at least 1, got 0"),

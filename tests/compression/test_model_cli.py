@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -336,3 +337,119 @@ def test_quantize_warns_when_the_chosen_int8_model_is_slower_than_fp32(
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["speedup"] == pytest.approx(1 / int8_vs_fp32_time)
     assert ("the FP32 model may serve better" in result.stderr) is warned
+
+
+def _quantize_with(runner: CliRunner, mlp: Path, samples: Path, tmp_path: Path) -> Any:
+    out = tmp_path / "o.onnx"
+    result = runner.invoke(
+        app, ["model", "quantize", str(mlp), "--calibration", str(samples), "-o", str(out)]
+    )
+    assert not out.exists()
+    return result
+
+
+def test_attack_all_zero_calibration_frames_are_refused_with_one_line_and_exit_2(
+    runner: CliRunner, mlp: Path, tmp_path: Path
+) -> None:
+    samples = tmp_path / "zeros.npz"
+    np.savez(samples, x=np.zeros((64, 8), np.float32))
+    result = _quantize_with(runner, mlp, samples, tmp_path)
+
+    assert result.exit_code == 2
+    assert _one_error_line(result.stderr).startswith(
+        "error: all 64 calibration samples are identical"
+    )
+
+
+def _text(path: Path) -> None:
+    path.write_text("x,y\n1,2\n")
+
+
+def _truncated(path: Path) -> None:
+    np.savez(path, x=np.ones((32, 8), np.float32))
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _objects(path: Path) -> None:
+    np.savez(path, x=np.array([{"a": 1}] * 32, dtype=object))
+
+
+def _strings(path: Path) -> None:
+    np.savez(path, x=np.array(["a"] * 32))
+
+
+def _not_an_array(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "frames from camera 3")
+
+
+def _nothing(path: Path) -> None:
+    np.savez(path)
+
+
+def _misnamed(path: Path) -> None:
+    np.savez(path, frames=np.ones((32, 8), np.float32))
+
+
+def _wrong_dtype(path: Path) -> None:
+    np.savez(path, x=np.ones((32, 8), np.complex64))
+
+
+def _wrong_shape(path: Path) -> None:
+    np.savez(path, x=np.ones((32, 4, 2), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_text, "samples.npz: not an .npz file (numpy.savez writes one: name=array, ...)"),
+        (_truncated, "samples.npz: not a readable .npz file"),
+        (_objects, "samples.npz: 'x' holds pickled Python objects, not numbers"),
+        (_strings, "samples.npz: 'x' holds <U1 values, not numbers"),
+        (_not_an_array, "samples.npz: 'notes.txt' is not a NumPy array"),
+        (_nothing, "samples.npz: holds no arrays"),
+        (_misnamed, "calibration input 'frames' is not an input of the model"),
+        (_wrong_dtype, "calibration input 'x' is complex64; the model expects float32"),
+        (_wrong_shape, "calibration input 'x' has shape [32, 4, 2]; expected [batch, 8]"),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else "",
+)
+def test_a_malformed_calibration_file_is_one_line_naming_the_problem_and_exit_2(
+    runner: CliRunner, mlp: Path, tmp_path: Path, make: Any, message: str
+) -> None:
+    samples = tmp_path / "samples.npz"
+    make(samples)
+    result = _quantize_with(runner, mlp, samples, tmp_path)
+
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result.stderr)
+    assert message in line
+    assert "pickle.load" not in line
+    assert "allow_pickle" not in line
+
+
+def test_quantize_prints_the_report_warnings_on_stderr_also_with_json(
+    runner: CliRunner,
+    mlp: Path,
+    calibration: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from fogline.compression import _quantize
+
+    real = _quantize.quantize_model
+
+    def warned(*args: Any, **kwargs: Any) -> Any:
+        report = real(*args, **kwargs)
+        return dataclasses.replace(report, warnings=("output 'probs' barely varies [sic]",))
+
+    monkeypatch.setattr(_quantize, "quantize_model", warned)
+    out = tmp_path / "mlp.int8.onnx"
+    args = ["model", "quantize", str(mlp), "--calibration", str(calibration), "-o", str(out)]
+    result = runner.invoke(app, [*args, "--json"])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["warnings"] == ["output 'probs' barely varies [sic]"]
+    assert "warning: output 'probs' barely varies [sic]" in result.stderr

@@ -14,11 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fogline.compression import ModelError, QuantizationError
 from fogline.compression._quantize import (
+    MIN_DISTINCT_SAMPLES,
     SPEED_TIE,
     QuantizationReport,
     _agreement,
     _choose_metric,
     _gemm_as_matmul,
+    _relative_spread,
     _skip_exact_quantize,
     quantize_model,
 )
@@ -514,3 +516,131 @@ def test_agreement_measures() -> None:
     assert _agreement("cosine", a, flipped) == pytest.approx((1.0 + 0.8) / 2)
     assert _agreement("cosine", a, a[:1]) == 0.0
     assert _agreement("exact", np.array([1, 2, 3]), np.array([1, 2, 4])) == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------- degenerate calibration
+
+
+def test_attack_blank_calibration_frames_are_refused_before_any_candidate(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    # 64 identical frames: every candidate agrees with FP32 on them, whatever it does to
+    # real frames. Seen passing with "agreement 0.9999" for a model that agreed on half.
+    out = tmp_path / "o.onnx"
+    blank = {"x": np.zeros((64, 1, 8, 8), np.float32)}
+    with pytest.raises(ModelError, match=r"^all 64 calibration samples are identical"):
+        quantize_model(models["cnn"], blank, out)
+    assert not out.exists()
+
+
+def test_too_few_distinct_samples_are_refused_however_often_repeated(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    images, _ = _images(5, seed=3)
+    repeated = {"x": np.tile(images, (8, 1, 1, 1))}
+    with pytest.raises(
+        ModelError, match=rf"at least {MIN_DISTINCT_SAMPLES} distinct samples, got 5 of 40$"
+    ):
+        quantize_model(models["cnn"], repeated, tmp_path / "o.onnx")
+
+
+def test_nan_in_a_calibration_input_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    images, _ = _images(32, seed=3)
+    images[3, 0, 2, 2] = np.nan
+    with pytest.raises(ModelError, match=r"'x' holds NaN in 1 of 2048 values"):
+        quantize_model(models["cnn"], {"x": images}, tmp_path / "o.onnx")
+
+
+def test_near_blank_frames_that_leave_every_output_constant_are_refused(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    # distinct frames, but so close to black that the model says the same thing for each
+    faint = 1e-7 * np.random.default_rng(5).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(ModelError, match=r"outputs do not vary over the held-out"):
+        quantize_model(models["cnn"], {"x": faint}, tmp_path / "o.onnx")
+
+
+def test_a_calibration_set_of_one_class_is_quantized_with_a_warning(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    images, labels = _images(200, seed=8)
+    one_class = images[labels == 2][:40]
+    report = quantize_model(models["cnn"], {"x": one_class}, tmp_path / "o.onnx")
+    narrow, one_top_class = report.warnings
+    assert narrow.startswith("output 'probs' barely varies over the held-out samples")
+    assert one_top_class == (
+        "every held-out sample has the same top class on 'probs': its top-1 agreement "
+        "covers one class only"
+    )
+    assert report.to_dict()["warnings"] == list(report.warnings)
+
+
+def test_relative_spread_is_zero_for_constants_and_near_one_for_noise() -> None:
+    rng = np.random.default_rng(0)
+    assert _relative_spread(np.ones((10, 4), np.float32)) == 0.0
+    assert _relative_spread(np.zeros((10, 4), np.float32)) == 0.0
+    assert 0.5 < _relative_spread(rng.standard_normal((500, 4))) < 1.1
+    assert _relative_spread(1.0 + 1e-6 * rng.standard_normal((50, 4))) < 1e-5
+    with_inf = np.array([[-np.inf, 1.0], [-np.inf, 1.0]])
+    assert _relative_spread(with_inf) == 0.0
+
+
+# -------------------------------------------------------------- infinities in the graph
+
+
+def _masked_attention(path: Path) -> Path:
+    """Scores plus a mask bias of -inf where ``mask`` is 0, softmax, a linear head: the
+    shape of attention with padding, where the bias holds infinities."""
+    rng = np.random.default_rng(6)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "wq"], ["scores"]),
+            helper.make_node("Equal", ["mask", "zero"], ["padded"]),
+            helper.make_node("Where", ["padded", "minus_inf", "zero"], ["bias"]),
+            helper.make_node("Add", ["scores", "bias"], ["masked"]),
+            helper.make_node("Softmax", ["masked"], ["weights"], axis=-1),
+            helper.make_node("MatMul", ["weights", "wo"], ["logits"]),
+        ],
+        "masked_attention",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 8]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[
+            numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "wq"),
+            numpy_helper.from_array((3 * rng.standard_normal((8, 3))).astype(np.float32), "wo"),
+            numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def _masked_inputs(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = (rng.random((n, 8)) > 0.3).astype(np.float32)
+    mask[:, 0] = 1.0  # at least one position is kept: softmax stays defined
+    return {"x": rng.standard_normal((n, 8)).astype(np.float32), "mask": mask}
+
+
+def test_a_mask_added_as_minus_infinity_keeps_every_static_strategy(tmp_path: Path) -> None:
+    # onnxruntime's Entropy and Percentile calibrators stop with "supplied range of
+    # [-inf, inf] is not finite", and MinMax calibrates [-inf, x]: the tensors holding
+    # infinities stay in FP32 and every static strategy is built and measured.
+    model = _masked_attention(tmp_path / "masked.onnx")
+    report = quantize_model(model, _masked_inputs(64, seed=1), tmp_path / "masked.int8.onnx")
+
+    by_name = {c.strategy: c for c in report.candidates}
+    for strategy in ("static-minmax", "static-entropy", "static-percentile"):
+        candidate = by_name[strategy]
+        assert candidate.error is None, candidate.error
+        assert candidate.accepted, candidate.agreement
+        assert "3 nodes on infinite values in FP32" in candidate.description
+    assert all(c.error is None for c in report.candidates)
+    assert report.strategy in by_name
+    fresh = _masked_inputs(200, seed=2)
+    (fp32,) = _run(model, fresh)
+    (int8,) = _run(report.output, fresh)
+    assert np.isfinite(int8).all()
+    assert np.mean(fp32.argmax(1) == int8.argmax(1)) >= 0.95

@@ -30,7 +30,7 @@ def test_a_bad_config_is_one_line_naming_the_key_and_exit_code_2(tmp_path: Path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("error: http.host: '0.0.0.0' is not a loopback address")
+    assert lines[0].startswith(f"error: {config}: http.host '0.0.0.0' is not a loopback address")
 
 
 def test_a_directory_that_is_not_a_bundle_exits_2(tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ def test_the_agent_command_runs_the_reference_bundle_when_none_is_configured(
     tmp_path: Path,
 ) -> None:
     cfg = load_config(None, {"site": "solo"})
-    with pytest.raises(ConfigError, match="bundle_dir: is not set"):
+    with pytest.raises(ConfigError, match="bundle_dir is not set"):
         cfg.bundle_path()
     assert with_reference_bundle(cfg).bundle_path() == BUNDLE_DIR
     own = cfg.replace(bundle_dir=tmp_path)
@@ -181,11 +181,14 @@ def test_a_bad_value_is_reported_with_its_key(
         load_config(_write(tmp_path, text + "\n"))
     assert info.value.key == key
     assert problem in str(info.value)
-    assert str(info.value).startswith(f"{key}: ")
+    # the file, the dotted key, what is wrong: the shape of every config error
+    separator = ": " if info.value.whole_table else " "
+    assert str(info.value).startswith(f"{tmp_path / 'agent.toml'}: {key}{separator}")
+    assert info.value.source == str(tmp_path / "agent.toml")
 
 
 def test_a_non_loopback_http_host_is_refused_unless_allowed(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"http\.host: '0\.0\.0\.0' is not a loopback"):
+    with pytest.raises(ConfigError, match=r"http\.host '0\.0\.0\.0' is not a loopback"):
         load_config(_write(tmp_path, 'site = "a"\n[http]\nhost = "0.0.0.0"\n'))
     cfg = load_config(
         _write(tmp_path, 'site = "a"\n[http]\nhost = "0.0.0.0"\nallow_remote = true\n')
@@ -307,18 +310,21 @@ def test_a_bad_outbox_or_breaker_value_is_reported_with_its_key(
         load_config(_write(tmp_path, f'site = "a"\n{text}\n'))
     assert info.value.key == key
     assert problem in str(info.value)
-    assert str(info.value).startswith(f"{key}: ")
+    # the file, the dotted key, what is wrong: the shape of every config error
+    separator = ": " if info.value.whole_table else " "
+    assert str(info.value).startswith(f"{tmp_path / 'agent.toml'}: {key}{separator}")
+    assert info.value.source == str(tmp_path / "agent.toml")
 
 
 def test_outbox_and_breaker_configs_built_in_code_are_validated_too() -> None:
     with pytest.raises(ConfigError, match=r"outbox\.max_items"):
         OutboxConfig(max_items=0)
-    with pytest.raises(ConfigError, match=r"outbox\.path: must be a path"):
+    with pytest.raises(ConfigError, match=r"outbox\.path must be a path"):
         OutboxConfig(path=3)  # type: ignore[arg-type]
     assert OutboxConfig(path="x/outbox.db").path == Path("x/outbox.db")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"breaker\.offline"):
         BreakerConfig(offline="ignore")
-    with pytest.raises(ConfigError, match=r"^outbox: must be OutboxConfig"):
+    with pytest.raises(ConfigError, match=r"^outbox must be OutboxConfig"):
         AgentConfig(site="a", outbox={"max_items": 3})  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"^breaker: must be BreakerConfig"):
+    with pytest.raises(ConfigError, match=r"^breaker must be BreakerConfig"):
         AgentConfig(site="a", breaker=None)  # type: ignore[arg-type]

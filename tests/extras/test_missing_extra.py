@@ -36,6 +36,7 @@ def test_bench_without_httpx_names_the_demo_extra(
         (["model", "build-reference"], "torch", "tools"),
         (["cloud", "doctor"], "tensorrt", "gpu"),
         (["demo"], "amqtt", "demo"),
+        (["agent", "sample"], "sklearn", "demo"),
     ],
 )
 def test_missing_module_maps_to_the_extra_that_brings_it(
