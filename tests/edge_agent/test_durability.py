@@ -36,10 +36,11 @@ from fogline.edge_agent import (
     OutboxConfig,
     OutboxError,
     OutboxEvictedError,
+    OutboxStorageFullError,
     RuntimeConfig,
 )
 from tests.conftest import Broker
-from tests.edge_agent.conftest import frames
+from tests.edge_agent.conftest import fill, frames
 
 pytestmark = pytest.mark.integration
 
@@ -454,6 +455,42 @@ def test_items_older_than_max_age_are_evicted_and_their_callers_told(
     assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
     assert _wait_until(agent.drained)
     assert deliveries.snapshot() == []  # the waiting callers got the outcome
+
+
+def test_an_agent_whose_disk_is_full_at_start_says_so_and_its_backlog_waits_for_room(
+    small_fs, bundle_factory, make_agent, responder_factory, caplog
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    fs = small_fs("512k")
+    outbox = OutboxConfig(path=fs / "outbox.db", **FAST_RETRY)
+    first = make_agent(bundle, cloud_timeout_ms=200, outbox=outbox)
+    tags = [f"backlog-{i}" for i in range(10)]
+    assert {f.result(10).status for f in first.submit_batch(frames(10), tags=tags)} == {"degraded"}
+    first.stop()
+
+    filler = fill(fs, leave=0)
+    with pytest.raises(OutboxStorageFullError) as caught:
+        make_agent(bundle, outbox=outbox)
+    message = str(caught.value)
+    assert message.startswith("outbox storage full: cannot open the outbox"), message
+    assert "0 bytes free on its file system" in message
+
+    # Some room, not much: the agent starts, says how little there is, and delivers.
+    filler.unlink()
+    filler = fill(fs, leave=100 * 1024)
+    caplog.set_level(logging.WARNING, logger="fogline.edge_agent")
+    deliveries = Deliveries()
+    agent = make_agent(bundle, on_answer=deliveries, outbox=outbox)
+    [line] = [r.getMessage() for r in caplog.records if "at start" in r.getMessage()]
+    assert "outbox storage nearly full at start" in line
+    assert "the 10 items in the outbox are still delivered" in line
+    assert agent.stats()["outbox_items"] == 10
+    responder_factory(bundle)
+    _answers_once_each(deliveries.wait_for(10), tags)
+    assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
+    filler.unlink()
+    answer = agent.submit_batch(frames(1, seed=3), tags=["after"])[0].result(10)
+    assert (answer.source, answer.status) == ("cloud", "ok")
 
 
 def test_the_breaker_opens_after_repeated_timeouts_and_closes_when_the_cloud_answers(

@@ -10,7 +10,8 @@ import pytest
 
 from fogline.edge_agent._journal import Journal, Outgoing
 from fogline.edge_agent._outbox import Eviction, OutboxLimits
-from fogline.edge_agent.errors import OutboxError
+from fogline.edge_agent.errors import OutboxError, OutboxStorageFullError
+from tests.edge_agent.conftest import fill
 
 
 class Recorder:
@@ -135,3 +136,114 @@ def test_a_file_that_is_not_a_database_fails_to_open_with_the_agents_error(
     path.write_bytes(b"this is not a database file at all" * 100)
     with pytest.raises(OutboxError, match="cannot open the outbox"):
         _journal(path, Recorder())
+
+
+# A real small file system: what a full disk does to the journal.
+
+
+def _in_file(path: Path) -> tuple[int, int]:
+    """Items and payload bytes in the outbox file, read by a connection of its own."""
+    db = sqlite3.connect(path)
+    try:
+        count, size = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox"
+        ).fetchone()
+    finally:
+        db.close()
+    return int(count), int(size)
+
+
+def _big(*ns: int, size: int = 2000) -> Outgoing[str]:
+    out: Outgoing[str] = Outgoing(threading.Event())
+    for n in ns:
+        out.entries.append((_mid(n), n.to_bytes(4, "big") * (size // 4), 0, f"tag-{n}"))
+        out.items.append(f"item-{n}")
+    return out
+
+
+def test_a_full_file_system_refuses_new_items_as_storage_full_and_memory_equals_the_file(
+    small_fs, tmp_path: Path
+) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    rec = Recorder()
+    journal = _journal(path, rec)
+    journal.put(_big(1, 2, 3))
+    _run(journal)
+    assert _in_file(path) == (3, 6000)
+    filler = fill(fs, leave=0)
+    for k in range(5):
+        journal.put(_big(*range(10 + 10 * k, 20 + 10 * k)))
+        _run(journal)
+        # Whatever the file refused, memory says what the file holds.
+        assert (len(journal), journal.total_bytes) == _in_file(path)
+    assert len(rec.failed) == 5
+    for _mids, error in rec.failed:
+        assert isinstance(error, OutboxStorageFullError), error
+        assert str(error).startswith("outbox storage full"), error
+    assert len(journal) == 3  # nothing accepted earlier was lost
+    assert [journal.payload(_mid(n)) for n in (1, 2, 3)] == [
+        n.to_bytes(4, "big") * 500 for n in (1, 2, 3)
+    ]
+    # Space comes back: the next items are stored, and answered ones deleted.
+    filler.unlink()
+    journal.put(_mid(1))
+    journal.put(_big(7))
+    _run(journal)
+    assert rec.released[-1] == ([_mid(7)], [], True)
+    assert sorted(it.message_id for it in journal.items()) == [_mid(2), _mid(3), _mid(7)]
+    assert (len(journal), journal.total_bytes) == _in_file(path) == (3, 6000)
+    journal.close()
+
+
+def test_on_a_512_kib_file_system_the_outbox_does_not_fill_it_by_itself(small_fs) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    rec = Recorder()
+    journal = _journal(path, rec)
+    # A steady flow: each round stores new items and deletes the previous round's, as
+    # answers come; far more bytes pass through than the file system holds.
+    for k in range(400):
+        journal.put(_big(2 * k, 2 * k + 1, size=600))
+        if k:
+            journal.put(_mid(2 * k - 2))
+            journal.put(_mid(2 * k - 1))
+        _run(journal)
+    assert rec.failed == []
+    assert (len(journal), journal.total_bytes) == _in_file(path) == (2, 1200)
+    wal = path.with_name(path.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size < 256 * 1024
+    journal.close()
+
+
+def test_an_outbox_that_filled_its_file_system_with_items_still_deletes_and_then_stores(
+    small_fs,
+) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    rec = Recorder()
+    journal = _journal(path, rec)
+    # The cloud is away: the backlog grows until the file system is full.
+    n = 0
+    while not rec.failed:
+        journal.put(_big(*range(n, n + 4), size=600))
+        _run(journal)
+        n += 4
+        assert n < 4000, "the outbox never reported a full file system"
+    [(_mids, error)] = rec.failed
+    assert isinstance(error, OutboxStorageFullError), error
+    held = len(journal)
+    assert held > 100
+    assert (held, journal.total_bytes) == _in_file(path)
+    # The cloud is back and answers: the deletes go through although the disk was full,
+    # and the room they make takes new items again.
+    for it in journal.items()[: held // 2]:
+        journal.put(it.message_id)
+    _run(journal)
+    assert len(journal) == held - held // 2
+    journal.put(_big(90_000, 90_001, size=600))
+    _run(journal)
+    assert rec.released[-1] == ([_mid(90_000), _mid(90_001)], [], True)
+    assert len(rec.failed) == 1
+    assert (len(journal), journal.total_bytes) == _in_file(path)
+    journal.close()

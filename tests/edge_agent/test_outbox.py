@@ -22,6 +22,7 @@ from fogline.edge_agent._outbox import (
     OutboxItem,
     OutboxLimits,
 )
+from tests.edge_agent.conftest import fill
 
 
 def _mid(n: int) -> bytes:
@@ -340,8 +341,9 @@ def test_a_process_killed_right_after_add_many_keeps_every_item(
 
 class _CommitFailsAfterRollingBack:
     """The outbox's connection, except that COMMIT fails the way SQLite's does on a full
-    disk: the transaction is rolled back already when the error comes. No real file system
-    here can be filled on demand, so this one call is staged."""
+    disk: the transaction is rolled back already when the error comes. Staged, so that the
+    order (rolled back, then the error) is certain whatever SQLite version runs; the test
+    on a real full file system is below."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
@@ -414,4 +416,41 @@ def test_another_process_holding_the_outbox_is_named_and_its_death_frees_it(
     # A killed agent leaves no stale lock behind: the next one starts on its items.
     box = Outbox(path)
     assert len(box) == 1
+    box.close()
+
+
+def _in_file(path: Path) -> tuple[list[int], int]:
+    """Item numbers and payload bytes in the outbox file, read by a connection of its own."""
+    db = sqlite3.connect(path)
+    try:
+        ids = [int.from_bytes(r[0], "big") for r in db.execute("SELECT message_id FROM outbox")]
+        (size,) = db.execute("SELECT coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+    finally:
+        db.close()
+    return sorted(ids), int(size)
+
+
+def test_a_commit_a_full_file_system_fails_leaves_memory_equal_to_the_file(
+    small_fs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    limits = OutboxLimits(max_items=3)
+    box = Outbox(path, limits, synchronous="normal")
+    box.add_many([(_mid(n), bytes([n]) * 1000, n, None) for n in (1, 2, 3)], now_s=1.0)
+    # The outbox's own look at the free space is switched off: SQLite meets the full disk
+    # itself, at COMMIT, which has rolled back when it fails.
+    monkeypatch.setattr(Outbox, "_make_room", lambda self, incoming: None)
+    filler = fill(fs, leave=0)
+    for k in range(3):
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            # removes 3, stores 40 large ones, evicts 1 and 2 (lowest priority): all undone
+            box.commit(
+                [(_mid(100 + 40 * k + i), b"x" * 4000, 9, None) for i in range(40)], [_mid(3)]
+            )
+        assert (sorted(_ids(box.items())), box.total_bytes) == _in_file(path) == ([1, 2, 3], 3000)
+    # Space comes back, and the mirror still drives eviction: the lowest priority goes.
+    filler.unlink()
+    assert _evicted(box.add_many([(_mid(9), b"z", 9, None)], now_s=2.0)) == [(1, "max_items")]
+    assert (sorted(_ids(box.items())), box.total_bytes) == _in_file(path) == ([2, 3, 9], 2001)
     box.close()
