@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from fogline.edge_agent import OutboxInUseError
+from fogline.edge_agent import OutboxInUseError, OutboxStorageFullError
 from fogline.edge_agent._outbox import (
+    RESERVE_BYTES,
     Eviction,
     Outbox,
     OutboxFullError,
     OutboxItem,
     OutboxLimits,
 )
-from tests.edge_agent.conftest import fill
+from tests.edge_agent.conftest import fill, free_bytes
 
 
 def _mid(n: int) -> bytes:
@@ -453,4 +454,42 @@ def test_a_commit_a_full_file_system_fails_leaves_memory_equal_to_the_file(
     filler.unlink()
     assert _evicted(box.add_many([(_mid(9), b"z", 9, None)], now_s=2.0)) == [(1, "max_items")]
     assert (sorted(_ids(box.items())), box.total_bytes) == _in_file(path) == ([2, 3, 9], 2001)
+    box.close()
+
+
+def test_on_a_512_kib_file_system_the_log_is_truncated_before_it_fills_the_disk(small_fs) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    box = Outbox(path, synchronous="normal")
+    wal = path.with_name(path.name + "-wal")
+    largest = 0
+    # Far more bytes than the file system holds pass through: stored, then answered.
+    for k in range(1, 1500):
+        box.commit([(_mid(k), bytes([k % 251]) * 600, 0, None)], [_mid(k - 1)])
+        largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+    assert (sorted(_ids(box.items())), box.total_bytes) == _in_file(path) == ([1499], 600)
+    assert largest < 512 * 1024 - RESERVE_BYTES
+    box.close()
+
+
+def test_new_items_are_refused_before_the_reserve_for_deletes_is_used_up(small_fs) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    box = Outbox(path, synchronous="normal")
+    n, refusal = 0, None
+    while refusal is None and n < 5000:
+        try:
+            box.add_many([(_mid(n), bytes([n % 251]) * 600, 0, None)])
+            n += 1
+        except OutboxStorageFullError as exc:
+            refusal = exc
+    assert refusal is not None, "a 512 KiB file system took 3 MB"
+    assert str(refusal).startswith("outbox storage full: ")
+    assert "so that answered items can still be deleted" in str(refusal)
+    assert free_bytes(fs) >= RESERVE_BYTES - 4096
+    assert (len(box), box.total_bytes) == (n, 600 * n)
+    # Every item can still be deleted, one transaction at a time as answers come.
+    for k in range(n):
+        box.remove_many([_mid(k)])
+    assert _in_file(path) == ([], 0)
     box.close()
