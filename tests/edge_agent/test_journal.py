@@ -6,10 +6,12 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fogline.compression import Codec, Envelope, Kind, encode_envelope
 from fogline.edge_agent._journal import Journal, Outgoing
-from fogline.edge_agent._outbox import Eviction, OutboxLimits
+from fogline.edge_agent._outbox import DamagedRow, Eviction, OutboxLimits
 from fogline.edge_agent.errors import OutboxError, OutboxStorageFullError
 from tests.edge_agent.conftest import fill
 
@@ -245,5 +247,113 @@ def test_an_outbox_that_filled_its_file_system_with_items_still_deletes_and_then
     _run(journal)
     assert rec.released[-1] == ([_mid(90_000), _mid(90_001)], [], True)
     assert len(rec.failed) == 1
+    assert (len(journal), journal.total_bytes) == _in_file(path)
+    journal.close()
+
+
+# What is read back to be re-sent is checked first.
+
+
+def _features(mid: bytes, *, site: str = "s", kind: Kind = Kind.FEATURES) -> bytes:
+    env = Envelope(
+        kind=kind,
+        message_id=mid,
+        site=site,
+        bundle="tiny@1",
+        tensors={"features": np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)},
+        meta={"relevance": 0.5},
+        codec=Codec.INT8,
+    )
+    return encode_envelope(env, compress=False)
+
+
+def _store(journal: Journal[str], entries: list[tuple[bytes, bytes]]) -> None:
+    out: Outgoing[str] = Outgoing(threading.Event())
+    for mid, payload in entries:
+        out.entries.append((mid, payload, 0, f"tag-{mid[-1]}"))
+        out.items.append("item")
+    journal.put(out)
+    _run(journal)
+
+
+def test_a_stored_envelope_is_handed_back_only_if_it_is_this_items_own_and_intact(
+    tmp_path: Path,
+) -> None:
+    journal = _journal(tmp_path / "o.db", Recorder())
+    good = _features(_mid(1))
+    flipped = bytearray(_features(_mid(2)))
+    flipped[len(flipped) // 2] ^= 0x40  # one bit of the features
+    _store(
+        journal,
+        [
+            (_mid(1), good),
+            (_mid(2), bytes(flipped)),
+            (_mid(3), _features(_mid(99))),  # another item's envelope under this key
+            (_mid(4), _features(_mid(4), site="elsewhere")),
+            (_mid(5), _features(_mid(5), kind=Kind.RESULT)),
+            (_mid(6), b"GARBAGE" * 10),
+        ],
+    )
+    assert journal.envelope(_mid(1)) == good
+    assert journal.envelope(_mid(42)) is None  # not (or no longer) held
+    found = {n: journal.envelope(_mid(n)) for n in (2, 3, 4, 5, 6)}
+    for row in found.values():
+        assert isinstance(row, DamagedRow)
+    assert {n: (r.kind, r.reason) for n, r in found.items() if isinstance(r, DamagedRow)} == {
+        2: ("bad_envelope", "its envelope does not decode: bad_checksum: checksum mismatch"),
+        3: ("wrong_item", f"its envelope names message id {_mid(99).hex()}, not its own"),
+        4: ("wrong_item", "its envelope is for site 'elsewhere', not 's'"),
+        5: ("wrong_item", "its envelope is a result envelope, not features"),
+        6: ("bad_envelope", "its envelope does not decode: bad_magic: not a fogline envelope"),
+    }
+    assert found[2].tag == "tag-2"  # type: ignore[union-attr]
+    journal.close()
+
+
+def _overwrite(path: Path, at: int, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(at)
+        f.write(data)
+
+
+def _integrity(path: Path) -> str:
+    db = sqlite3.connect(path)
+    try:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_attack_64_bytes_overwritten_in_the_outbox_file_are_caught_before_a_re_send(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.db"
+    journal = _journal(path, Recorder())
+    envelopes = {n: _features(_mid(n)) for n in (16, 32, 48)}
+    _store(journal, [(_mid(n), env) for n, env in envelopes.items()])
+    journal.close()  # the log is checkpointed into the file: the rows are in its pages
+    raw = path.read_bytes()
+    # 64 bytes inside item 16's stored features, and one bit of item 32's key (which keeps
+    # the keys in order, so that SQLite's own check finds nothing).
+    one = raw.index(envelopes[16])
+    _overwrite(path, one + len(envelopes[16]) - 80, b"\x5a" * 64)
+    two = raw.index(envelopes[32])
+    assert raw[two - 16 : two] == _mid(32)  # the key is stored just before the payload
+    _overwrite(path, two - 1, bytes([32 ^ 1]))
+    assert _integrity(path) == "ok"  # SQLite sees nothing wrong with the file
+
+    journal = _journal(path, Recorder())
+    assert sorted(it.message_id for it in journal.items()) == sorted([_mid(16), _mid(33), _mid(48)])
+    first = journal.envelope(_mid(16))
+    assert isinstance(first, DamagedRow)
+    assert (first.kind, first.reason.split(": ")[1]) == ("bad_envelope", "bad_checksum")
+    moved = journal.envelope(_mid(33))
+    assert isinstance(moved, DamagedRow)
+    assert moved.kind == "wrong_item"
+    assert moved.reason == f"its envelope names message id {_mid(32).hex()}, not its own"
+    assert journal.envelope(_mid(48)) == envelopes[48]
+    assert journal.quarantine(first) is True
+    assert journal.quarantine(moved) is True
+    assert [it.message_id for it in journal.items()] == [_mid(48)]
     assert (len(journal), journal.total_bytes) == _in_file(path)
     journal.close()
