@@ -83,6 +83,7 @@ _COMMIT_ATTEMPTS = 4
 # Deletes per transaction on a full disk: 8 leaf pages and their parents in the log fit
 # the outbox's reserve (RESERVE_BYTES, 16 pages) with room to spare.
 _FULL_DELETE_STEP = 8
+_FULL_LOG_EVERY_S = 10.0
 _MAX_OPS = 4096
 # While new items come in transactions less than _BUSY_GAP_S apart on average, the
 # deletes of answered items (their answers are out already) wait up to _DELETE_WAIT_S for
@@ -249,6 +250,9 @@ class Journal(Generic[T]):
         self._fail = fail
         self._finished = finished
         self._queue: queue.SimpleQueue[Outgoing[T] | bytes | None] = queue.SimpleQueue()
+        # A full disk refuses every batch until there is room: said once per interval.
+        self._full_said_at = -math.inf
+        self._full_unsaid = 0
 
     # the outbox, read through (memory only: no SQLite call)
 
@@ -436,10 +440,10 @@ class Journal(Generic[T]):
         try:
             with outbox_errors("commit to the outbox"):
                 return outbox.commit(add, remove)[0], True
+        except OutboxStorageFullError:
+            self._checkpoint()  # and each part on its own: the deletes make room
         except (OutboxError, OutboxFullError) as exc:
             log.warning("site %s: outbox transaction failed (%s); retrying", self.site, exc)
-            if isinstance(exc, OutboxStorageFullError):
-                self._checkpoint()
         if remove:
             self._retry("delete answered items", lambda: self._delete(remove), frees_space=True)
         if not add:
@@ -464,6 +468,18 @@ class Journal(Generic[T]):
             for start in range(0, len(remove), _FULL_DELETE_STEP):
                 with outbox_errors("delete answered items"):
                     outbox.remove_many(remove[start : start + _FULL_DELETE_STEP])
+
+    def _say_full(self, what: str, exc: BaseException) -> None:
+        """Log a full disk at most once per :data:`_FULL_LOG_EVERY_S`, with how many
+        refusals went unsaid meanwhile: every batch meets it until there is room, and
+        the log may well be on the same disk."""
+        now = time.monotonic()
+        if now - self._full_said_at < _FULL_LOG_EVERY_S:
+            self._full_unsaid += 1
+            return
+        unsaid, self._full_unsaid, self._full_said_at = self._full_unsaid, 0, now
+        more = f" ({unsaid} more since the last such line)" if unsaid else ""
+        log.warning("site %s: cannot %s: %s%s", self.site, what, exc, more)
 
     def _checkpoint(self) -> None:
         """Truncate the write-ahead log, so that what it held is free (best effort)."""
@@ -490,7 +506,7 @@ class Journal(Generic[T]):
                 error = exc
                 full = isinstance(exc, OutboxStorageFullError)
                 if full:
-                    log.warning("site %s: cannot %s: %s", self.site, what, exc)
+                    self._say_full(what, exc)
                 else:
                     log.exception(
                         "site %s: outbox: cannot %s (attempt %d)", self.site, what, attempt

@@ -1,7 +1,9 @@
-"""The outbox journal on a real SQLite file: group commit, refusals, the wait for inserts."""
+"""The outbox journal on a real SQLite file: group commit, refusals, the wait for inserts, a
+full disk, what is checked before a re-send."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -164,8 +166,9 @@ def _big(*ns: int, size: int = 2000) -> Outgoing[str]:
 
 
 def test_a_full_file_system_refuses_new_items_as_storage_full_and_memory_equals_the_file(
-    small_fs, tmp_path: Path
+    small_fs, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="fogline.edge_agent")
     fs = small_fs("512k")
     path = fs / "o.db"
     rec = Recorder()
@@ -183,6 +186,10 @@ def test_a_full_file_system_refuses_new_items_as_storage_full_and_memory_equals_
     for _mids, error in rec.failed:
         assert isinstance(error, OutboxStorageFullError), error
         assert str(error).startswith("outbox storage full"), error
+    # Every batch meets the full disk; the log hears of it once, not once per batch.
+    said = [r for r in caplog.records if "cannot store new items" in r.getMessage()]
+    assert 1 <= len(said) < 5
+    assert "outbox storage full" in said[0].getMessage()
     assert len(journal) == 3  # nothing accepted earlier was lost
     assert [journal.payload(_mid(n)) for n in (1, 2, 3)] == [
         n.to_bytes(4, "big") * 500 for n in (1, 2, 3)
