@@ -59,7 +59,6 @@ from fogline.edge_agent._outbox import (
 from fogline.edge_agent.errors import (
     OutboxCorruptError,
     OutboxError,
-    OutboxInUseError,
     OutboxStorageFullError,
     OutboxTransientError,
 )
@@ -239,7 +238,8 @@ class Journal(Generic[T]):
             # Whatever SQLite called it (an I/O error, most often), a file system without
             # room is what the operator has to hear about.
             free = free_bytes(Path(path))
-            if isinstance(exc, OutboxInUseError) or free is None or free >= RESERVE_BYTES:
+            io_error = isinstance(exc, OutboxStorageFullError | OutboxTransientError)
+            if not io_error or free is None or free >= RESERVE_BYTES:
                 raise
             text = str(exc).removeprefix(FULL_PREFIX)
             raise OutboxStorageFullError(

@@ -14,7 +14,7 @@ import pytest
 from fogline.compression import Codec, Envelope, Kind, encode_envelope
 from fogline.edge_agent._journal import Journal, Outgoing
 from fogline.edge_agent._outbox import DamagedRow, Eviction, OutboxLimits
-from fogline.edge_agent.errors import OutboxError, OutboxStorageFullError
+from fogline.edge_agent.errors import OutboxCorruptError, OutboxError, OutboxStorageFullError
 from tests.edge_agent.conftest import fill
 
 
@@ -364,3 +364,13 @@ def test_attack_64_bytes_overwritten_in_the_outbox_file_are_caught_before_a_re_s
     assert [it.message_id for it in journal.items()] == [_mid(48)]
     assert (len(journal), journal.total_bytes) == _in_file(path)
     journal.close()
+
+
+def test_a_damaged_file_on_a_full_disk_is_still_reported_as_damaged(small_fs) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    path.write_bytes(b"not a database " * 400)
+    fill(fs, leave=0)
+    with pytest.raises(OutboxError, match="cannot open the outbox") as caught:
+        _journal(path, Recorder())
+    assert type(caught.value) is OutboxCorruptError, caught.value
