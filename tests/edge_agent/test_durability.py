@@ -619,7 +619,9 @@ def test_attack_damaged_rows_of_a_stopped_agents_outbox_are_quarantined_and_the_
         assert m.value("fogline_agent_outbox_quarantined_total", {"reason": reason}) == n
     assert agent.ready
     assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
-    assert _sql(path, "SELECT count(*) FROM outbox") == [(0,)]
+    # The file follows once the journal's last transaction, the answered items' deletes,
+    # has committed.
+    assert _wait_until(lambda: _sql(path, "SELECT count(*) FROM outbox") == [(0,)])
     assert _sql(path, "SELECT count(*) FROM quarantine") == [(4,)]
     _no_late_duplicates(agent, deliveries, 6)
 
