@@ -14,10 +14,12 @@ a body over ``http.max_body_bytes`` (refused from ``Content-Length`` before anyt
 read, or as soon as the stream passes the limit), 422 for an input that does not fit the
 model (the message names the field and the problem, and repeats at most a few hundred
 characters of what was sent), 404/405 for an unknown route or method, 503 when the agent
-is not running or overloaded (with ``Retry-After``), 504 when the cloud did not answer in
-time, 502 when it answered with an error, 500 when a handler failed unexpectedly (logged
-with the route and counted as ``fogline_agent_thread_failures_total{thread="http"}``; the
-server goes on). The body is read as JSON whatever its
+is not running or overloaded (with ``Retry-After``), 507 when the outbox's storage is
+full (the item was not stored and not sent; with ``Retry-After``), 504 when the cloud did
+not answer in time, 502 when it answered with an error, 500 when a handler failed
+unexpectedly (logged with the route and counted as
+``fogline_agent_thread_failures_total{thread="http"}``; the server goes on). The body is
+read as JSON whatever its
 ``Content-Type`` says, as the cloud's inference API does. HTTP status codes live here,
 not in the errors.
 """
@@ -55,6 +57,7 @@ from fogline.edge_agent.errors import (
     NotRunningError,
     OutboxError,
     OutboxEvictedError,
+    OutboxStorageFullError,
     OverloadedError,
 )
 
@@ -63,6 +66,9 @@ __all__ = ["create_app"]
 # How much of a refused value an error message repeats: enough to recognise it, never the
 # whole body back.
 _ECHO_CHARS = 200
+# Retry-After of a 507 (the outbox's disk is full): room comes back when the backlog drains
+# or an operator frees space, not within the second a busy agent asks for.
+_FULL_RETRY_AFTER_S = "10"
 _STATUS_TYPES = {
     400: "BadRequest",
     404: "NotFound",
@@ -349,6 +355,9 @@ def create_app(agent: Agent, *, max_body_bytes: int | None = None) -> FastAPI:
         except CloudBusyError as exc:
             retry_s = max(1, math.ceil((exc.retry_after_ms or 1000) / 1000))
             return _error(503, exc, {"Retry-After": str(retry_s)})
+        except OutboxStorageFullError as exc:
+            # Not "busy": nothing frees this disk by itself within a second.
+            return _error(507, exc, {"Retry-After": _FULL_RETRY_AFTER_S})
         except (
             NotRunningError,
             OverloadedError,

@@ -24,7 +24,7 @@ from fogline.edge_agent._delivery import DeliveryCore, Pending
 from fogline.edge_agent._journal import Journal, Outgoing
 from fogline.edge_agent._loaded import LoadedBundle
 from fogline.edge_agent._metrics import AgentMetrics
-from fogline.edge_agent._outbox import Eviction, OutboxLimits
+from fogline.edge_agent._outbox import RESERVE_BYTES, DamagedRow, Eviction, OutboxLimits
 from fogline.edge_agent._transport import Transport
 from fogline.edge_agent.errors import (
     AgentError,
@@ -35,6 +35,7 @@ from fogline.edge_agent.errors import (
     NotRunningError,
     OutboxError,
     OutboxEvictedError,
+    OutboxQuarantinedError,
 )
 from fogline.messaging import MqttSettings
 
@@ -104,6 +105,12 @@ class Courier:
             finished=delivery.journal_done,
         )
         self._journal = journal
+        # Read at each scrape: the gauges are the outbox's own figures, whatever failed.
+        self.metrics.outbox_items.set_function(lambda: len(journal))
+        self.metrics.outbox_bytes.set_function(lambda: journal.total_bytes)
+        damaged = journal.take_damaged()
+        if damaged:
+            self._quarantine(damaged, at_start=True)
         recovered = journal.items()
         if recovered:
             now_w, now_p = time.time(), time.perf_counter()
@@ -119,6 +126,19 @@ class Courier:
                 self.site,
                 len(recovered),
                 path,
+            )
+        free = journal.free_bytes()
+        if free is not None and free < 2 * RESERVE_BYTES:
+            log.warning(
+                "site %s: outbox storage nearly full at start: %d bytes free on the file "
+                "system of %s; new items are refused (outbox storage full, HTTP 507) while "
+                "less than %d bytes would be left; the %d items in the outbox are still "
+                "delivered",
+                self.site,
+                free,
+                path,
+                RESERVE_BYTES,
+                len(journal),
             )
         self.update_gauges()
         return journal
@@ -215,6 +235,42 @@ class Courier:
         self.metrics.degraded.inc()
         self.metrics.latency.observe("edge", ms / 1000.0)
         settle(future, answer, None)
+
+    def _quarantine(self, rows: Sequence[DamagedRow], *, at_start: bool = False) -> None:
+        """Count, log and move out the damaged rows, and end the items they were: the
+        caller still waiting, else ``on_answer``, gets :class:`OutboxQuarantinedError`
+        (for a row found at start, as a recovered outcome)."""
+        journal = self._journal
+        for row in rows:
+            self.metrics.quarantined.labels(reason=row.kind).inc()
+            mid = row.message_id
+            name = mid.hex() if mid is not None else f"with a {row.key_type} key"
+            log.error(
+                "site %s: outbox row %s is damaged (%s: %s): moved to quarantine, never sent",
+                self.site,
+                name,
+                row.kind,
+                row.reason,
+            )
+            if journal is not None:
+                try:
+                    journal.quarantine(row)
+                except OutboxError:
+                    log.exception(
+                        "site %s: cannot move the damaged outbox row %s; it stays in the "
+                        "outbox, unsent, until a later start moves it",
+                        self.site,
+                        name,
+                    )
+            if mid is None:
+                continue  # no item of ours to end: nobody could be told
+            error = OutboxQuarantinedError(mid.hex(), row.kind, row.reason)
+            taken = self.delivery.take([mid])
+            for _mid, p, fut in taken:
+                self._finish(mid, p, fut, error)
+            if not taken and at_start:
+                p = Pending(None, time.perf_counter(), tag=row.tag, recovered=True)
+                self._finish(mid, p, None, error)
 
     def _evicted(self, evictions: Sequence[Eviction]) -> None:
         """Count, log and end the items an outbox bound pushed out."""
@@ -343,6 +399,9 @@ class Courier:
                     expired = []
                 if expired:
                     self._evicted(expired)
+                damaged = journal.take_damaged()
+                if damaged:
+                    self._quarantine(damaged)
             due = delivery.due(now, connected=self.transport.connected)
             if due:
                 self._resend(due)
@@ -351,23 +410,33 @@ class Courier:
                 self.update_gauges()
 
     def _resend(self, due: list[tuple[bytes, bool]]) -> None:
-        """Publish the items the delivery core says are due."""
+        """Publish the items the delivery core says are due, each checked as it is read
+        back (:meth:`Journal.envelope`); a damaged one is quarantined instead. Whatever
+        one item does, the others are sent."""
         journal = self._journal
         if journal is None:
             return
         payloads: list[bytes] = []
+        damaged: list[DamagedRow] = []
         for mid, again in due:
             try:
-                payload = journal.payload(mid)
+                got = journal.envelope(mid)
+                if got is None:
+                    continue
+                if isinstance(got, DamagedRow):
+                    damaged.append(got)
+                    continue
+                if again:  # tell the cloud to look for an answer it may already have
+                    # Checked above: the checksum redone here covers verified bytes only.
+                    got = mark_resent(got)
+                    self.metrics.resends.inc()
+                payloads.append(got)
             except OutboxError:
-                log.exception("site %s: outbox read failed", self.site)
-                continue
-            if payload is None:
-                continue
-            if again:  # tell the cloud to look for an answer it may already have
-                self.metrics.resends.inc()
-                payload = mark_resent(payload)
-            payloads.append(payload)
+                log.exception("site %s: outbox read failed for %s", self.site, mid.hex())
+            except Exception:
+                log.exception("site %s: re-sending %s failed", self.site, mid.hex())
+        if damaged:
+            self._quarantine(damaged)
         sent_bytes = self.transport.publish_many(payloads) if payloads else 0
         if sent_bytes:
             self.metrics.bytes_sent.inc(sent_bytes)
@@ -377,8 +446,6 @@ class Courier:
         if journal is None:
             return
         m = self.metrics
-        m.outbox_items.set(len(journal))
-        m.outbox_bytes.set(journal.total_bytes)
         oldest = journal.oldest_created_s()
         m.outbox_oldest_age.set(0.0 if oldest is None else max(0.0, time.time() - oldest))
 

@@ -297,6 +297,11 @@ class DeliveryCore(Generic[W]):
 
     def evict(self, message_ids: Iterable[bytes]) -> list[tuple[bytes, Pending[W], W | None]]:
         """Take items a bound pushed out of the outbox; each with its waiting caller."""
+        return self.take(message_ids)
+
+    def take(self, message_ids: Iterable[bytes]) -> list[tuple[bytes, Pending[W], W | None]]:
+        """Take items that end without an answer (evicted, quarantined): each pending one,
+        with its waiting caller, for its one outcome; no re-send follows."""
         out: list[tuple[bytes, Pending[W], W | None]] = []
         with self._lock:
             for mid in message_ids:

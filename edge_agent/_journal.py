@@ -12,7 +12,16 @@ When that transaction fails, each part is retried on its own, so a write the fil
 cannot hold back new items: if the deletes keep failing (logged), the answered items stay
 in the file and a restart hands them out again, marked ``recovered``; if the inserts keep
 failing their callers get :class:`~fogline.edge_agent.errors.OutboxError` through
-``fail`` and nothing of them is published.
+``fail`` (of the kind that says why: storage full, corrupt, transient) and nothing of them
+is published. On a full disk the write-ahead log is checkpointed and truncated before the
+transaction is tried again, and new items are not retried: they are refused at once
+(:class:`~fogline.edge_agent.errors.OutboxStorageFullError`, "outbox storage full"), and
+the next ones are stored as soon as there is room again.
+
+What is read back to be re-sent is checked first (:meth:`Journal.envelope`): a stored
+value of the wrong type or length, an envelope that does not decode (its checksum, its
+framing) or one that names another item is not sent but reported as a
+:class:`~._outbox.DamagedRow`, for the agent to quarantine (:meth:`Journal.quarantine`).
 
 Every ``sqlite3`` and ``OSError`` raised by the outbox passes :func:`outbox_errors`, which
 maps it to :class:`~fogline.edge_agent.errors.OutboxError` or one of its kinds (storage
@@ -34,7 +43,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
-from fogline.edge_agent._outbox import Eviction, Outbox, OutboxFullError, OutboxItem, OutboxLimits
+from fogline.compression import EnvelopeError, Kind, decode_envelope
+from fogline.edge_agent._outbox import (
+    MIN_FREE_BYTES,
+    RESERVE_BYTES,
+    DamagedRow,
+    DamagedRowError,
+    Eviction,
+    Outbox,
+    OutboxFullError,
+    OutboxItem,
+    OutboxLimits,
+    free_bytes,
+)
 from fogline.edge_agent.errors import (
     OutboxCorruptError,
     OutboxError,
@@ -42,7 +63,14 @@ from fogline.edge_agent.errors import (
     OutboxTransientError,
 )
 
-__all__ = ["Journal", "Outgoing", "map_outbox_error", "outbox_errors"]
+__all__ = [
+    "FULL_PREFIX",
+    "Journal",
+    "Outgoing",
+    "envelope_damage",
+    "map_outbox_error",
+    "outbox_errors",
+]
 
 log = logging.getLogger("fogline.edge_agent")
 
@@ -51,6 +79,10 @@ _R = TypeVar("_R")
 Entry = tuple[bytes, bytes, int, str | None]  # message id, payload, priority, tag
 
 _COMMIT_ATTEMPTS = 4
+# Deletes per transaction on a full disk: 8 leaf pages and their parents in the log fit
+# the outbox's reserve (RESERVE_BYTES, 16 pages) with room to spare.
+_FULL_DELETE_STEP = 8
+_FULL_LOG_EVERY_S = 10.0
 _MAX_OPS = 4096
 # While new items come in transactions less than _BUSY_GAP_S apart on average, the
 # deletes of answered items (their answers are out already) wait up to _DELETE_WAIT_S for
@@ -61,6 +93,10 @@ _DELETE_WAIT_S = 0.004
 
 # Primary result codes (the low byte of an extended code) by what they mean for us.
 _FULL_CODES = frozenset({sqlite3.SQLITE_FULL})
+# Extended codes that mean a full disk although their primary code says I/O error: the
+# shared-memory index (``-shm``) could not grow, which is what opening a WAL database on a
+# full file system meets first.
+_FULL_EXTENDED_CODES = frozenset({sqlite3.SQLITE_IOERR_SHMSIZE})
 _CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _TRANSIENT_CODES = frozenset(
     {
@@ -74,6 +110,14 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# Every OutboxStorageFullError's message starts so: what callers and operators look for.
+FULL_PREFIX = "outbox storage full: "
+# The kinds an error of a whole group of items keeps (they take a message only).
+_KINDS: tuple[type[OutboxError], ...] = (
+    OutboxStorageFullError,
+    OutboxCorruptError,
+    OutboxTransientError,
+)
 _TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR})
 
 
@@ -85,8 +129,8 @@ def map_outbox_error(exc: BaseException, doing: str) -> OutboxError:
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         primary = code & 0xFF if isinstance(code, int) else None
-        if primary in _FULL_CODES:
-            return OutboxStorageFullError(message)
+        if primary in _FULL_CODES or code in _FULL_EXTENDED_CODES:
+            return OutboxStorageFullError(FULL_PREFIX + message)
         if primary in _CORRUPT_CODES:
             return OutboxCorruptError(message)
         if primary in _TRANSIENT_CODES:
@@ -99,7 +143,7 @@ def map_outbox_error(exc: BaseException, doing: str) -> OutboxError:
         return OutboxError(message)
     if isinstance(exc, OSError):
         if exc.errno in _FULL_ERRNOS:
-            return OutboxStorageFullError(message)
+            return OutboxStorageFullError(FULL_PREFIX + message)
         if exc.errno in _TRANSIENT_ERRNOS:
             return OutboxTransientError(message)
         return OutboxError(message)
@@ -114,6 +158,42 @@ def outbox_errors(doing: str) -> Iterator[None]:
         yield
     except (sqlite3.Error, OSError) as exc:
         raise map_outbox_error(exc, doing) from exc
+
+
+def refused(n: int, error: BaseException) -> OutboxError:
+    """The error of ``n`` new items the outbox would not store, of ``error``'s kind."""
+    text = str(error)
+    kind: type[OutboxError] = OutboxError
+    for known in _KINDS:
+        if isinstance(error, known):
+            kind = known
+            break
+    if kind is OutboxStorageFullError:
+        return kind(f"{FULL_PREFIX}the outbox refused {n} items: {text.removeprefix(FULL_PREFIX)}")
+    return kind(f"the outbox refused {n} items: {text}")
+
+
+def envelope_damage(payload: bytes, message_id: bytes, site: str) -> DamagedRow | None:
+    """Why the stored ``payload`` of ``message_id`` must not be sent, or None.
+
+    Decoded in full, as the cloud will: its checksum, framing and body, then that it is
+    this item's own features envelope (a damaged key or id would otherwise be answered
+    under another id, and the item re-sent for ever)."""
+    try:
+        env = decode_envelope(payload)
+    except EnvelopeError as exc:
+        return DamagedRow(
+            "blob", message_id, "bad_envelope", f"its envelope does not decode: {exc}"
+        )
+    if env.kind is not Kind.FEATURES:
+        reason = f"its envelope is a {env.kind.name.lower()} envelope, not features"
+    elif env.message_id != message_id:
+        reason = f"its envelope names message id {env.message_id.hex()}, not its own"
+    elif env.site != site:
+        reason = f"its envelope is for site {env.site!r}, not {site!r}"
+    else:
+        return None
+    return DamagedRow("blob", message_id, "wrong_item", reason)
 
 
 @dataclass(slots=True)
@@ -151,12 +231,28 @@ class Journal(Generic[T]):
         finished: Callable[[int], None],
     ) -> None:
         self.site = site
-        with outbox_errors(f"open the outbox {path}"):
-            self._outbox = Outbox(path, limits, synchronous=synchronous)
+        try:
+            with outbox_errors(f"open the outbox {path}"):
+                self._outbox = Outbox(path, limits, synchronous=synchronous)
+        except OutboxError as exc:
+            # Whatever SQLite called it (an I/O error, most often), a file system without
+            # room is what the operator has to hear about.
+            free = free_bytes(Path(path))
+            io_error = isinstance(exc, OutboxStorageFullError | OutboxTransientError)
+            if not io_error or free is None or free >= RESERVE_BYTES:
+                raise
+            text = str(exc).removeprefix(FULL_PREFIX)
+            raise OutboxStorageFullError(
+                f"{FULL_PREFIX}{text} ({free} bytes free on its file system; the outbox "
+                f"needs at least {MIN_FREE_BYTES} to run)"
+            ) from exc
         self._release = release
         self._fail = fail
         self._finished = finished
         self._queue: queue.SimpleQueue[Outgoing[T] | bytes | None] = queue.SimpleQueue()
+        # A full disk refuses every batch until there is room: said once per interval.
+        self._full_said_at = -math.inf
+        self._full_unsaid = 0
 
     # the outbox, read through (memory only: no SQLite call)
 
@@ -185,9 +281,49 @@ class Journal(Generic[T]):
     # the file, with its errors mapped
 
     def payload(self, message_id: bytes) -> bytes | None:
-        """The stored envelope (None when removed meanwhile); raises :class:`OutboxError`."""
+        """The stored envelope (None when removed meanwhile), unchecked; raises
+        :class:`OutboxError`, or :class:`~._outbox.DamagedRowError`."""
         with outbox_errors("read an item back from the outbox"):
             return self._outbox.payload(message_id)
+
+    def envelope(self, message_id: bytes) -> bytes | DamagedRow | None:
+        """The stored envelope of ``message_id``, checked before it is sent again: the
+        envelope, or why its row is damaged (see :func:`envelope_damage`; a row SQLite
+        itself cannot read is damaged too), or None when removed meanwhile. Raises
+        :class:`OutboxError` for a failure that may pass (busy, I/O)."""
+        tag = None
+        item = self._outbox.get(message_id)
+        if item is not None:
+            tag = item.tag
+        try:
+            with outbox_errors("read an item back from the outbox"):
+                payload = self._outbox.payload(message_id)
+        except DamagedRowError as exc:
+            return exc.row
+        except OutboxCorruptError as exc:
+            return DamagedRow(
+                "blob", message_id, "bad_row", f"its record cannot be read ({exc})", tag
+            )
+        if payload is None:
+            return None
+        damage = envelope_damage(payload, message_id, self.site)
+        if damage is not None:
+            return DamagedRow(damage.key_type, damage.key, damage.kind, damage.reason, tag)
+        return payload
+
+    def take_damaged(self) -> list[DamagedRow]:
+        """Damaged rows found in the file since the last call (memory only)."""
+        return self._outbox.take_damaged()
+
+    def quarantine(self, row: DamagedRow) -> bool:
+        """Move a damaged row to the file's quarantine table (see
+        :meth:`~._outbox.Outbox.quarantine`); raises :class:`OutboxError`, and the row
+        then stays in the outbox, unsent, until a later start moves it."""
+        with outbox_errors("move a damaged row to the outbox's quarantine"):
+            return self._outbox.quarantine(row)
+
+    def free_bytes(self) -> int | None:
+        return self._outbox.free_bytes()
 
     def expire(self) -> list[Eviction]:
         """Evict the items older than ``max_age_s``; raises :class:`OutboxError`."""
@@ -304,20 +440,63 @@ class Journal(Generic[T]):
         try:
             with outbox_errors("commit to the outbox"):
                 return outbox.commit(add, remove)[0], True
+        except OutboxStorageFullError:
+            self._checkpoint()  # and each part on its own: the deletes make room
         except (OutboxError, OutboxFullError) as exc:
             log.warning("site %s: outbox transaction failed (%s); retrying", self.site, exc)
         if remove:
-            self._retry("delete answered items", lambda: outbox.remove_many(remove))
+            self._retry("delete answered items", lambda: self._delete(remove), frees_space=True)
         if not add:
             return [], True
         evicted, error = self._retry("store new items", lambda: outbox.add_many(add))
         if error is None:
             return evicted or [], True
-        self._fail(outgoing, OutboxError(f"the outbox refused {len(add)} items: {error}"))
+        self._fail(outgoing, refused(len(add), error))
         return [], False
 
-    def _retry(self, what: str, fn: Callable[[], _R]) -> tuple[_R | None, BaseException | None]:
-        """``fn()`` with a few attempts and backoff; its result, or the last error."""
+    def _delete(self, remove: list[bytes]) -> None:
+        """Delete answered items in one transaction; on a full disk, in transactions of
+        :data:`_FULL_DELETE_STEP` items, each of whose log frames fit the space the outbox
+        keeps free (the message ids are random, so each item is on a leaf page of its
+        own), the log truncated between them when space runs short."""
+        outbox = self._outbox
+        try:
+            with outbox_errors("delete answered items"):
+                outbox.remove_many(remove)
+        except OutboxStorageFullError:
+            self._checkpoint()
+            for start in range(0, len(remove), _FULL_DELETE_STEP):
+                with outbox_errors("delete answered items"):
+                    outbox.remove_many(remove[start : start + _FULL_DELETE_STEP])
+
+    def _say_full(self, what: str, exc: BaseException) -> None:
+        """Log a full disk at most once per :data:`_FULL_LOG_EVERY_S`, with how many
+        refusals went unsaid meanwhile: every batch meets it until there is room, and
+        the log may well be on the same disk."""
+        now = time.monotonic()
+        if now - self._full_said_at < _FULL_LOG_EVERY_S:
+            self._full_unsaid += 1
+            return
+        unsaid, self._full_unsaid, self._full_said_at = self._full_unsaid, 0, now
+        more = f" ({unsaid} more since the last such line)" if unsaid else ""
+        log.warning("site %s: cannot %s: %s%s", self.site, what, exc, more)
+
+    def _checkpoint(self) -> None:
+        """Truncate the write-ahead log, so that what it held is free (best effort)."""
+        try:
+            with outbox_errors("checkpoint the outbox's write-ahead log"):
+                self._outbox.checkpoint()
+        except OutboxError as exc:
+            log.warning("site %s: %s", self.site, exc)
+
+    def _retry(
+        self, what: str, fn: Callable[[], _R], *, frees_space: bool = False
+    ) -> tuple[_R | None, BaseException | None]:
+        """``fn()`` with a few attempts and backoff; its result, or the last error.
+
+        A full disk is tried again only by what ``frees_space`` (deletes), after truncating
+        the write-ahead log; new items are refused at once: another attempt at once would
+        find no more room, and their callers should hear it now."""
         error: BaseException | None = None
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
             try:
@@ -325,8 +504,18 @@ class Journal(Generic[T]):
                     return fn(), None
             except (OutboxError, OutboxFullError) as exc:
                 error = exc
-                log.exception("site %s: outbox: cannot %s (attempt %d)", self.site, what, attempt)
+                full = isinstance(exc, OutboxStorageFullError)
+                if full:
+                    self._say_full(what, exc)
+                else:
+                    log.exception(
+                        "site %s: outbox: cannot %s (attempt %d)", self.site, what, attempt
+                    )
                 if isinstance(exc, OutboxFullError) or attempt == _COMMIT_ATTEMPTS:
                     break
+                if full:
+                    if not frees_space:
+                        break
+                    self._checkpoint()
                 time.sleep(0.05 * attempt)
         return None, error

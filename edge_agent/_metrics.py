@@ -199,6 +199,14 @@ class AgentMetrics:
         )
         for reason in ("max_items", "max_bytes", "max_age"):
             self.evictions.labels(reason=reason)
+        self.quarantined = Counter(
+            "fogline_agent_outbox_quarantined",
+            "Damaged outbox rows moved to the quarantine table, never sent, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("bad_row", "bad_envelope", "wrong_item"):
+            self.quarantined.labels(reason=reason)
         self.circuit_state = Gauge(
             "fogline_agent_circuit_state",
             "Circuit breaker towards the cloud: 0 closed, 1 open, 2 half-open.",

@@ -28,6 +28,7 @@ __all__ = [
     "OutboxError",
     "OutboxEvictedError",
     "OutboxInUseError",
+    "OutboxQuarantinedError",
     "OutboxStorageFullError",
     "OutboxTransientError",
     "OverloadedError",
@@ -133,12 +134,32 @@ class OutboxError(AgentPeerError):
 
 
 class OutboxStorageFullError(OutboxError):
-    """The disk, or the database file, is full (``SQLITE_FULL``, ``ENOSPC``)."""
+    """The disk, or the database file, is full (``SQLITE_FULL``, ``ENOSPC``), or so nearly
+    full that the outbox refuses new items to keep room for deleting answered ones. The
+    message starts with ``outbox storage full``; the HTTP API answers 507. Nothing stored
+    before is lost, and new items are stored again as soon as there is room."""
 
 
 class OutboxCorruptError(OutboxError):
     """The outbox file is damaged or not a database (``SQLITE_CORRUPT``,
     ``SQLITE_NOTADB``); retrying will not help."""
+
+
+class OutboxQuarantinedError(OutboxCorruptError):
+    """A forwarded item's outbox row was found damaged before it was sent again, and moved
+    to the outbox file's ``quarantine`` table instead: it is never sent. ``reason`` is
+    ``bad_row`` (a column of the wrong type or length), ``bad_envelope`` (the stored
+    envelope does not decode: checksum, framing) or ``wrong_item`` (it names another
+    message id, site or kind); ``detail`` says what was found."""
+
+    def __init__(self, message_id: str, reason: str, detail: str) -> None:
+        super().__init__(
+            f"item {message_id} was quarantined, not sent: its outbox row is damaged "
+            f"({reason}: {detail})"
+        )
+        self.message_id = message_id
+        self.reason = reason
+        self.detail = detail
 
 
 class OutboxTransientError(OutboxError):

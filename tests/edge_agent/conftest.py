@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -259,3 +261,49 @@ def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     state = tmp_path / "state"
     monkeypatch.setenv("FOGLINE_STATE_DIR", str(state))
     return state
+
+
+SmallFs = Callable[[str], Path]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
+    """Mount a tmpfs of a given size (``small_fs("512k")``): a real file system that fills
+    up. Skips where the kernel refuses the mount (not root, no tmpfs); unmounted at
+    teardown."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"fs-{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a {size} tmpfs here: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def free_bytes(where: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``where``."""
+    st = os.statvfs(where)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(where: Path, leave: int) -> Path:
+    """Write a filler file on ``where``'s file system until only ``leave`` bytes are free
+    (to a block); returns it, so a test can delete it to give the space back."""
+    filler = where / "filler"
+    with filler.open("ab") as f:
+        while (room := free_bytes(where) - leave) > 0:
+            f.write(b"\0" * min(room, 1 << 20))
+            f.flush()
+    return filler

@@ -20,11 +20,12 @@ from fogline.edge_agent import (
     BreakerConfig,
     ConfigError,
     HttpConfig,
+    OutboxConfig,
     RuntimeConfig,
     create_app,
 )
 from tests.conftest import make_tiny_bundle
-from tests.edge_agent.conftest import cloud_labels, frames
+from tests.edge_agent.conftest import cloud_labels, fill, frames
 
 pytestmark = pytest.mark.integration
 
@@ -281,6 +282,36 @@ def test_a_cloud_timeout_gives_the_degraded_edge_answer_by_default(
     assert body["decision"] == "forward"
     assert body["source"] == "edge"
     assert body["tag"] == "cam-7"
+
+
+def test_a_full_outbox_disk_is_a_507_that_says_so_and_the_agent_recovers_when_space_returns(
+    bundle_factory, agent_factory, responder_factory, serve, small_fs
+) -> None:
+    bundle = bundle_factory(relevance=0.0, exit_confidence=1.0)
+    responder_factory(bundle)
+    fs = small_fs("512k")
+    agent = agent_factory(bundle, outbox=OutboxConfig(path=fs / "outbox.db"))
+    http = serve(agent)
+    body = {"data": frames(1)[0].tolist()}
+    assert http.post("/v1/infer", json=body).status_code == 200
+    deadline = time.monotonic() + 10
+    while agent.stats()["outbox_items"] and time.monotonic() < deadline:
+        time.sleep(0.02)  # the answered item's delete
+    filler = fill(fs, leave=0)
+
+    r = http.post("/v1/infer", json=body)
+    assert r.status_code == 507, r.text
+    assert r.json()["type"] == "OutboxStorageFullError"
+    assert r.json()["error"].startswith("outbox storage full: the outbox refused 1 items")
+    assert r.headers["Retry-After"] == "10"
+    # The refused item is nowhere: not in the outbox, not in the gauges.
+    assert agent.metrics.value("fogline_agent_outbox_items") == agent.stats()["outbox_items"] == 0
+    assert http.get("/readyz").status_code == 200  # the agent still answers what it can
+
+    filler.unlink()
+    r = http.post("/v1/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["source"] == "cloud"
 
 
 def test_health_readiness_and_metrics(broker, bundle_factory, agent_factory, serve) -> None:

@@ -242,6 +242,18 @@ def test_an_item_evicted_as_it_is_stored_keeps_its_caller_and_is_not_sent() -> N
     assert core.expire_waits(100.0) == [(_mid(1), core.get(_mid(1)), "caller-1")]
 
 
+def test_a_quarantined_item_is_taken_with_its_caller_and_never_sent_or_answered_again() -> None:
+    core = _core()
+    _admit(core, 1, 2)
+    [(mid, p, caller)] = core.take([_mid(1)])
+    assert (mid, caller, p.waiter) == (_mid(1), "caller-1", None)
+    assert core.take([_mid(1)]) == []  # one outcome only
+    _due(core, 0.0)
+    assert _due(core, 1.0) == [(2, True)]  # item 1 is not re-sent
+    assert core.on_result(_mid(1), ResultStatus.OK, 1.5).kind == "unknown"
+    assert [m for m, _p, _c in core.expire_waits(100.0)] == [_mid(2)]
+
+
 def test_recovered_items_are_spread_over_the_rate_and_each_send_is_a_resend() -> None:
     core = _core(rate=64.0)  # one every 1/64 s
     assert core.recover([(_mid(n), f"t{n}", 0.0) for n in (1, 2, 3)], 4.0) == 3

@@ -36,10 +36,12 @@ from fogline.edge_agent import (
     OutboxConfig,
     OutboxError,
     OutboxEvictedError,
+    OutboxQuarantinedError,
+    OutboxStorageFullError,
     RuntimeConfig,
 )
 from tests.conftest import Broker
-from tests.edge_agent.conftest import frames
+from tests.edge_agent.conftest import fill, frames
 
 pytestmark = pytest.mark.integration
 
@@ -456,6 +458,42 @@ def test_items_older_than_max_age_are_evicted_and_their_callers_told(
     assert deliveries.snapshot() == []  # the waiting callers got the outcome
 
 
+def test_an_agent_whose_disk_is_full_at_start_says_so_and_its_backlog_waits_for_room(
+    small_fs, bundle_factory, make_agent, responder_factory, caplog
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    fs = small_fs("512k")
+    outbox = OutboxConfig(path=fs / "outbox.db", **FAST_RETRY)
+    first = make_agent(bundle, cloud_timeout_ms=200, outbox=outbox)
+    tags = [f"backlog-{i}" for i in range(10)]
+    assert {f.result(10).status for f in first.submit_batch(frames(10), tags=tags)} == {"degraded"}
+    first.stop()
+
+    filler = fill(fs, leave=0)
+    with pytest.raises(OutboxStorageFullError) as caught:
+        make_agent(bundle, outbox=outbox)
+    message = str(caught.value)
+    assert message.startswith("outbox storage full: cannot open the outbox"), message
+    assert "0 bytes free on its file system" in message
+
+    # Some room, not much: the agent starts, says how little there is, and delivers.
+    filler.unlink()
+    filler = fill(fs, leave=100 * 1024)
+    caplog.set_level(logging.WARNING, logger="fogline.edge_agent")
+    deliveries = Deliveries()
+    agent = make_agent(bundle, on_answer=deliveries, outbox=outbox)
+    [line] = [r.getMessage() for r in caplog.records if "at start" in r.getMessage()]
+    assert "outbox storage nearly full at start" in line
+    assert "the 10 items in the outbox are still delivered" in line
+    assert agent.stats()["outbox_items"] == 10
+    responder_factory(bundle)
+    _answers_once_each(deliveries.wait_for(10), tags)
+    assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
+    filler.unlink()
+    answer = agent.submit_batch(frames(1, seed=3), tags=["after"])[0].result(10)
+    assert (answer.source, answer.status) == ("cloud", "ok")
+
+
 def test_the_breaker_opens_after_repeated_timeouts_and_closes_when_the_cloud_answers(
     bundle_factory, make_agent, responder_factory
 ) -> None:
@@ -496,6 +534,137 @@ def test_the_breaker_opens_after_repeated_timeouts_and_closes_when_the_cloud_ans
     answer = agent.submit_batch(frames(1, seed=9), tags=["after"])[0].result(10)
     assert (answer.source, answer.status, answer.tag) == ("cloud", "ok", "after")
     _no_late_duplicates(agent, deliveries, 5)
+
+
+# Damaged outbox rows: bytes flipped in the file, rows written by something else.
+
+
+def _rows(path: Path) -> dict[str, tuple[bytes, bytes]]:
+    """The outbox's items by tag: (message id, stored envelope), read on a connection of
+    the test's own."""
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT message_id, payload, tag FROM outbox").fetchall()
+    finally:
+        db.close()
+    return {tag: (bytes(mid), bytes(payload)) for mid, payload, tag in rows}
+
+
+def _sql(path: Path, sql: str, *args: object) -> Any:
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        out = db.execute(sql, args).fetchall()
+        db.commit()
+    finally:
+        db.close()
+    return out
+
+
+def _overwrite(path: Path, at: int, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(at)
+        f.write(data)
+
+
+def _received_ids(responder: Any) -> set[bytes]:
+    return {env.message_id for _topic, env, _size in responder.received}
+
+
+def test_attack_damaged_rows_of_a_stopped_agents_outbox_are_quarantined_and_the_rest_answered(
+    bundle_factory, make_agent, responder_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    first = make_agent(bundle, cloud_timeout_ms=200)
+    tags = [f"item-{i}" for i in range(6)]
+    assert {f.result(10).status for f in first.submit_batch(frames(6), tags=tags)} == {"degraded"}
+    first.stop()  # the log is checkpointed into the file: the rows are in its pages
+    path = first.config.outbox_path
+    rows = _rows(path)
+    raw = path.read_bytes()
+    # item-0: 64 bytes of its stored features overwritten in the file.
+    at = raw.index(rows["item-0"][1])
+    _overwrite(path, at + len(rows["item-0"][1]) - 70, b"\x5a" * 64)
+    # item-1: one bit of its key (the key is stored just before the payload), so that its
+    # envelope now answers to another id.
+    at = raw.index(rows["item-1"][1])
+    assert raw[at - 16 : at] == rows["item-1"][0]
+    _overwrite(path, at - 1, bytes([raw[at - 1] ^ 1]))
+    flipped_id = rows["item-1"][0][:-1] + bytes([raw[at - 1] ^ 1])
+    assert _sql(path, "PRAGMA integrity_check") == [("ok",)]  # SQLite sees nothing wrong
+    # item-2: its payload rewritten as text; and a row no agent wrote, with a text key.
+    _sql(path, "UPDATE outbox SET payload = 'not an envelope' WHERE tag = 'item-2'")
+    _sql(path, "INSERT INTO outbox VALUES ('junk', x'00', 0, 1.0, NULL)")
+
+    deliveries = Deliveries()
+    agent = make_agent(bundle, on_answer=deliveries)
+    cloud = responder_factory(bundle)
+    got = {d.tag: d for d in deliveries.wait_for(6)}
+    assert sorted(got) == tags
+    _answers_once_each([got[t] for t in tags[3:]], tags[3:])
+    expected = {"item-0": "bad_envelope", "item-1": "wrong_item", "item-2": "bad_row"}
+    for tag, reason in expected.items():
+        error = got[tag].error
+        assert isinstance(error, OutboxQuarantinedError), (tag, error)
+        assert error.reason == reason
+        assert str(error).startswith(f"item {got[tag].message_id} was quarantined, not sent")
+        assert got[tag].answer is None
+        assert got[tag].recovered
+    assert got["item-1"].message_id == flipped_id.hex()
+    assert "checksum" in str(got["item-0"].error)
+    # None of the damaged envelopes reached the cloud, under either id.
+    damaged_ids = {rows[t][0] for t in expected} | {flipped_id}
+    assert not damaged_ids & _received_ids(cloud)
+    m = agent.metrics
+    for reason, n in (("bad_envelope", 1), ("wrong_item", 1), ("bad_row", 2)):
+        assert m.value("fogline_agent_outbox_quarantined_total", {"reason": reason}) == n
+    assert agent.ready
+    assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
+    # The file follows once the journal's last transaction, the answered items' deletes,
+    # has committed.
+    assert _wait_until(lambda: _sql(path, "SELECT count(*) FROM outbox") == [(0,)])
+    assert _sql(path, "SELECT count(*) FROM quarantine") == [(4,)]
+    _no_late_duplicates(agent, deliveries, 6)
+
+
+def test_a_row_damaged_while_its_caller_waits_ends_that_wait_with_the_reason_and_resends_go_on(
+    bundle_factory, make_agent, responder_factory
+) -> None:
+    bundle = bundle_factory(**FORWARD_ALL)
+    agent = make_agent(
+        bundle, cloud_timeout_ms=30_000, breaker=BreakerConfig(failure_threshold=1000)
+    )
+    tags = ["flipped", "no-magic", "spared"]
+    futures = dict(zip(tags, agent.submit_batch(frames(3), tags=tags), strict=True))
+    path = agent.config.outbox_path
+    rows = _rows(path)
+    envelope = bytearray(rows["flipped"][1])
+    envelope[len(envelope) // 2] ^= 0x10  # one bit of the features: the old code re-sent it
+    _sql(path, "UPDATE outbox SET payload = ? WHERE tag = 'flipped'", bytes(envelope))
+    envelope = bytearray(rows["no-magic"][1])
+    envelope[:2] = b"XX"  # not an envelope at all: this killed the re-send thread
+    _sql(path, "UPDATE outbox SET payload = ? WHERE tag = 'no-magic'", bytes(envelope))
+
+    for tag, reason, detail in (
+        ("flipped", "bad_envelope", "bad_checksum"),
+        ("no-magic", "bad_envelope", "bad_magic"),
+    ):
+        error = futures[tag].exception(15)
+        assert isinstance(error, OutboxQuarantinedError), (tag, error)
+        assert (error.reason, error.message_id) == (reason, rows[tag][0].hex())
+        assert detail in error.detail
+    # The re-sends go on for the others: a cloud that comes now answers them.
+    cloud = responder_factory(bundle)
+    answer = futures["spared"].result(15)
+    assert (answer.source, answer.status) == ("cloud", "ok")
+    assert not {rows["flipped"][0], rows["no-magic"][0]} & _received_ids(cloud)
+    later = agent.submit_batch(frames(1, seed=8), tags=["later"])[0].result(15)
+    assert later.source == "cloud"
+    assert agent.ready
+    assert (
+        agent.metrics.value("fogline_agent_outbox_quarantined_total", {"reason": "bad_envelope"})
+        == 2
+    )
+    assert _wait_until(lambda: agent.stats()["outbox_items"] == 0)
 
 
 # An agent in its own process (argv: host, port, prefix, bundle, outbox, site, extras...),
@@ -619,6 +788,19 @@ def test_an_agent_killed_with_sigkill_loses_nothing_and_its_successor_answers_ea
 _KILLED_AS_IT_ANSWERS = (
     _AGENT_PROCESS
     + """
+# The fastest journal there could be: a delete handed to it is committed before put()
+# returns. Whichever comes first, handing out the answer or queueing its delete, has then
+# happened in full before the other starts: with the delete first, the row is gone by the
+# time the answer is out, every time, and not only when the journal thread wins the race.
+journal = agent._courier.journal
+queue_op = journal.put
+def put_and_commit(op):
+    queue_op(op)
+    if isinstance(op, bytes):  # an answered item's delete
+        while not agent.drained():  # the journal is done with it once committed
+            time.sleep(0.001)
+journal.put = put_and_commit
+
 def killed_as_it_answers(fut):
     # The application keeps the answer, and the process dies before anything else runs.
     print("answered", fut.result().label, flush=True)

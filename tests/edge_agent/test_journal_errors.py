@@ -57,6 +57,7 @@ def test_every_sqlite3_exception_becomes_an_outbox_error_raised_from_it(
     ("code", "kind"),
     [
         (sqlite3.SQLITE_FULL, OutboxStorageFullError),
+        (sqlite3.SQLITE_IOERR_SHMSIZE, OutboxStorageFullError),  # -shm cannot grow: a full disk
         (sqlite3.SQLITE_CORRUPT, OutboxCorruptError),
         (sqlite3.SQLITE_NOTADB, OutboxCorruptError),
         (sqlite3.SQLITE_CORRUPT_INDEX, OutboxCorruptError),  # an extended code
@@ -93,6 +94,16 @@ def test_without_a_result_code_the_class_decides_the_kind(
     cls: type[sqlite3.Error], kind: type[OutboxError]
 ) -> None:
     assert type(map_outbox_error(cls("uncoded"), "commit")) is kind
+
+
+def test_a_full_disk_says_outbox_storage_full_first() -> None:
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    assert str(map_outbox_error(full, "commit")) == (
+        "outbox storage full: cannot commit: database or disk is full"
+    )
+    no_space = OSError(errno.ENOSPC, "No space left on device")
+    assert str(map_outbox_error(no_space, "write")).startswith("outbox storage full: cannot write")
 
 
 @pytest.mark.parametrize(

@@ -14,14 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from fogline.edge_agent import OutboxInUseError
+from fogline.edge_agent import OutboxInUseError, OutboxStorageFullError
 from fogline.edge_agent._outbox import (
+    QUARANTINE_KEEP,
+    RESERVE_BYTES,
+    DamagedRow,
+    DamagedRowError,
     Eviction,
     Outbox,
     OutboxFullError,
     OutboxItem,
     OutboxLimits,
 )
+from tests.edge_agent.conftest import fill, free_bytes
 
 
 def _mid(n: int) -> bytes:
@@ -340,8 +345,9 @@ def test_a_process_killed_right_after_add_many_keeps_every_item(
 
 class _CommitFailsAfterRollingBack:
     """The outbox's connection, except that COMMIT fails the way SQLite's does on a full
-    disk: the transaction is rolled back already when the error comes. No real file system
-    here can be filled on demand, so this one call is staged."""
+    disk: the transaction is rolled back already when the error comes. Staged, so that the
+    order (rolled back, then the error) is certain whatever SQLite version runs; the test
+    on a real full file system is below."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
@@ -414,4 +420,257 @@ def test_another_process_holding_the_outbox_is_named_and_its_death_frees_it(
     # A killed agent leaves no stale lock behind: the next one starts on its items.
     box = Outbox(path)
     assert len(box) == 1
+    box.close()
+
+
+def _in_file(path: Path) -> tuple[list[int], int]:
+    """Item numbers and payload bytes in the outbox file, read by a connection of its own."""
+    db = sqlite3.connect(path)
+    try:
+        ids = [int.from_bytes(r[0], "big") for r in db.execute("SELECT message_id FROM outbox")]
+        (size,) = db.execute("SELECT coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+    finally:
+        db.close()
+    return sorted(ids), int(size)
+
+
+def test_a_commit_a_full_file_system_fails_leaves_memory_equal_to_the_file(
+    small_fs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    limits = OutboxLimits(max_items=3)
+    box = Outbox(path, limits, synchronous="normal")
+    box.add_many([(_mid(n), bytes([n]) * 1000, n, None) for n in (1, 2, 3)], now_s=1.0)
+    # The outbox's own look at the free space is switched off: SQLite meets the full disk
+    # itself, at COMMIT, which has rolled back when it fails.
+    monkeypatch.setattr(Outbox, "_make_room", lambda self, incoming: None)
+    filler = fill(fs, leave=0)
+    for k in range(3):
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            # removes 3, stores 40 large ones, evicts 1 and 2 (lowest priority): all undone
+            box.commit(
+                [(_mid(100 + 40 * k + i), b"x" * 4000, 9, None) for i in range(40)], [_mid(3)]
+            )
+        assert (sorted(_ids(box.items())), box.total_bytes) == _in_file(path) == ([1, 2, 3], 3000)
+    # Space comes back, and the mirror still drives eviction: the lowest priority goes.
+    filler.unlink()
+    assert _evicted(box.add_many([(_mid(9), b"z", 9, None)], now_s=2.0)) == [(1, "max_items")]
+    assert (sorted(_ids(box.items())), box.total_bytes) == _in_file(path) == ([2, 3, 9], 2001)
+    box.close()
+
+
+def test_on_a_512_kib_file_system_the_log_is_truncated_before_it_fills_the_disk(small_fs) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    box = Outbox(path, synchronous="normal")
+    wal = path.with_name(path.name + "-wal")
+    largest = 0
+    # Far more bytes than the file system holds pass through: stored, then answered.
+    for k in range(1, 1500):
+        box.commit([(_mid(k), bytes([k % 251]) * 600, 0, None)], [_mid(k - 1)])
+        largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+    assert (sorted(_ids(box.items())), box.total_bytes) == _in_file(path) == ([1499], 600)
+    assert largest < 512 * 1024 - RESERVE_BYTES
+    box.close()
+
+
+def test_new_items_are_refused_before_the_reserve_for_deletes_is_used_up(small_fs) -> None:
+    fs = small_fs("512k")
+    path = fs / "o.db"
+    box = Outbox(path, synchronous="normal")
+    n, refusal = 0, None
+    while refusal is None and n < 5000:
+        try:
+            box.add_many([(_mid(n), bytes([n % 251]) * 600, 0, None)])
+            n += 1
+        except OutboxStorageFullError as exc:
+            refusal = exc
+    assert refusal is not None, "a 512 KiB file system took 3 MB"
+    assert str(refusal).startswith("outbox storage full: ")
+    assert "so that answered items can still be deleted" in str(refusal)
+    assert free_bytes(fs) >= RESERVE_BYTES - 4096
+    assert (len(box), box.total_bytes) == (n, 600 * n)
+    # Every item can still be deleted, one transaction at a time as answers come.
+    for k in range(n):
+        box.remove_many([_mid(k)])
+    assert _in_file(path) == ([], 0)
+    box.close()
+
+
+# Damaged rows: what a damaged file, or one written by something else, holds.
+
+
+def _write(path: Path, sql: str, *args: object) -> None:
+    db = sqlite3.connect(path)
+    try:
+        db.execute(sql, args)
+        db.commit()
+    finally:
+        db.close()
+
+
+def _quarantined(path: Path) -> list[tuple[object, str]]:
+    db = sqlite3.connect(path)
+    db.text_factory = bytes
+    try:
+        rows = db.execute("SELECT message_id, reason FROM quarantine ORDER BY rowid").fetchall()
+    finally:
+        db.close()
+    return [(key, reason.decode()) for key, reason in rows]
+
+
+BAD_ROWS = [
+    (
+        "its message id is text, not a blob",
+        "x'00'",
+        "'0123456789abcdef'",
+        "x'aa'",
+        "0",
+        "1.0",
+        "NULL",
+    ),
+    ("its message id is 3 bytes, not 16", "x'00'", "x'010203'", "x'aa'", "0", "1.0", "NULL"),
+    ("its message id is integer, not a blob", "x'00'", "42", "x'aa'", "0", "1.0", "NULL"),
+    ("its payload is text, not a blob", "x'01'", None, "'an envelope?'", "0", "1.0", "NULL"),
+    ("its payload is integer, not a blob", "x'02'", None, "1000000000", "0", "1.0", "NULL"),
+    ("its payload is empty", "x'03'", None, "x''", "0", "1.0", "NULL"),
+    ("its priority is text, not an integer", "x'04'", None, "x'aa'", "'high'", "1.0", "NULL"),
+    ("its priority is real, not an integer", "x'05'", None, "x'aa'", "1.5", "1.0", "NULL"),
+    ("its creation time is text", "x'06'", None, "x'aa'", "0", "'yesterday'", "NULL"),
+    ("its tag is blob, not text", "x'07'", None, "x'aa'", "0", "1.0", "x'ff00'"),
+    ("its tag is not UTF-8 text", "x'08'", None, "x'aa'", "0", "1.0", "CAST(x'ff' AS TEXT)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("problem", "n", "key", "payload", "priority", "created", "tag"),
+    BAD_ROWS,
+    ids=[row[0] for row in BAD_ROWS],
+)
+def test_attack_a_row_of_the_wrong_type_or_length_is_set_aside_at_open_and_the_rest_kept(
+    tmp_path: Path,
+    problem: str,
+    n: str,
+    key: str | None,
+    payload: str,
+    priority: str,
+    created: str,
+    tag: str,
+) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    box.add_many([(_mid(1), b"one", 0, "t1"), (_mid(2), b"two", 0, None)], now_s=5.0)
+    box.close()
+    key_sql = key if key is not None else f"x'{'ff' * 15}{n[2:4]}'"  # a good 16-byte id
+    _write(
+        path,
+        "INSERT INTO outbox (message_id, payload, priority, created_s, tag)"
+        f" VALUES ({key_sql}, {payload}, {priority}, {created}, {tag})",
+    )
+
+    box = Outbox(path)
+    assert sorted(_ids(box.items())) == [1, 2]
+    assert (len(box), box.total_bytes) == (2, 6)
+    [row] = box.take_damaged()
+    assert box.take_damaged() == []  # reported once
+    assert row.kind == "bad_row"
+    assert row.reason.startswith(problem), row.reason
+    assert box.damaged() == [row]
+    assert box.quarantine(row) is True
+    assert box.damaged() == []
+    assert box.payload(_mid(1)) == b"one"  # the others are untouched
+    box.close()
+    [(_key, reason)] = _quarantined(path)
+    assert reason == f"bad_row: {row.reason}"
+    again = Outbox(path)
+    assert again.take_damaged() == []
+    assert sorted(_ids(again.items())) == [1, 2]
+    again.close()
+
+
+def test_attack_null_columns_in_a_table_made_by_something_else_are_set_aside(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    # The table exists already, without the outbox's constraints: CREATE IF NOT EXISTS
+    # keeps it, NULLs and all.
+    _write(path, "CREATE TABLE outbox (message_id, payload, priority, created_s, tag)")
+    for sql in (
+        "INSERT INTO outbox VALUES (NULL, x'aa', 0, 1.0, NULL)",
+        f"INSERT INTO outbox VALUES (x'{'00' * 16}', NULL, 0, 1.0, NULL)",
+        f"INSERT INTO outbox VALUES (x'{'00' * 15}01', x'aa', NULL, 1.0, NULL)",
+        f"INSERT INTO outbox VALUES (x'{'00' * 15}02', x'aa', 0, NULL, NULL)",
+        f"INSERT INTO outbox VALUES (x'{'00' * 15}03', x'aa', 0, 1.0, 't')",
+    ):
+        _write(path, sql)
+    box = Outbox(path)
+    assert _ids(box.items()) == [3]
+    damaged = box.take_damaged()
+    assert sorted(row.reason for row in damaged) == [
+        "its creation time is null, not a number of seconds",
+        "its message id is null, not a blob",
+        "its payload is null, not a blob",
+        "its priority is null, not an integer",
+    ]
+    for row in damaged:
+        assert box.quarantine(row) is True
+    box.close()
+    assert len(_quarantined(path)) == 4
+    assert _in_file(path) == ([3], 1)
+
+
+def test_a_payload_changed_in_the_file_is_refused_when_it_is_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    box.add_many([(_mid(n), b"payload-%d" % n, 0, f"t{n}") for n in (1, 2, 3)])
+    _write(path, "UPDATE outbox SET payload = 'text now' WHERE message_id = ?", _mid(1))
+    _write(path, "UPDATE outbox SET payload = x'0102' WHERE message_id = ?", _mid(2))
+    with pytest.raises(DamagedRowError, match="its payload is text, not a blob") as first:
+        box.payload(_mid(1))
+    assert (first.value.row.message_id, first.value.row.tag) == (_mid(1), "t1")
+    with pytest.raises(DamagedRowError, match="its payload is 2 bytes, 9 when it was stored"):
+        box.payload(_mid(2))
+    assert box.payload(_mid(3)) == b"payload-3"
+    assert box.quarantine(first.value.row) is True
+    assert sorted(_ids(box.items())) == [2, 3]
+    assert (len(box), box.total_bytes) == (2, 18)
+    box.close()
+
+
+def test_the_quarantine_table_keeps_the_latest_rows_only(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    n = QUARANTINE_KEEP + 5
+    box.add_many([(_mid(k), b"x", 0, None) for k in range(n)])
+    for k in range(n):
+        box.quarantine(DamagedRow("blob", _mid(k), "bad_envelope", f"damage {k}"))
+    box.close()
+    kept = _quarantined(path)
+    assert len(kept) == QUARANTINE_KEEP
+    assert kept[-1][1] == f"bad_envelope: damage {n - 1}"
+    assert kept[0][1] == "bad_envelope: damage 5"
+
+
+def test_a_damaged_row_found_when_memory_is_read_back_after_a_failure_is_reported(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    box.add_many([(_mid(1), b"one", 0, None)])
+    _write(path, "INSERT INTO outbox VALUES (x'0102', x'aa', 0, 1.0, NULL)")
+    _write(
+        path,
+        "CREATE TRIGGER refuse BEFORE INSERT ON outbox WHEN NEW.tag = 'poison'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="refused by the test"):
+        box.add_many([(_mid(2), b"two", 0, "poison")])
+    [row] = box.take_damaged()
+    assert (row.key_type, row.key, row.reason) == (
+        "blob",
+        b"\x01\x02",
+        "its message id is 2 bytes, not 16",
+    )
+    assert (sorted(_ids(box.items())), box.total_bytes) == ([1], 3)
     box.close()

@@ -38,6 +38,7 @@ EXPECTED = {
     "OutboxError",
     "OutboxEvictedError",
     "OutboxInUseError",
+    "OutboxQuarantinedError",
     "OutboxStorageFullError",
     "OutboxTransientError",
     "OverloadedError",
