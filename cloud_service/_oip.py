@@ -491,7 +491,7 @@ def _from_json(
         )
     if datatype == "BYTES":
         array = np.empty(count, dtype=object)
-        array[:] = [s.encode("utf-8") for s in flat]
+        array[:] = [_utf8(s, position, what) for position, s in enumerate(flat)]
         return array.reshape(shape)
     try:
         return np.array(flat, dtype=DATATYPES[datatype]).reshape(shape)
@@ -500,6 +500,18 @@ def _from_json(
         span = f" ({np.iinfo(dtype).min}..{np.iinfo(dtype).max})" if dtype.kind in "iu" else ""
         raise InferenceInputError(
             f"{what}: a data element is out of range for {datatype}{span}"
+        ) from None
+
+
+def _utf8(text: str, position: int, what: str) -> bytes:
+    # JSON's "\ud800" escape is valid JSON, and Python's reader turns it into a str with
+    # a lone surrogate, which has no UTF-8 form.
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InferenceInputError(
+            f"{what}: data element {position} holds a lone UTF-16 surrogate, which is not "
+            f"text; send such bytes as binary data"
         ) from None
 
 

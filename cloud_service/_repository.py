@@ -40,6 +40,7 @@ queued, then frees the backend; other models are never paused.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import itertools
 import logging
@@ -715,6 +716,21 @@ def _scan_model_dir(folder: Path) -> _Scanned:
     )
 
 
+def _is_model_folder(model: str, folder: Path) -> bool:
+    """Whether ``folder`` (the folder ``model`` would have) is a directory.
+
+    A name longer than the file system's names may be is no folder: ``Path.is_dir``
+    raises that ``OSError`` (ENAMETOOLONG) instead of answering false, and an HTTP caller
+    can send such a name. Any other failure to look is a :class:`ConfigError`.
+    """
+    try:
+        return folder.is_dir()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise ConfigError(f"model {model!r}: {folder} cannot be examined: {exc}") from None
+
+
 def _combined(failures: Sequence[CloudError]) -> CloudError:
     """One error for several load failures: the failure itself when alone, otherwise a
     :class:`ConfigError` when all are configuration errors, else a :class:`BackendError`."""
@@ -852,7 +868,12 @@ class ModelRepository:
         if entry is not None and entry.directory is None:
             return entry
         folder = None if self._directory is None else self._directory / model
-        if folder is None or not folder.is_dir() or model.startswith(".") or "/" in model:
+        if (
+            folder is None
+            or model.startswith(".")
+            or "/" in model
+            or not _is_model_folder(model, folder)
+        ):
             if entry is not None:  # its folder is gone: stop serving it
                 for v in list(entry.versions.values()):
                     self._unload_version(entry, v)

@@ -626,3 +626,18 @@ def test_arbitrary_bytes_are_refused_with_an_input_error(raw: bytes, split: int)
     for length in (None, min(split, len(raw))):
         with contextlib.suppress(InferenceInputError):
             parse_inference_request(raw, meta(), header_length=length)
+
+
+def test_attack_a_bytes_element_with_a_lone_surrogate_is_refused_not_a_crash() -> None:
+    # {"data": ["ok", "\ud800", …]}: valid JSON, but "\ud800" read into a str has no UTF-8
+    # form; encoding it raised UnicodeEncodeError, which the HTTP API answered 500.
+    body = (
+        b'{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1, 3], '
+        b'"data": ["ok", "\\ud800", "\\ud83d\\ude00"]}]}'
+    )
+    with pytest.raises(InferenceInputError, match="element 1 holds a lone UTF-16 surrogate"):
+        parse_inference_request(body, meta("BYTES"))
+    # A surrogate pair is one character (U+1F600) and fine.
+    paired = body.replace(b'"\\ud800"', b'"\\ud83d\\ude00"')
+    parsed = parse_inference_request(paired, meta("BYTES"))
+    assert parsed.inputs["x"].tolist() == [[b"ok", "😀".encode(), "😀".encode()]]

@@ -891,3 +891,16 @@ def test_cancelled_requests_are_skipped(
         )
         == 1
     )
+
+
+def test_attack_loading_a_model_named_longer_than_a_file_name_is_an_unknown_model(
+    repo_dir: Path, open_repo: Callable[..., ModelRepository]
+) -> None:
+    # POST /v2/repository/models/<300 characters>/load: the folder it names cannot exist,
+    # and looking for it raised ENAMETOOLONG, which the HTTP API answered 500.
+    repo = open_repo(repo_dir)
+    for name in ("m" * 300, "é" * 200):
+        with pytest.raises(UnknownModelError, match="unknown model"):
+            repo.load(name)
+    repo.start()
+    assert repo.ready
