@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-__all__ = ["SEED", "any_text", "fuzz", "reproducible"]
+__all__ = ["SEED", "any_text", "fuzz", "mostly", "reproducible"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,7 +73,14 @@ def any_text(max_size: int = 20) -> st.SearchStrategy[str]:
     text leaves surrogates out; a high one alone never pairs with the text around it.)"""
     half = max(1, max_size // 2)
     lone = st.characters(min_codepoint=0xD800, max_codepoint=0xDBFF)
-    return st.one_of(
-        st.text(max_size=max_size),
-        st.tuples(st.text(max_size=half), lone, st.text(max_size=half)).map("".join),
+    odd = st.tuples(st.text(max_size=half), lone, st.text(max_size=half)).map("".join)
+    return mostly(st.text(max_size=max_size), odd)
+
+
+def mostly(common: st.SearchStrategy[Any], rare: st.SearchStrategy[Any], one_in: int = 5) -> Any:
+    """``common``, and ``rare`` about one time in ``one_in``. (Hypothesis picks the first
+    branch of ``one_of`` most often and folds repeated branches into one, so neither
+    ``one_of(common, rare)`` nor ``one_of(common, common, rare)`` weighs like this.)"""
+    return st.sampled_from([False] * (one_in - 1) + [True]).flatmap(
+        lambda pick_rare: rare if pick_rare else common
     )
