@@ -400,7 +400,7 @@ def test_after_the_fuzz_run_the_agent_is_ready_and_answers_a_valid_input(
 ) -> None:
     r = session.get(f"{running.url}/readyz", timeout=30)
     assert r.status_code == 200
-    assert r.json() == {"ready": True, "model": True, "mqtt": True}
+    assert r.json() == {"ready": True, "model": True, "mqtt": True, "failed": None}
     for frame in frames(4, seed=11):
         r = session.post(
             f"{running.url}/v1/infer", json={"data": frame.tolist(), "tag": "after"}, timeout=30
