@@ -10,19 +10,17 @@ the server goes on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fogline.cloud_service._metrics import CONTENT_TYPE_LATEST
 from fogline.cloud_service._store import normalize_message_id
 from fogline.cloud_service._version import fogline_version
 from fogline.cloud_service._worker import CloudWorker
 from fogline.cloud_service.errors import StoreError
-from fogline.messaging import Supervisor
+from fogline.messaging import ContainedHttp, Supervisor
 
 __all__ = ["create_app", "create_serving_app"]
 
@@ -31,43 +29,11 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-class _Contained:
-    """ASGI middleware, the HTTP server's supervisor: a request whose handler raised
-    something no handler maps is answered 500 with a JSON error, and the failure is logged
-    with its route and counted (``on_error(route, exc)``); the server serves the next one.
-    Pure ASGI rather than ``BaseHTTPMiddleware``: it adds no task or queue per request."""
-
-    def __init__(self, app: ASGIApp, on_error: Callable[[str, BaseException], None]) -> None:
-        self.app = app
-        self.on_error = on_error
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def watched(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watched)
-        except Exception as exc:  # noqa: BLE001 - the HTTP server's supervisor
-            self.on_error(f"{scope.get('method', '?')} {scope.get('path', '?')}", exc)
-            if started:  # the answer is on its way: nothing else can be said
-                return
-            await _error(500, f"internal error ({type(exc).__name__}), logged")(
-                scope, receive, send
-            )
-
-
 def _supervise_http(app: FastAPI, supervisor: Supervisor) -> None:
     app.add_middleware(
-        _Contained,
+        ContainedHttp,
         on_error=lambda route, exc: supervisor.contained("http", f"request {route}", exc),
+        answer=lambda exc: _error(500, f"internal error ({type(exc).__name__}), logged"),
     )
 
 

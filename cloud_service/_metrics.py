@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,8 +22,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
+
+from fogline.messaging import ThreadFailures
 
 __all__ = ["CLOUD_THREAD_KINDS", "CONTENT_TYPE_LATEST", "CloudMetrics", "ModelMetrics"]
 
@@ -65,38 +65,6 @@ _STORE_BUCKETS_S = (
     30.0,
     60.0,
 )
-
-
-class ThreadFailures(Collector):
-    """A counter by thread kind read from the supervisors' own counts when scraped (the
-    worker's, which also counts what its MQTT connection counts, and its repository's);
-    every kind in ``kinds`` is reported, 0 included, so an alert has a series to watch."""
-
-    def __init__(self, name: str, documentation: str, kinds: Sequence[str]) -> None:
-        self._name = name
-        self._doc = documentation
-        self._kinds = tuple(kinds)
-        self._sources: list[Callable[[], Mapping[str, int]]] = []
-
-    def add(self, counts: Callable[[], Mapping[str, int]]) -> None:
-        """Report ``counts()`` (failures by kind) too, summed with the other sources."""
-        self._sources.append(counts)
-
-    def totals(self) -> dict[str, int]:
-        out = dict.fromkeys(self._kinds, 0)
-        for source in list(self._sources):
-            for kind, n in source().items():
-                out[kind] = out.get(kind, 0) + n
-        return out
-
-    def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily(self._name, self._doc, labels=["thread"])
-        for kind, n in self.totals().items():
-            family.add_metric([kind], float(n))
-        yield family
-
-    def describe(self) -> Iterable[Metric]:
-        yield CounterMetricFamily(self._name, self._doc, labels=["thread"])
 
 
 class CloudMetrics:

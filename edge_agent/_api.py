@@ -30,7 +30,6 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,7 +40,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fogline.edge_agent._agent import PRIORITY_MAX, PRIORITY_MIN, Agent
 from fogline.edge_agent._runtime import InputSpec
@@ -60,6 +58,7 @@ from fogline.edge_agent.errors import (
     OutboxStorageFullError,
     OverloadedError,
 )
+from fogline.messaging import ContainedHttp
 
 __all__ = ["create_app"]
 
@@ -237,37 +236,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class _Contained:
-    """ASGI middleware, the HTTP server's supervisor: a request whose handler raised
-    something no handler maps is answered 500 with a JSON error, and the failure is logged
-    with its route and counted (``on_error(route, exc)``); the server serves the next one.
-    Pure ASGI rather than ``BaseHTTPMiddleware``: it adds no task or queue per request."""
-
-    def __init__(self, app: ASGIApp, on_error: Callable[[str, BaseException], None]) -> None:
-        self.app = app
-        self.on_error = on_error
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def watched(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watched)
-        except Exception as exc:  # noqa: BLE001 - the HTTP server's supervisor
-            self.on_error(f"{scope.get('method', '?')} {scope.get('path', '?')}", exc)
-            if started:  # the answer is on its way: nothing else can be said
-                return
-            error = f"internal error ({type(exc).__name__}), logged"
-            body = {"error": error, "type": "InternalError"}
-            await JSONResponse(body, status_code=500)(scope, receive, send)
+def _internal_error(exc: BaseException) -> JSONResponse:
+    """The answer to a request whose handler failed unexpectedly."""
+    error = f"internal error ({type(exc).__name__}), logged"
+    return JSONResponse({"error": error, "type": "InternalError"}, status_code=500)
 
 
 def _parse(body: bytes) -> InferRequest:
@@ -295,8 +267,9 @@ def create_app(agent: Agent, *, max_body_bytes: int | None = None) -> FastAPI:
     )
     supervisor = agent.supervisor
     app.add_middleware(
-        _Contained,
+        ContainedHttp,
         on_error=lambda route, exc: supervisor.contained("http", f"request {route}", exc),
+        answer=_internal_error,
     )
 
     def _invalid_response(errors: list[Any]) -> JSONResponse:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from fogline.messaging import ThreadFailures
 
 __all__ = ["SOURCES", "THREAD_KINDS", "AgentMetrics", "BatchHistogram", "ThreadFailures"]
 
@@ -97,38 +99,6 @@ class BatchHistogram(Collector):
     def count(self, value: str) -> int:
         with self._lock:
             return sum(self._counts.get(value, ()))
-
-
-class ThreadFailures(Collector):
-    """A counter by thread kind read from the supervisors' own counts when scraped (they
-    also count what the MQTT connection counts); every kind in ``kinds`` is reported, 0
-    included, so an alert on the series has something to watch from the start."""
-
-    def __init__(self, name: str, documentation: str, kinds: Sequence[str]) -> None:
-        self._name = name
-        self._doc = documentation
-        self._kinds = tuple(kinds)
-        self._sources: list[Callable[[], Mapping[str, int]]] = []
-
-    def add(self, counts: Callable[[], Mapping[str, int]]) -> None:
-        """Report ``counts()`` (failures by kind) too, summed with the other sources."""
-        self._sources.append(counts)
-
-    def totals(self) -> dict[str, int]:
-        out = dict.fromkeys(self._kinds, 0)
-        for source in list(self._sources):
-            for kind, n in source().items():
-                out[kind] = out.get(kind, 0) + n
-        return out
-
-    def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily(self._name, self._doc, labels=["thread"])
-        for kind, n in self.totals().items():
-            family.add_metric([kind], float(n))
-        yield family
-
-    def describe(self) -> Iterable[Metric]:
-        yield CounterMetricFamily(self._name, self._doc, labels=["thread"])
 
 
 class AgentMetrics:

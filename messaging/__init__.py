@@ -12,6 +12,7 @@ generic helpers it is built on are the settings layer the components share.
 from ._config import ConfigValueError, Section, broker_settings, load_toml
 from ._connection import Inbound, InboundHandler, MessageHandler, MqttConnection, Received
 from ._paho_errors import error_for_code, mapped_errors
+from ._reporting import ContainedHttp, ThreadFailures
 from ._settings import MqttSettings, TlsSettings, parse_broker_url
 from ._supervisor import Supervisor, ThreadFailure
 from ._topics import DEFAULT_TOPIC_PREFIX, Topics
@@ -26,6 +27,7 @@ from .errors import (
 __all__ = [
     "DEFAULT_TOPIC_PREFIX",
     "ConfigValueError",
+    "ContainedHttp",
     "Inbound",
     "InboundHandler",
     "MessageHandler",
@@ -40,6 +42,7 @@ __all__ = [
     "Section",
     "Supervisor",
     "ThreadFailure",
+    "ThreadFailures",
     "TlsSettings",
     "Topics",
     "broker_settings",

@@ -21,10 +21,11 @@ COMPONENTS = ("edge_agent", "cloud_service", "compression", "sync", "residency",
 def test_public_names_are_pinned() -> None:
     assert sorted(messaging.__all__) == sorted(
         [
-            "DEFAULT_TOPIC_PREFIX", "ConfigValueError", "Inbound", "InboundHandler",
+            "ContainedHttp", "DEFAULT_TOPIC_PREFIX", "ConfigValueError", "Inbound",
+            "InboundHandler",
             "MessageHandler", "MessagingError", "MqttBadDataError", "MqttConnection",
             "MqttError", "MqttRefusedError", "MqttSettings", "MqttTransportError", "Received",
-            "Section", "Supervisor", "ThreadFailure", "TlsSettings", "Topics",
+            "Section", "Supervisor", "ThreadFailure", "ThreadFailures", "TlsSettings", "Topics",
             "broker_settings", "error_for_code",
             "load_toml", "mapped_errors", "parse_broker_url",
         ]
