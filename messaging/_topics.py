@@ -16,7 +16,8 @@ def _check_segment(value: str, what: str) -> None:
 
 @dataclass(frozen=True)
 class Topics:
-    """The topic scheme: ``<prefix>/<site>/features`` and ``<prefix>/<site>/results``."""
+    """The topic scheme: ``<prefix>/<site>/features``, ``<prefix>/<site>/results`` and
+    ``<prefix>/<site>/sync`` (a retained nudge: the site's desired state changed)."""
 
     prefix: str = DEFAULT_TOPIC_PREFIX
 
@@ -31,6 +32,10 @@ class Topics:
     def results(self, site: str) -> str:
         _check_segment(site, "site")
         return f"{self.prefix}/{site}/results"
+
+    def sync(self, site: str) -> str:
+        _check_segment(site, "site")
+        return f"{self.prefix}/{site}/sync"
 
     def all_features(self, share_group: str | None = None) -> str:
         """Subscription filter for every site's features, shared when a group is given."""

@@ -4,7 +4,14 @@ A report is a DSSE envelope (securesystemslib's) whose payload is JSON::
 
     {"format": 1, "site": "plant-7", "bundle": "reference@3", "release": 3,
      "manifest_sha256": "…", "health": {"items_per_s": 41.5, "errors": 0},
+     "phase": "active", "desired": "reference@4", "stale": false, "error": null,
      "nonce": "<from the director>", "time_ms": 1780000000000}
+
+``bundle`` is what the site runs; ``desired`` the bundle its update is working towards
+(``None`` when it runs what it was told to); ``phase`` where that update stands (one of
+:data:`PHASES`); ``stale`` is true when the site's signed metadata has expired (it keeps
+serving its verified bundle, installs nothing, and refreshes when it can); ``error`` is a
+short reason when ``phase`` is ``failed``.
 
 The nonce is one the director issued to that site (:class:`NonceLedger`); it is used once,
 so a recorded report cannot be played back as a fresh one. Verification checks, in
@@ -32,6 +39,7 @@ from fogline.sync._names import check_name
 from fogline.sync.errors import ReplayedReportError, ReportError
 
 __all__ = [
+    "PHASES",
     "REPORT_PAYLOAD_TYPE",
     "NonceLedger",
     "StatusReport",
@@ -44,6 +52,10 @@ REPORT_FORMAT = 1
 MAX_REPORT_BYTES = 64 * 1024
 _MAX_HEALTH_FIELDS = 64
 _MAX_NONCE_CHARS = 128
+_MAX_ERROR_CHARS = 512
+#: Where a site's update stands: nothing to do, fetching, verified and staged (warming
+#: up), running the desired bundle, or refused / failed (``error`` says why).
+PHASES = frozenset({"idle", "downloading", "verified", "active", "failed"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,10 @@ class StatusReport:
     manifest_sha256: str | None = None
     health: Mapping[str, float] = field(default_factory=dict)
     time_ms: int = 0
+    phase: str = "idle"
+    desired: str | None = None
+    stale: bool = False
+    error: str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.site, "site")
@@ -86,6 +102,16 @@ class StatusReport:
         object.__setattr__(self, "health", MappingProxyType(health))
         if isinstance(self.time_ms, bool) or not isinstance(self.time_ms, int):
             raise TypeError("time_ms must be an integer")
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {sorted(PHASES)}, got {self.phase!r}")
+        if self.desired is not None and not isinstance(self.desired, str):
+            raise ValueError("desired must be name@version or None")
+        if not isinstance(self.stale, bool):
+            raise TypeError("stale must be true or false")
+        if self.error is not None and (
+            not isinstance(self.error, str) or len(self.error) > _MAX_ERROR_CHARS
+        ):
+            raise ValueError(f"error must be a string of at most {_MAX_ERROR_CHARS} characters")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +123,10 @@ class StatusReport:
             "health": dict(self.health),
             "nonce": self.nonce,
             "time_ms": self.time_ms,
+            "phase": self.phase,
+            "desired": self.desired,
+            "stale": self.stale,
+            "error": self.error,
         }
 
 
@@ -179,6 +209,10 @@ def verify_status_report(data: bytes, keys: Mapping[str, Key], nonces: NonceLedg
             manifest_sha256=body.get("manifest_sha256"),
             health=body.get("health") or {},
             time_ms=body.get("time_ms", 0),
+            phase=body.get("phase", "idle"),
+            desired=body.get("desired"),
+            stale=body.get("stale", False),
+            error=body.get("error"),
         )
     except (TypeError, ValueError) as exc:
         raise ReportError(f"status report of site {site!r} is invalid: {exc}") from None

@@ -16,6 +16,7 @@ def test_topics_follow_the_documented_scheme() -> None:
     t = Topics("fogline/v1")
     assert t.features("site-a") == "fogline/v1/site-a/features"
     assert t.results("site-a") == "fogline/v1/site-a/results"
+    assert t.sync("site-a") == "fogline/v1/site-a/sync"
     assert t.all_features() == "fogline/v1/+/features"
     assert t.all_features("workers") == "$share/workers/fogline/v1/+/features"
     assert t.site_of("fogline/v1/site-a/features") == "site-a"

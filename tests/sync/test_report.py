@@ -37,6 +37,9 @@ def report(nonce: str, site: str = "site-a") -> StatusReport:
         manifest_sha256="ab" * 32,
         health={"items_per_s": 41.5, "errors": 0},
         time_ms=1,
+        phase="downloading",
+        desired="tiny@4",
+        stale=True,
     )
 
 
@@ -124,3 +127,26 @@ def test_a_report_of_an_unknown_site_is_refused(keys: dict) -> None:
 def test_bad_health_figures_are_refused(health: dict) -> None:
     with pytest.raises((ValueError, TypeError)):
         StatusReport(site="site-a", nonce="n", health=health)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"phase": "installing"},
+        {"phase": ""},
+        {"stale": "yes"},
+        {"error": "x" * 513},
+        {"desired": 4},
+    ],
+)
+def test_bad_update_progress_fields_are_refused(fields: dict) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        StatusReport(site="site-a", nonce="n", **fields)
+
+
+def test_a_failed_update_reports_its_reason(keys: dict) -> None:
+    ledger = NonceLedger()
+    nonce = ledger.issue("site-a")
+    sent = StatusReport(site="site-a", nonce=nonce, phase="failed", error="TamperedError: x")
+    got = verify_status_report(make_status_report(sent, keys["site-a"]), public(keys), ledger)
+    assert (got.phase, got.error, got.stale) == ("failed", "TamperedError: x", False)
