@@ -111,10 +111,9 @@ class UpdateState:
             return self._set(phase=phase, stale=True, error=error)
         if kind == "refused":
             return self._set(phase="failed", desired=desired, stale=False, error=error)
+        # Running what it was told (or told nothing): no bundle to work towards.
         phase = "idle" if kind == "idle" else "active"
-        return self._set(
-            phase=phase, desired=None if kind == "idle" else desired, stale=False, error=None
-        )
+        return self._set(phase=phase, desired=None, stale=False, error=None)
 
     def report_due(self, now: float) -> bool:
         return now >= self.next_report_at
