@@ -93,7 +93,8 @@ def _crash_and_recover(
             proc.kill()
     # The record names a complete bundle whose files match their hashes.
     current = read_installed(fleet.state_dir).current
-    assert current is not None and current.damage() is None
+    assert current is not None
+    assert current.damage() is None
     assert current.id == "tiny@1"
     proc = _start(conf, log, crash_at=None)
     try:
@@ -101,9 +102,11 @@ def _crash_and_recover(
         assert first["bundle"] in ("tiny@1", "tiny@2")
         wait_for(lambda: (a := _answer(port)) is not None and a["bundle"] == "tiny@2", 60)
         installed = read_installed(fleet.state_dir)
-        assert installed.current is not None and installed.current.id == "tiny@2"
+        assert installed.current is not None
+        assert installed.current.id == "tiny@2"
         assert installed.current.damage() is None
-        assert installed.previous is not None and installed.previous.id == "tiny@1"
+        assert installed.previous is not None
+        assert installed.previous.id == "tiny@1"
         # Nothing half-downloaded stays behind.
         assert sorted(p.name for p in (fleet.state_dir / "bundles" / "tiny").iterdir()) == [
             "1",
@@ -136,3 +139,39 @@ def test_crash_during_swap_leaves_a_verified_bundle(
     fleet: SyncFleet, broker: Any, topic_prefix: str, tmp_path: Path
 ) -> None:
     _crash_and_recover("swap", fleet, broker, topic_prefix, tmp_path)
+
+
+def test_agent_update_and_status_commands_say_what_happened(
+    fleet: SyncFleet, tmp_path: Path
+) -> None:
+    fleet.assign("1")
+    args = ["--state-dir", str(fleet.state_dir)]
+    cmd = [FOGLINE, "agent", "update", *args, "--url", fleet.server.url]
+    done = subprocess.run(
+        [*cmd, "--json"], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outcome"] == "installed"
+    again = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert (again.returncode, again.stdout.strip()) == (0, "up to date: tiny@1")
+    status = subprocess.run(
+        [FOGLINE, "agent", "status", *args, "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    got = json.loads(status.stdout)
+    assert got["site"] == "site-a"
+    assert got["running"] == "tiny@1"
+    assert got["phase"] == "active"
+    fleet.server.down = True
+    down = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 1
+    assert "transport" in down.stderr
+    with standalone_updater(
+        SyncConfig(state_dir=fleet.state_dir, url=fleet.server.url), StandaloneHost()
+    ):
+        locked = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert locked.returncode == 1
+    assert "another updater" in locked.stderr

@@ -122,11 +122,14 @@ def test_agent_swaps_bundles_under_a_stream_of_inputs_dropping_none(
         assert a.relevance == pytest.approx(float(relevance[a.bundle][i]), abs=1e-6)
     assert all(a.status == "ok" for a in answers)
     installed = read_installed(fleet.state_dir)
-    assert installed.previous is not None and installed.previous.id == "tiny@1"
+    assert installed.previous is not None
+    assert installed.previous.id == "tiny@1"
     phases = fleet.server.phases()
     assert phases[-3:] == ["downloading", "verified", "active"]
     last = fleet.server.reports[-1]
-    assert last.bundle == "tiny@2" and last.desired is None and not last.stale
+    assert last.bundle == "tiny@2"
+    assert last.desired is None
+    assert not last.stale
     assert set(last.health) >= {
         "error_rate",
         "latency_p50_ms",
@@ -150,7 +153,9 @@ def test_director_pointing_back_during_download_leaves_the_old_bundle(
         assert fleet.server.gated.wait(20)
         fleet.assign("1")  # the director points back while tiny@2 downloads
         fleet.server.gate_open.set()
-        wait_for(lambda: fleet.server.phases()[-1:] == ["active"] and "verified" in fleet.server.phases())
+        wait_for(
+            lambda: fleet.server.phases()[-1:] == ["active"] and "verified" in fleet.server.phases()
+        )
         time.sleep(0.3)
         assert agent.bundle_id == "tiny@1"
         assert agent.submit_batch(frames(2))[0].result(10).bundle == "tiny@1"
@@ -177,5 +182,6 @@ def test_expired_metadata_keeps_serving_and_reports_stale(
         assert agent.bundle_id == "tiny@1"
         answer = agent.submit_batch(frames(2))[0].result(10)
         assert answer.bundle == "tiny@1"
-        assert agent.updater is not None and agent.updater.state.stale
+        assert agent.updater is not None
+        assert agent.updater.state.stale
     assert _running(fleet) == "tiny@1"
