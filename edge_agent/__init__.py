@@ -34,6 +34,8 @@ from fogline.edge_agent.errors import (
     OutboxStorageFullError,
     OutboxTransientError,
     OverloadedError,
+    UpdateError,
+    UpdateLockedError,
 )
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
         HttpConfig,
         OutboxConfig,
         RuntimeConfig,
+        SyncConfig,
         load_config,
     )
     from fogline.edge_agent._pipeline import (
@@ -69,6 +72,7 @@ _LAZY = {
     "OutboxConfig": "_config",
     "HttpConfig": "_config",
     "RuntimeConfig": "_config",
+    "SyncConfig": "_config",
     "load_config": "_config",
     "InputSpec": "_runtime",
     # The decision rule (drop, answer at the edge, forward), for anyone who must decide
@@ -128,6 +132,9 @@ __all__ = [
     "OverloadedError",
     "RuntimeConfig",
     "Source",
+    "SyncConfig",
+    "UpdateError",
+    "UpdateLockedError",
     "create_app",
     "decide_batch",
     "decide_item",

@@ -30,7 +30,9 @@ thread (results, handed out as they arrive), the journal thread (outbox inserts 
 deletes in one transaction, then publishing), the resend thread (what is due, expiry,
 gauges) and the deadline thread (callers who waited long enough). This module keeps the
 lifecycle, the ways in, the model thread (single submits) and the wiring.
-The bundle in use is one :class:`~._loaded.LoadedBundle` in ``Agent._loaded``.
+The bundle in use is one :class:`~._loaded.LoadedBundle` in ``Agent._loaded``; with a
+``[sync]`` config an :class:`~._updater.Updater` thread replaces it (:meth:`Agent.swap_bundle`)
+with the bundle the site's signed sync installs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -55,6 +58,8 @@ from fogline.edge_agent._config import AgentConfig
 from fogline.edge_agent._courier import Courier, Item, PendingItem
 from fogline.edge_agent._delivery import DeliveryCore, DeliveryPolicy, Pending
 from fogline.edge_agent._features import FeatureEncoder, uuid4_bytes
+from fogline.edge_agent._health import HealthWindow
+from fogline.edge_agent._installed import InstalledBundle, choose_bundle
 from fogline.edge_agent._journal import Outgoing
 from fogline.edge_agent._loaded import LoadedBundle
 from fogline.edge_agent._metrics import AgentMetrics
@@ -70,6 +75,9 @@ from fogline.edge_agent.errors import (
 )
 from fogline.messaging import Supervisor, ThreadFailure
 from fogline.sync import Bundle, Thresholds
+
+if TYPE_CHECKING:
+    from fogline.edge_agent._updater import Updater
 
 __all__ = ["Agent", "Answer", "Delivery", "Source"]
 
@@ -100,14 +108,23 @@ class Agent:
         if not isinstance(config, AgentConfig):
             raise TypeError("Agent needs an AgentConfig")
         self.config = config
+        # With sync, the bundle the site installed (checked against its recorded hashes,
+        # falling back to the previous one), else the configured one until the first.
+        self.installed_bundle: InstalledBundle | None = None
+        if config.sync is not None:
+            self.installed_bundle = choose_bundle(config.sync.state_dir)
+        path = config.bundle_path() if self.installed_bundle is None else self.installed_bundle.path
         # The one replaceable bundle value: read once per batch, swapped in one place.
-        self._loaded = LoadedBundle.load(
-            config.bundle_path(), thresholds=config.thresholds, codec=config.codec
-        )
+        self._loaded = LoadedBundle.load(path, thresholds=config.thresholds, codec=config.codec)
+        # The bundle a swap replaced, kept while its in-flight items may still be answered.
+        self._replaced: LoadedBundle | None = None
+        self._updater: Updater | None = None
         self.site = config.site
         self.on_answer = on_answer
         self.on_failure = on_failure
         self.metrics = AgentMetrics(registry)
+        self.health = HealthWindow(time.monotonic(), self._failures_total)
+        self.metrics.latency.tap = self.health.observe
         self.metrics.info.info(
             {"site": self.site, "bundle": self.bundle_id, "codec": self.codec.name.lower()}
         )
@@ -134,9 +151,10 @@ class Agent:
             delivery=delivery,
             metrics=self.metrics,
             timeout_ms=config.cloud_timeout_ms,
-            loaded=lambda: self._loaded,
+            loaded=self._loaded_for,
             on_answer=lambda: self.on_answer,
             halt=self._halt,
+            health=self.health,
         )
         self._transport = self._courier.transport
         # Every long-lived thread runs under this supervisor (see _start for each kind's
@@ -186,6 +204,70 @@ class Agent:
     @property
     def _runtime(self) -> EdgeRuntime | None:
         return self._loaded.runtime
+
+    def _loaded_for(self, bundle_id: str | None) -> LoadedBundle:
+        """The loaded bundle of ``bundle_id`` while the agent holds it, else the one in use."""
+        loaded = self._loaded
+        replaced = self._replaced
+        if bundle_id is not None and replaced is not None and replaced.id == bundle_id:
+            return replaced
+        return loaded
+
+    def _failures_total(self) -> float:
+        """Inputs that ended in an error so far (for the health of status reports)."""
+        m = self.metrics
+        return (
+            m.value("fogline_agent_cloud_results_total", {"status": "error"})
+            + m.value("fogline_agent_cloud_timeouts_total")
+            + m.value("fogline_agent_shed_total")
+            + self.supervisor.counts().get("model", 0)
+        )
+
+    # hot swap
+
+    def stage_bundle(self, path: Path) -> LoadedBundle:
+        """Load the bundle at ``path`` with its edge model and warm it up (a few dummy
+        batches), without touching the one in use. :class:`ModelError` when it cannot
+        run here, or takes another input than the running one (queued inputs were
+        checked against that)."""
+        loaded = LoadedBundle.load(path, thresholds=self.config.thresholds, codec=self.config.codec)
+        rt = self.config.runtime
+        runtime = EdgeRuntime(
+            loaded.bundle,
+            threads=rt.threads,
+            max_batch=rt.max_batch,
+            warmup_runs=max(1, rt.warmup_runs),
+        )
+        current = self._runtime
+        if current is not None and runtime.input != current.input:
+            raise ModelError(
+                f"bundle {loaded.id} takes input {runtime.input.describe()}; the running "
+                f"{self.bundle_id} takes {current.input.describe()}: a site's bundles keep "
+                "their input"
+            )
+        runtime.warm_up()
+        return loaded.with_runtime(runtime)
+
+    def swap_bundle(self, loaded: LoadedBundle) -> LoadedBundle:
+        """Run ``loaded`` (staged, warm) from the next model batch on; returns the one it
+        replaced. A batch already running finishes on the old bundle, and its forwarded
+        items are answered under the old bundle's name (the cloud runs the tail their
+        envelopes name); nothing waiting is dropped."""
+        if not isinstance(loaded, LoadedBundle) or loaded.runtime is None:
+            raise TypeError("swap_bundle needs a LoadedBundle from stage_bundle")
+        old = self._loaded
+        self._replaced = old
+        self._loaded = loaded  # the swap: one attribute, read once per batch
+        self.metrics.info.info(
+            {"site": self.site, "bundle": loaded.id, "codec": loaded.codec.name.lower()}
+        )
+        log.info("site %s: now running bundle %s (was %s)", self.site, loaded.id, old.id)
+        return old
+
+    @property
+    def updater(self) -> Updater | None:
+        """The bundle updater (with a ``[sync]`` config, once started), else None."""
+        return self._updater
 
     # lifecycle
 
@@ -262,7 +344,15 @@ class Agent:
             if self._state != "running":
                 raise NotRunningError(f"agent for {self.site} was stopped while starting")
             self._accepting = True
+        sync = self.config.sync
+        if sync is not None:
+            from fogline.edge_agent._updater import Updater
+
+            updater = self._updater = Updater.for_agent(self, sync)
+            self._transport.watch_sync(updater.nudge)
         self._transport.start(wait=wait_connected)
+        if self._updater is not None:
+            self._updater.start(self.supervisor)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Refuse new inputs, finish the batches in progress, fail what waits, disconnect.
@@ -277,6 +367,8 @@ class Agent:
             self._cond.wait_for(lambda: self._active == 0, timeout_s)
         if not was_running:
             return
+        if self._updater is not None:
+            self._updater.stop(timeout_s)
         self._halt.set()
         journal = self._courier.journal
         if self._threads:
@@ -711,7 +803,13 @@ class Agent:
                 continue
             out.entries.append((ids[k], payload, priorities[i], tags[i]))
             p: PendingItem = Pending(
-                None, arrived[i], r, c, None if labels is None else labels[i], tags[i]
+                None,
+                arrived[i],
+                r,
+                c,
+                None if labels is None else labels[i],
+                tags[i],
+                bundle=loaded.id,
             )
             out.items.append((p, futures[i]))
         if not out.entries:

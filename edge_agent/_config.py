@@ -33,6 +33,12 @@ Example::
     [breaker]
     failure_threshold = 5
     open_ms = 5000
+
+    [sync]                                   # present: the site's bundle comes from sync
+    state_dir = "/var/lib/fogline/sync"      # the state `fogline agent enroll` made
+    url = "https://sync.example"             # the cloud's sync endpoint
+    poll_s = 300                             # fallback polling; the MQTT nudge is at once
+    report_s = 60                            # status reports (and at each phase change)
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +63,7 @@ __all__ = [
     "HttpConfig",
     "OutboxConfig",
     "RuntimeConfig",
+    "SyncConfig",
     "default_state_dir",
     "load_config",
 ]
@@ -229,12 +237,58 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    """Where the site's bundles come from (docs/agent.md, "Updates").
+
+    ``state_dir`` is the site's sync state (made by ``fogline agent enroll``); ``url`` the
+    cloud's sync endpoint (``{url}/sync/catalogue``, ``{url}/sync/director``, nonces and
+    reports under ``{url}/v1/sync``). The agent refreshes when nudged over MQTT and at
+    least every ``poll_s``; it reports its status every ``report_s`` and at each phase
+    change.
+    """
+
+    state_dir: Path
+    url: str
+    poll_s: float = 300.0
+    report_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.state_dir, str):
+            object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if not isinstance(self.state_dir, Path):
+            raise ConfigError("sync.state_dir", "must be a path")
+        if not isinstance(self.url, str) or not self.url:
+            raise ConfigError("sync.url", "must be a non-empty string")
+        parsed = urllib.parse.urlsplit(self.url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(
+                "sync.url", f"must be an http:// or https:// URL with a host, got {self.url!r}"
+            )
+        if parsed.query or parsed.fragment:
+            raise ConfigError("sync.url", "must not carry a query or a fragment")
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+        object.__setattr__(self, "poll_s", _positive_float(self.poll_s, "sync.poll_s"))
+        object.__setattr__(self, "report_s", _positive_float(self.report_s, "sync.report_s"))
+
+    @property
+    def catalogue_url(self) -> str:
+        return f"{self.url}/sync/catalogue"
+
+    @property
+    def director_url(self) -> str:
+        return f"{self.url}/sync/director"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything one edge agent needs. Defaults give a loopback agent.
 
     ``bundle_dir`` ``None`` means none is configured: an agent cannot start without one
     (:meth:`bundle_path`), and ``fogline agent run`` fills in the packaged reference bundle;
     this package does not know where any bundle lives.
+
+    ``sync`` (``None``: no updates) makes the agent run the bundle its site installed
+    from the signed sync, and ``bundle_dir`` only until the first install.
 
     ``client_id`` defaults to ``fogline-agent-<site>``; ``codec`` (a :class:`Codec` or its
     name) and ``thresholds`` default to the bundle's own. ``broker.client_id`` is ignored:
@@ -252,6 +306,7 @@ class AgentConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    sync: SyncConfig | None = None
 
     def __post_init__(self) -> None:
         _check_site(self.site)
@@ -285,6 +340,8 @@ class AgentConfig:
             raise ConfigError("outbox", "must be OutboxConfig")
         if not isinstance(self.breaker, BreakerConfig):
             raise ConfigError("breaker", "must be BreakerConfig")
+        if self.sync is not None and not isinstance(self.sync, SyncConfig):
+            raise ConfigError("sync", "must be SyncConfig")
 
     @property
     def outbox_path(self) -> Path:
@@ -378,6 +435,7 @@ _OUTBOX_KEYS: dict[str, type] = {
     "retry_max_ms": int,
     "resend_rate_per_s": int,
 }
+_SYNC_KEYS: dict[str, type] = {"url": str, "poll_s": float, "report_s": float}
 _BREAKER_KEYS: dict[str, type] = {
     "failure_threshold": int,
     "open_ms": int,
@@ -428,6 +486,17 @@ def _read(top: Section) -> AgentConfig:
     breaker_values = breaker.read(_BREAKER_KEYS)
     breaker.done()
     kwargs["breaker"] = BreakerConfig(**breaker_values)
+
+    if "sync" in top:
+        sync = top.table("sync")
+        sync_values = sync.read(_SYNC_KEYS)
+        state_dir = sync.path("state_dir")
+        if state_dir is None:
+            sync.fail("state_dir", "is required when [sync] is given")
+        if "url" not in sync_values:
+            sync.fail("url", "is required when [sync] is given")
+        sync.done()
+        kwargs["sync"] = SyncConfig(state_dir=state_dir, **sync_values)
 
     if "thresholds" in top:
         th = top.table("thresholds")

@@ -21,6 +21,7 @@ from pathlib import Path
 from fogline.compression import Envelope, MetaError, ResultStatus, mark_resent
 from fogline.edge_agent._answer import Answer, Delivery, result_meta, settle
 from fogline.edge_agent._delivery import DeliveryCore, Pending
+from fogline.edge_agent._health import HealthWindow
 from fogline.edge_agent._journal import Journal, Outgoing
 from fogline.edge_agent._loaded import LoadedBundle
 from fogline.edge_agent._metrics import AgentMetrics
@@ -55,8 +56,11 @@ _EXPIRE_EVERY_S = 1.0
 class Courier:
     """Delivery of one agent's forwarded items.
 
-    ``loaded()`` gives the bundle in use and ``on_answer()`` the current callback, both read
-    at each use; ``halt`` ends the resend and deadline loops."""
+    ``loaded(bundle_id)`` gives the loaded bundle of that id while the agent still holds
+    it (the one in use, or the one a swap replaced), else the one in use; ``on_answer()``
+    the current callback, both read at each use; ``health`` (optional) is told, for each
+    cloud answer, the edge's own label and the cloud's; ``halt`` ends the resend and
+    deadline loops."""
 
     def __init__(
         self,
@@ -66,10 +70,12 @@ class Courier:
         delivery: DeliveryCore[Future[Answer]],
         metrics: AgentMetrics,
         timeout_ms: int,
-        loaded: Callable[[], LoadedBundle],
+        loaded: Callable[[str | None], LoadedBundle],
         on_answer: Callable[[], Callable[[Delivery], None] | None],
         halt: threading.Event,
+        health: HealthWindow | None = None,
     ) -> None:
+        self.health = health
         self.site = site
         self.delivery = delivery
         self.metrics = metrics
@@ -216,7 +222,7 @@ class Courier:
         if not self.delivery.degrades(p):
             settle(future, None, error)
             return
-        loaded = self._loaded()
+        loaded = self._loaded(p.bundle)
         ms = (time.perf_counter() - p.arrived) * 1000.0
         answer = Answer(
             "edge",
@@ -225,7 +231,7 @@ class Courier:
             p.rel,
             p.conf,
             loaded.thresholds,
-            loaded.id,
+            p.bundle or loaded.id,
             mid.hex(),
             ms,
             None,
@@ -345,7 +351,13 @@ class Courier:
                 ms = (time.perf_counter() - p.arrived) * 1000.0
                 m.cloud_results.labels(status="ok").inc()
                 m.latency.observe("cloud", ms / 1000.0)
-                loaded = self._loaded()
+                # The bundle that decided the item (the cloud ran its tail), not the one
+                # in use now: a swap in between must not relabel the answer.
+                bundle = p.bundle or env.bundle
+                loaded = self._loaded(bundle)
+                health = self.health
+                if health is not None:
+                    health.compare(p.label, meta.label)
                 outcome = Answer(
                     "cloud",
                     meta.label,
@@ -353,7 +365,7 @@ class Courier:
                     p.rel,
                     p.conf,
                     loaded.thresholds,
-                    loaded.id,
+                    bundle,
                     hexid,
                     ms,
                     meta.worker,

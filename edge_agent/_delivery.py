@@ -103,13 +103,15 @@ class Pending(Generic[W]):
     ``conf`` and ``label`` are the edge's decision inputs and its own answer (for a
     degraded reply); ``attempts`` counts sends so far (0: not sent yet); ``busy`` says
     the cloud refused it as busy at least once; ``recovered`` that it was found in the
-    outbox at start-up. Changed by :class:`DeliveryCore` only, under its lock, once
-    admitted.
+    outbox at start-up; ``bundle`` names the bundle that decided it (None when
+    recovered), so its answer names that bundle even after a swap. Changed by
+    :class:`DeliveryCore` only, under its lock, once admitted.
     """
 
     __slots__ = (
         "arrived",
         "attempts",
+        "bundle",
         "busy",
         "conf",
         "label",
@@ -130,8 +132,10 @@ class Pending(Generic[W]):
         tag: str | None = None,
         *,
         recovered: bool = False,
+        bundle: str | None = None,
     ) -> None:
         self.waiter = waiter
+        self.bundle = bundle
         self.arrived = arrived
         self.rel = rel
         self.conf = conf

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import HistogramMetricFamily, Metric
@@ -26,7 +26,7 @@ __all__ = ["SOURCES", "THREAD_KINDS", "AgentMetrics", "BatchHistogram", "ThreadF
 
 SOURCES = ("dropped", "edge", "cloud")
 #: The agent's long-lived threads, as ``fogline_agent_thread_failures_total`` labels them.
-THREAD_KINDS = ("model", "journal", "resend", "deadlines", "mqtt", "mqtt_handler", "http")
+THREAD_KINDS = ("model", "journal", "resend", "deadlines", "mqtt", "mqtt_handler", "http", "sync")
 LATENCY_BUCKETS_S = (
     0.0005,
     0.001,
@@ -68,11 +68,16 @@ class BatchHistogram(Collector):
         self._counts = {v: [0] * len(self._bounds) for v in values}
         self._sums = dict.fromkeys(values, 0.0)
         self._lock = threading.Lock()
+        #: Also told of every observation (the agent's health window), when set.
+        self.tap: Callable[[str, float, int], None] | None = None
 
     def observe(self, value: str, seconds: float, count: int = 1) -> None:
         """Record ``count`` observations of ``seconds`` under label ``value``."""
         if count <= 0:
             return
+        tap = self.tap
+        if tap is not None:
+            tap(value, seconds, count)
         idx = bisect.bisect_left(self._bounds, seconds)
         with self._lock:
             if value not in self._counts:

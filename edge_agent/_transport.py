@@ -59,6 +59,8 @@ class Transport:
         # already give (an unanswered item is re-sent and the cloud answers it from its
         # store), and each one costs a PUBACK on both sides.
         self.results_qos = 0 if settings.clean_start else 1
+        self.sync_topic = topics.sync(site)
+        self._on_nudge: Callable[[], None] | None = None
         self._conn = MqttConnection(
             settings, self._on_message, subscriptions=((self.results_topic, self.results_qos),)
         )
@@ -136,7 +138,19 @@ class Transport:
                 n,
             )
 
+    def watch_sync(self, on_nudge: Callable[[], None]) -> None:
+        """Subscribe to the site's retained sync topic; ``on_nudge()`` is called (on
+        paho's network thread) for each message there. Its payload is never read: a
+        nudge is only a hint to refresh now, and the refresh verifies everything."""
+        self._on_nudge = on_nudge
+        self._conn.subscribe(self.sync_topic, 1)
+
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.sync_topic:
+            nudge = self._on_nudge
+            if nudge is not None:
+                nudge()
+            return
         envelopes, error = decode_message(payload)
         for env in envelopes:
             if env.kind is not Kind.RESULT:

@@ -32,6 +32,8 @@ __all__ = [
     "OutboxStorageFullError",
     "OutboxTransientError",
     "OverloadedError",
+    "UpdateError",
+    "UpdateLockedError",
 ]
 
 
@@ -181,3 +183,13 @@ class OutboxEvictedError(AgentPeerError):
         super().__init__(f"item {message_id} was evicted from the outbox ({reason})")
         self.message_id = message_id
         self.reason = reason
+
+
+class UpdateError(AgentError):
+    """The site's update could not go on: its state directory cannot be read or written,
+    or the bundle it was told to run does not load. The agent keeps serving what it runs."""
+
+
+class UpdateLockedError(UpdateError):
+    """Another updater (a running agent, ``fogline agent update`` or an import) holds
+    the site's update lock: one update at a time per site."""

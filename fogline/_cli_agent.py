@@ -288,3 +288,137 @@ def sample(
     except OSError as exc:
         fail(f"cannot write {out}: {exc.strerror or exc}", code=1)
     print(f"wrote {out}: a frame holding {what} (seed {seed})", file=sys.stderr)
+
+
+def _sync_config(config: Path | None, state_dir: Path | None, url: str | None) -> Any:
+    """The ``[sync]`` section of ``--config``, with ``--state-dir``/``--url`` over it."""
+    from fogline.edge_agent._config import SyncConfig, load_config
+    from fogline.edge_agent.errors import AgentDataError
+
+    try:
+        sync = None
+        if config is not None:
+            sync = load_config(config).sync
+        if state_dir is not None or url is not None:
+            if sync is None and (state_dir is None or url is None):
+                fail("give --config agent.toml with a [sync] section, or --state-dir and --url")
+            base = sync or SyncConfig(state_dir=state_dir or Path(), url=url or "http://x")
+            sync = SyncConfig(
+                state_dir=state_dir or base.state_dir,
+                url=url or base.url,
+                poll_s=base.poll_s,
+                report_s=base.report_s,
+            )
+    except AgentDataError as exc:
+        fail(str(exc))
+    if sync is None:
+        fail("the agent config has no [sync] section: give one, or --state-dir and --url")
+    return sync
+
+
+#: Exit codes of ``fogline agent update`` (docs/agent.md, "Updates").
+UPDATE_EXIT = {"idle": 0, "active": 0, "installed": 0, "transport": 1, "refused": 3, "expired": 4}
+
+
+@app.command("update", short_help="Update the site's bundle once, now, in the foreground.")
+def update(
+    *,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="agent.toml with a [sync] section.")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="The site's sync state (overrides the file).")
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="The sync URL (overrides the file).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Check the site's signed desired state and install it if it is not what the site
+    runs: download, verify, load and warm up the edge model, record it as current (the one
+    before it stays as previous), report to the cloud.
+
+    Exits 0 when installed or already up to date, 1 when the repositories could not be
+    reached or another updater (a running agent) holds the site's lock, 2 for a bad
+    command line or config, 3 when verification refused what was offered, 4 when the
+    signed metadata has expired (nothing installed)."""
+    setup_logging("warning", "text")
+    sync = _sync_config(config, state_dir, url)
+    from fogline.edge_agent._updater import StandaloneHost, standalone_updater
+    from fogline.edge_agent.errors import UpdateError
+    from fogline.sync import SyncError
+
+    try:
+        with standalone_updater(sync, StandaloneHost()) as updater:
+            result = updater.attempt()
+            previous = _previous(sync.state_dir)
+    except (UpdateError, SyncError) as exc:
+        fail(str(exc), code=1)
+    out = {
+        "site": updater.site,
+        "outcome": result.outcome,
+        "running": result.running,
+        "previous": previous,
+        "desired": result.desired,
+        "error": result.error,
+    }
+    if as_json:
+        print(json.dumps(out))
+    elif result.outcome == "installed":
+        print(f"installed {result.running} (previous {previous or 'none'})")
+    elif result.outcome == "active":
+        print(f"up to date: {result.running}")
+    elif result.outcome == "idle":
+        print(f"nothing assigned to site {updater.site}; running {result.running or 'none'}")
+    elif result.outcome == "aborted":
+        print(f"the director changed its desired bundle meanwhile; running {result.running}")
+    else:
+        print(f"{result.outcome}: {result.error}", file=sys.stderr)
+    raise typer.Exit(UPDATE_EXIT.get(result.outcome, 1))
+
+
+def _previous(state_dir: Path) -> str | None:
+    from fogline.edge_agent._installed import read_installed
+
+    prev = read_installed(state_dir).previous
+    return None if prev is None else prev.id
+
+
+@app.command("status", short_help="What the site runs and where its update stands.")
+def status(
+    *,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="agent.toml with a [sync] section.")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="The site's sync state (overrides the file).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Show the site, the bundle it runs and the previous one (current.json), and the
+    update's phase, desired bundle, staleness and last error (update.json). Reads files
+    only: works while the agent runs."""
+    from fogline.edge_agent._installed import read_installed, read_status
+
+    if state_dir is None:
+        state_dir = _sync_config(config, None, None).state_dir
+    site_file = state_dir / "site.json"
+    try:
+        site = json.loads(site_file.read_text()).get("site")
+    except (OSError, ValueError, AttributeError) as exc:
+        fail(f"{state_dir} is not an enrolled site: {exc}", code=1)
+    installed = read_installed(state_dir)
+    st = read_status(state_dir)
+    out = {
+        "site": site,
+        "running": None if installed.current is None else installed.current.id,
+        "previous": None if installed.previous is None else installed.previous.id,
+        "desired": st.get("desired"),
+        "phase": st.get("phase", "idle"),
+        "stale": bool(st.get("stale", False)),
+        "error": st.get("error"),
+        "time_ms": st.get("time_ms"),
+    }
+    if as_json:
+        print(json.dumps(out))
+        return
+    for key, value in out.items():
+        print(f"{key}: {'-' if value is None else value}")

@@ -328,3 +328,26 @@ def test_outbox_and_breaker_configs_built_in_code_are_validated_too() -> None:
         AgentConfig(site="a", outbox={"max_items": 3})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^breaker must be BreakerConfig"):
         AgentConfig(site="a", breaker=None)  # type: ignore[arg-type]
+
+
+def test_sync_section_is_read_and_checked(tmp_path: Path) -> None:
+    from fogline.edge_agent._config import load_config as load
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text('site = "a"\n[sync]\nstate_dir = "st"\nurl = "https://sync.example/"\n')
+    sync = load(conf).sync
+    assert sync is not None
+    assert sync.state_dir == tmp_path / "st"
+    assert (sync.url, sync.poll_s, sync.report_s) == ("https://sync.example", 300.0, 60.0)
+    assert sync.director_url == "https://sync.example/sync/director"
+    assert load(None, {"site": "a"}).sync is None
+    for body, message in (
+        ('[sync]\nurl = "https://x"\n', "sync.state_dir is required"),
+        ('[sync]\nstate_dir = "s"\n', "sync.url is required"),
+        ('[sync]\nstate_dir = "s"\nurl = "ftp://x"\n', "sync.url must be an http"),
+        ('[sync]\nstate_dir = "s"\nurl = "http://x"\npoll_s = 0\n', "sync.poll_s must be"),
+        ('[sync]\nstate_dir = "s"\nurl = "http://x"\npoll = 1\n', "sync.poll is not a known"),
+    ):
+        conf.write_text('site = "a"\n' + body)
+        with pytest.raises(ConfigError, match=message):
+            load(conf)
