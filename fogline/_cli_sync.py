@@ -615,7 +615,7 @@ def agent_import(
             execution_providers=providers,
         )
         freshness = read_freshness(state)
-    data = {
+    data: dict[str, Any] = {
         "bundle": got.release.to_dict(),
         "path": str(got.path),
         "already_installed": got.installed,
