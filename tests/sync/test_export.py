@@ -28,6 +28,7 @@ from fogline.sync import (
     WrongSiteError,
     enroll,
     import_bundle,
+    read_freshness,
 )
 from fogline.sync._export import export_manifest, export_members, write_export
 from fogline.sync._writer import utc_now
@@ -381,6 +382,19 @@ def test_stale_site_refreshes_once_fresh_metadata_is_reachable(fleet: Fleet) -> 
         assert got is not None
         assert got.release == second
         assert not site.freshness().stale
+
+
+def test_a_newer_export_of_the_same_bundle_renews_a_stale_site(fleet: Fleet) -> None:
+    fleet.release_to(["site-a"])
+    state = enrolled(fleet, "imported")
+    do_import(state, export(fleet, fleet.tmp / "first.tar"))
+    with time_machine.travel(utc_now() + timedelta(days=3), tick=False):
+        assert read_freshness(state).stale
+        for writer in fleet.writers.values():
+            writer.refresh()
+        got = do_import(state, export(fleet, fleet.tmp / "renewed.tar"))
+        assert got.installed  # type: ignore[attr-defined]
+        assert not read_freshness(state).stale
 
 
 def test_a_site_that_never_refreshed_is_stale(fleet: Fleet) -> None:

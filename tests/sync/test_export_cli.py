@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import tarfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import time_machine
 from typer.testing import CliRunner
 
 from fogline.cli import app
+from fogline.sync._writer import utc_now
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,3 +158,30 @@ def test_agent_freshness_of_a_site_never_refreshed_exits_1(home: Path, tmp_path:
     assert code == 1
     assert "never fetched" in text
     assert "stale" in text
+
+
+def test_an_export_from_an_air_gapped_home_imports_months_later(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    home = tmp_path / "air-gapped"
+    ok_json(
+        "keys", "init", "--home", str(home), "--site-bins-bits", "4",
+        "--expiry", "timestamp=180", "--expiry", "snapshot=180",
+        "--expiry", "director.targets=180", "--expiry", "catalogue.targets=365",
+        "--expiry", "root=730",
+    )  # fmt: skip
+    ok_json(
+        "bundle", "publish", str(tiny_bundle), "--name", "tiny", "--version", "1", "--region",
+        "eu", "--onnxruntime", "1.20", "--home", str(home),
+    )  # fmt: skip
+    out = tmp_path / "tiny.tar"
+    ok_json("bundle", "export", "tiny:1", "--site", "site-a", "-o", str(out), "--home", str(home))
+    state = enroll(home, tmp_path / "site")
+    with time_machine.travel(utc_now() + timedelta(days=100), tick=False):
+        got = ok_json("agent", "import", str(out), "--state-dir", str(state))
+        assert got["freshness"]["stale"] is False
+    with time_machine.travel(utc_now() + timedelta(days=200), tick=False):
+        code, text, _ = fogline("agent", "freshness", "--state-dir", str(state))
+        assert code == 1  # 180 days passed: the timestamps expired; the bundle stays
+        assert "stale" in text
+        assert (state / "bundles" / "tiny" / "1" / "manifest.json").is_file()
