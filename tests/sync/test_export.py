@@ -18,6 +18,7 @@ from fogline.sync import (
     ArchiveError,
     ArchiveFetcher,
     ExpiredError,
+    MetadataVersionError,
     OversizedError,
     Release,
     SignatureError,
@@ -25,6 +26,7 @@ from fogline.sync import (
     TamperedError,
     UnsafeMemberError,
     VerificationError,
+    VerifiedBundle,
     WrongSiteError,
     enroll,
     import_bundle,
@@ -57,7 +59,7 @@ def enrolled(fleet: Fleet, name: str, site: str = "site-a", region: str = "eu") 
     return state
 
 
-def do_import(state: Path, file: Path) -> object:
+def do_import(state: Path, file: Path) -> VerifiedBundle:
     return import_bundle(state, file, agent_version="0.1.0", onnxruntime="1.32.0")
 
 
@@ -118,7 +120,7 @@ def test_import_installs_exactly_as_online(fleet: Fleet) -> None:
 
     state = enrolled(fleet, "imported")
     got = do_import(state, export(fleet, fleet.tmp / "tiny.tar"))
-    assert got == type(got_online)(
+    assert got == VerifiedBundle(
         release=got_online.release,
         path=state / "bundles" / "tiny" / "1",
         files=got_online.files,
@@ -135,8 +137,8 @@ def test_importing_the_same_export_again_is_already_installed(fleet: Fleet) -> N
     fleet.release_to(["site-a"])
     state = enrolled(fleet, "imported")
     file = export(fleet, fleet.tmp / "tiny.tar")
-    assert not do_import(state, file).installed  # type: ignore[attr-defined]
-    assert do_import(state, file).installed  # type: ignore[attr-defined]
+    assert not do_import(state, file).installed
+    assert do_import(state, file).installed
 
 
 def test_an_export_is_deterministic_with_safe_member_names(fleet: Fleet) -> None:
@@ -317,6 +319,36 @@ def test_a_file_that_is_not_an_export_is_refused(
     assert nothing_installed(state)
 
 
+def test_a_member_twice_or_a_truncated_export_is_refused(fleet: Fleet) -> None:
+    fleet.release_to(["site-a"])
+    state = enrolled(fleet, "imported")
+    file = export(fleet, fleet.tmp / "tiny.tar")
+    with tarfile.open(file, "a") as tar:
+        info = tarfile.TarInfo("director/metadata/timestamp.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(ArchiveError, match="twice"):
+        do_import(state, file)
+    file = export(fleet, fleet.tmp / "tiny.tar")
+    with tarfile.open(file) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".edge.onnx"))
+    file.write_bytes(file.read_bytes()[: member.offset_data + member.size // 2])
+    with pytest.raises(ArchiveError, match=r"truncated inside member .*edge\.onnx"):
+        do_import(state, file)
+    assert nothing_installed(state)
+
+
+def test_attack_older_export_after_a_newer_one_is_a_rollback(fleet: Fleet) -> None:
+    fleet.release_to(["site-a"], version="1")
+    state = enrolled(fleet, "imported")
+    old = export(fleet, fleet.tmp / "v1.tar")
+    fleet.director.assign(["site-a"], fleet.publish(version="2"))
+    assert do_import(state, export(fleet, fleet.tmp / "v2.tar")).id == "tiny@2"
+    with pytest.raises(MetadataVersionError, match="timestamp"):
+        do_import(state, old)
+    assert json.loads((state / "installed.json").read_text()) == {"releases": {"tiny": 2}}
+
+
 def test_an_export_missing_a_model_file_is_refused_naming_it(fleet: Fleet) -> None:
     fleet.release_to(["site-a"])
     file = export(fleet, fleet.tmp / "tiny.tar")
@@ -393,7 +425,7 @@ def test_a_newer_export_of_the_same_bundle_renews_a_stale_site(fleet: Fleet) -> 
         for writer in fleet.writers.values():
             writer.refresh()
         got = do_import(state, export(fleet, fleet.tmp / "renewed.tar"))
-        assert got.installed  # type: ignore[attr-defined]
+        assert got.installed
         assert not read_freshness(state).stale
 
 
