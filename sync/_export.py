@@ -314,7 +314,7 @@ class ExportManifest:
     def parse(cls, data: bytes, file: Path) -> ExportManifest:
         try:
             raw = json.loads(data)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise ArchiveError(f"{file}: {EXPORT_MANIFEST} is not JSON: {exc}") from None
         if (
             not isinstance(raw, dict)
@@ -330,14 +330,15 @@ class ExportManifest:
             or not isinstance(members, dict)
         ):
             raise ArchiveError(f"{file}: {EXPORT_MANIFEST} lacks site, bundle or members")
+        try:
+            lengths = {str(k): int(v["length"]) for k, v in members.items()}
+        except (KeyError, TypeError, ValueError):
+            raise ArchiveError(f"{file}: {EXPORT_MANIFEST} has a member without a length") from None
         return cls(
             site=raw["site"],
             bundle=f"{bundle.get('name')}@{bundle.get('version')}",
             expires=str(raw.get("expires", "")),
-            members={
-                str(k): int(v.get("length", 0)) if isinstance(v, dict) else 0
-                for k, v in members.items()
-            },
+            members=lengths,
         )
 
 

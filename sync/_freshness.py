@@ -151,5 +151,7 @@ def read_freshness(state_dir: Path, now: datetime | None = None) -> Freshness:
     """The freshness of the trusted metadata in a site's state directory at ``now``
     (default: the wall clock, as python-tuf checks expiry)."""
     trust = Path(state_dir) / "trust"
+    if not (Path(state_dir) / "site.json").is_file():
+        raise StorageError(f"{state_dir} is not an enrolled site: no site.json")
     cached = {repo: _cached_roles(trust / repo) for repo in REPOSITORIES}
     return freshness_of(cached, now if now is not None else datetime.now(UTC))

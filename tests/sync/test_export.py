@@ -301,8 +301,15 @@ def test_attack_oversized_member_is_cut_off(fleet: Fleet) -> None:
         (b"", "not a tar file"),
         (b"PK\x03\x04 a zip file, not a tar" * 40, "not a tar file"),
         (None, "no export.json"),
+        (b"[" * 100_000, "export.json is not JSON"),
+        (b'{"kind": "fogline-export", "format": 2}', "not a fogline export"),
+        (
+            b'{"kind": "fogline-export", "format": 1, "site": "site-a", "bundle": {}, '
+            b'"members": {"x": 1}}',
+            "without a length",
+        ),
     ],
-    ids=["empty", "zip", "no-manifest"],
+    ids=["empty", "zip", "no-manifest", "deep-json", "other-format", "bad-members"],
 )
 def test_a_file_that_is_not_an_export_is_refused(
     fleet: Fleet, content: bytes | None, reason: str
@@ -312,6 +319,8 @@ def test_a_file_that_is_not_an_export_is_refused(
     file = fleet.tmp / "not-an-export.tar"
     if content is None:
         file = rewrite(export(fleet, file), lambda members: members.pop("export.json"))
+    elif content.startswith((b"{", b"[")):
+        file = rewrite(export(fleet, file), lambda m: m.__setitem__("export.json", content))
     else:
         file.write_bytes(content)
     with pytest.raises(ArchiveError, match=reason):

@@ -185,3 +185,8 @@ def test_an_export_from_an_air_gapped_home_imports_months_later(
         assert code == 1  # 180 days passed: the timestamps expired; the bundle stays
         assert "stale" in text
         assert (state / "bundles" / "tiny" / "1" / "manifest.json").is_file()
+
+
+def test_agent_freshness_of_a_directory_never_enrolled_is_an_error(tmp_path: Path) -> None:
+    code, _, err = fogline("agent", "freshness", "--state-dir", str(tmp_path / "none"))
+    assert (code, err) == (1, f"error: {tmp_path / 'none'} is not an enrolled site: no site.json\n")
