@@ -529,3 +529,134 @@ def agent_enroll(
             f"site {escape(identity.site)} ({escape(identity.region)}) enrolled in "
             f"{escape(str(identity.state_dir))}; site key {identity.public_key.keyid[:16]}…"
         )
+
+
+# ----------------------------------------------------------------------- air-gapped
+
+
+@bundle_app.command("export", short_help="Write one file that carries a bundle to a site.")
+def bundle_export(
+    bundle: Annotated[str, typer.Argument(help="NAME:VERSION", show_default=False)],
+    site: Annotated[str, typer.Option("--site", help="The site it is for.", show_default=False)],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="The file to write (a tar).", dir_okay=False, show_default=False
+        ),
+    ],
+    home: HomeOption = None,
+    keys: KeysOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write one file holding what SITE needs to verify and install a released bundle
+    without a network: both repositories' metadata and the bundle's files. The site is
+    assigned the bundle first when the director does not name it yet (the director's
+    online keys must be present then)."""
+    with _errors_to_exit():
+        from fogline.sync import export_bundle
+
+        name, version = _split_id(bundle)
+        summary = export_bundle(_home(home, keys), name, version, site, output)
+    data = summary.to_dict()
+    if as_json:
+        _print_json(data)
+        return
+    console = Console()
+    if summary.assigned:
+        console.print(f"{escape(summary.release.id)} assigned to {escape(site)}")
+    console.print(
+        f"exported {escape(summary.release.id)} for {escape(site)} to {escape(str(output))} "
+        f"({summary.size_bytes} B, {len(summary.members)} files); import it before "
+        f"{data['expires']}, when the metadata inside expires"
+    )
+
+
+def _site_platform() -> tuple[str, tuple[str, ...]]:
+    import onnxruntime
+
+    return str(onnxruntime.__version__), tuple(onnxruntime.get_available_providers())
+
+
+SiteStateOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="Site's sync state (default: $FOGLINE_STATE_DIR/sync, else "
+        "~/.local/state/fogline/sync).",
+        file_okay=False,
+    ),
+]
+
+
+@agent_app.command("import", short_help="Verify and install a bundle from an export file.")
+def agent_import(
+    file: Annotated[
+        Path,
+        typer.Argument(help="The file `fogline bundle export` wrote.", dir_okay=False),
+    ],
+    state_dir: SiteStateOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Verify the bundle an export file carries exactly as a refresh over the network
+    does, install it in the site's state directory and record it as installed. Exits 0
+    when it is installed (or already was), 2 when it is refused, 1 when a file cannot be
+    read or written."""
+    with _errors_to_exit():
+        from fogline import __version__
+        from fogline.sync import import_bundle, read_freshness
+
+        state = state_dir if state_dir is not None else default_site_state()
+        onnxruntime, providers = _site_platform()
+        got = import_bundle(
+            state,
+            file,
+            agent_version=__version__,
+            onnxruntime=onnxruntime,
+            execution_providers=providers,
+        )
+        freshness = read_freshness(state)
+    data: dict[str, Any] = {
+        "bundle": got.release.to_dict(),
+        "path": str(got.path),
+        "already_installed": got.installed,
+        "freshness": freshness.to_dict(),
+    }
+    if as_json:
+        _print_json(data)
+        return
+    what = "already installed" if got.installed else "installed"
+    expires = data["freshness"]["expires"]
+    Console().print(
+        f"{escape(got.id)} (release {got.release.release}) {what} in {escape(str(got.path))}; "
+        f"trusted metadata valid until {expires}"
+    )
+
+
+@agent_app.command("freshness", short_help="When the site's trusted metadata expires.")
+def agent_freshness(state_dir: SiteStateOption = None, as_json: JsonOption = False) -> None:
+    """Show each repository's trusted metadata versions and when they expire. Exits 1
+    when any has expired (the site keeps running what it has, but refreshes and imports
+    fail until newer metadata arrives)."""
+    with _errors_to_exit():
+        from fogline.sync import read_freshness
+
+        freshness = read_freshness(state_dir if state_dir is not None else default_site_state())
+    data = freshness.to_dict()
+    if as_json:
+        _print_json(data)
+    else:
+        table = Table(title="trusted metadata", title_justify="left")
+        for column in ("repository", "role", "version", "expires", "expired"):
+            table.add_column(column)
+        for repo, r in data["repositories"].items():
+            for role, info in r["roles"].items():
+                table.add_row(
+                    repo, escape(role), str(info["version"]), info["expires"],
+                    "yes" if info["expired"] else "",
+                )  # fmt: skip
+            for role in r["missing"]:
+                table.add_row(repo, role, "-", "never fetched", "")
+        Console().print(table)
+        Console().print("stale: refresh or import an export" if freshness.stale else "fresh")
+    if freshness.stale:
+        raise typer.Exit(FAILED)

@@ -10,6 +10,10 @@
 - **Sites**: :func:`enroll` once, then :class:`SiteSync` refreshes both repositories with
   fresh python-tuf ``Updater`` objects over a fetcher (:class:`HttpFetcher`,
   :class:`MemoryFetcher`) and returns a :class:`VerifiedBundle`.
+- **Air-gapped sites**: :func:`export_bundle` writes one file holding what a site needs;
+  :func:`import_bundle` verifies and installs it there through an :class:`ArchiveFetcher`
+  (it is :class:`SiteSync` over the file); :func:`read_freshness` and
+  :meth:`SiteSync.freshness` say when the trusted metadata expires.
 - **Verification without I/O**: :func:`read_desired`, :func:`decide`,
   :func:`manifest_files`, :func:`check_file` over :class:`SiteState`.
 - **Status reports**: :func:`make_status_report`, :func:`verify_status_report`,
@@ -37,6 +41,7 @@ from fogline.sync._names import ANY_REGION, check_target_path
 from fogline.sync._release import Platform, Release
 from fogline.sync.errors import (
     AgentVersionError,
+    ArchiveError,
     BundleError,
     DisagreementError,
     ExpiredError,
@@ -57,6 +62,7 @@ from fogline.sync.errors import (
     StorageError,
     SyncError,
     TamperedError,
+    UnsafeMemberError,
     UnsafePathError,
     VerificationError,
     WrongSiteError,
@@ -65,7 +71,9 @@ from fogline.sync.errors import (
 if TYPE_CHECKING:
     from fogline.sync._catalogue import Catalogue, Director
     from fogline.sync._client import SiteIdentity, SiteSync, VerifiedBundle, enroll
+    from fogline.sync._export import ArchiveFetcher, ExportSummary, export_bundle, import_bundle
     from fogline.sync._fetch import HttpFetcher, HttpSettings, MemoryFetcher
+    from fogline.sync._freshness import Freshness, RepositoryFreshness, read_freshness
     from fogline.sync._home import DEFAULT_EXPIRY, HomeSettings, SyncHome
     from fogline.sync._keys import KeyRing, generate_key, read_key, write_key
     from fogline.sync._report import (
@@ -93,6 +101,8 @@ __all__ = [
     "BUNDLE_FORMAT",
     "DEFAULT_EXPIRY",
     "AgentVersionError",
+    "ArchiveError",
+    "ArchiveFetcher",
     "Bundle",
     "BundleError",
     "Catalogue",
@@ -105,8 +115,10 @@ __all__ = [
     "EdgeSpec",
     "ExpiredError",
     "Expiry",
+    "ExportSummary",
     "FetchError",
     "FileEntry",
+    "Freshness",
     "HomeSettings",
     "HttpFetcher",
     "HttpSettings",
@@ -128,6 +140,7 @@ __all__ = [
     "ReleaseRollbackError",
     "ReplayedReportError",
     "ReportError",
+    "RepositoryFreshness",
     "RepositoryWriter",
     "SignatureError",
     "SigningKeyError",
@@ -141,6 +154,7 @@ __all__ = [
     "SyncHome",
     "TamperedError",
     "Thresholds",
+    "UnsafeMemberError",
     "UnsafePathError",
     "VerificationError",
     "VerifiedBundle",
@@ -149,12 +163,15 @@ __all__ = [
     "check_target_path",
     "decide",
     "enroll",
+    "export_bundle",
     "file_sha256",
     "generate_key",
+    "import_bundle",
     "make_status_report",
     "manifest_files",
     "model_signatures",
     "read_desired",
+    "read_freshness",
     "read_key",
     "verify_status_report",
     "write_key",
@@ -168,6 +185,13 @@ _LAZY = {
     "SiteSync": "fogline.sync._client",
     "VerifiedBundle": "fogline.sync._client",
     "enroll": "fogline.sync._client",
+    "ArchiveFetcher": "fogline.sync._export",
+    "ExportSummary": "fogline.sync._export",
+    "export_bundle": "fogline.sync._export",
+    "import_bundle": "fogline.sync._export",
+    "Freshness": "fogline.sync._freshness",
+    "RepositoryFreshness": "fogline.sync._freshness",
+    "read_freshness": "fogline.sync._freshness",
     "HttpFetcher": "fogline.sync._fetch",
     "HttpSettings": "fogline.sync._fetch",
     "MemoryFetcher": "fogline.sync._fetch",

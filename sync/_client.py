@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from fogline.sync._bundle import Bundle, file_sha256
 from fogline.sync._fetch import HttpFetcher
+from fogline.sync._freshness import Freshness, read_freshness
 from fogline.sync._keys import (
     generate_key,
     make_private_dir,
@@ -265,6 +267,12 @@ class SiteSync:
         name = bundle.release.name
         releases[name] = max(releases.get(name, 0), bundle.release.release)
         _replace(self.state_dir / "installed.json", {"releases": releases})
+
+    def freshness(self, now: datetime | None = None) -> Freshness:
+        """Versions and expiry of the trusted metadata this site holds, and whether any
+        has expired at ``now`` (default: the wall clock): see
+        :func:`~fogline.sync._freshness.read_freshness`."""
+        return read_freshness(self.state_dir, now)
 
     # ------------------------------------------------------------------------ refresh
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 __all__ = [
     "AgentVersionError",
+    "ArchiveError",
     "BundleError",
     "DisagreementError",
     "ExpiredError",
@@ -35,6 +36,7 @@ __all__ = [
     "StorageError",
     "SyncError",
     "TamperedError",
+    "UnsafeMemberError",
     "UnsafePathError",
     "VerificationError",
     "WrongSiteError",
@@ -85,6 +87,17 @@ class OversizedError(VerificationError):
 
 class UnsafePathError(VerificationError):
     """A target name could escape its directory or is not a plain relative path."""
+
+
+class ArchiveError(VerificationError):
+    """A file offered as an export (``fogline bundle export``) is not one: not a tar
+    archive, no readable ``export.json``, a member twice, too many members, or one that
+    verification needs but the export lacks."""
+
+
+class UnsafeMemberError(ArchiveError, UnsafePathError):
+    """An export holds a member that must never be read: a name that could escape
+    (absolute, ``..``, odd segments), a link, a device, a directory or a sparse file."""
 
 
 class NotReleasedError(VerificationError):
