@@ -22,7 +22,7 @@ from typing import Any
 
 from securesystemslib.signer import Key, SSlibKey
 
-from fogline.sync._fleet import FleetStore, SiteRecord
+from fogline.sync._fleet import FleetStore, SiteRecord, StaleRolloutError
 from fogline.sync._home import SyncHome
 from fogline.sync._names import check_name
 from fogline.sync._report import NonceLedger, StatusReport, verify_status_report
@@ -281,7 +281,13 @@ class RolloutService:
                 before = rollout.copy()
                 observations = self._observations(rollout.fleet)
                 actions = rollout.tick(now, observations)
-                self._apply(rollout, version, before, actions, now)
+                try:
+                    self._apply(rollout, version, before, actions, now)
+                except StaleRolloutError:
+                    # Another process (an operator's command) changed it meanwhile: its
+                    # change stands; the next tick plans from it.
+                    log.info("rollout %s changed meanwhile; this tick is dropped", rollout_id)
+                    continue
                 out.append(self._status(rollout, observations))
         return out
 
