@@ -14,6 +14,9 @@
   :func:`manifest_files`, :func:`check_file` over :class:`SiteState`.
 - **Status reports**: :func:`make_status_report`, :func:`verify_status_report`,
   :class:`NonceLedger`.
+- **Rollouts**: the pure planner (:class:`Rollout`, :class:`RolloutPolicy`,
+  :class:`Tolerance`, :class:`Observation`), the :class:`FleetStore` (SQLAlchemy: SQLite or
+  PostgreSQL) and the :class:`RolloutService` over both and the director.
 
 Only the bundle, release and error types load eagerly: the edge and the cloud import them
 on every start. Everything built on python-tuf loads on first use.
@@ -67,6 +70,7 @@ if TYPE_CHECKING:
     from fogline.sync._catalogue import Catalogue, Director
     from fogline.sync._client import SiteIdentity, SiteSync, VerifiedBundle, enroll
     from fogline.sync._fetch import HttpFetcher, HttpSettings, MemoryFetcher
+    from fogline.sync._fleet import FleetStore, SiteRecord
     from fogline.sync._home import DEFAULT_EXPIRY, HomeSettings, SyncHome
     from fogline.sync._keys import KeyRing, generate_key, read_key, write_key
     from fogline.sync._report import (
@@ -75,12 +79,15 @@ if TYPE_CHECKING:
         make_status_report,
         verify_status_report,
     )
+    from fogline.sync._rollout import Observation, Rollout, RolloutPolicy, Tolerance
+    from fogline.sync._rollout_service import RolloutService
     from fogline.sync._signatures import model_signatures
     from fogline.sync._store import DirectoryStore, MemoryStore, Store
     from fogline.sync._verify import (
         Decision,
         DesiredState,
         FileEntry,
+        RanBundle,
         SiteState,
         check_file,
         decide,
@@ -108,6 +115,7 @@ __all__ = [
     "Expiry",
     "FetchError",
     "FileEntry",
+    "FleetStore",
     "HomeSettings",
     "HttpFetcher",
     "HttpSettings",
@@ -119,10 +127,12 @@ __all__ = [
     "NonceLedger",
     "NotForThisSiteError",
     "NotReleasedError",
+    "Observation",
     "OversizedError",
     "Platform",
     "PlatformError",
     "PublishError",
+    "RanBundle",
     "RefreshReport",
     "RegionError",
     "Release",
@@ -130,10 +140,14 @@ __all__ = [
     "ReplayedReportError",
     "ReportError",
     "RepositoryWriter",
+    "Rollout",
     "RolloutError",
+    "RolloutPolicy",
+    "RolloutService",
     "SignatureError",
     "SigningKeyError",
     "SiteIdentity",
+    "SiteRecord",
     "SiteState",
     "SiteSync",
     "StatusReport",
@@ -143,6 +157,7 @@ __all__ = [
     "SyncHome",
     "TamperedError",
     "Thresholds",
+    "Tolerance",
     "UnsafePathError",
     "VerificationError",
     "VerifiedBundle",
@@ -173,6 +188,13 @@ _LAZY = {
     "HttpFetcher": "fogline.sync._fetch",
     "HttpSettings": "fogline.sync._fetch",
     "MemoryFetcher": "fogline.sync._fetch",
+    "FleetStore": "fogline.sync._fleet",
+    "SiteRecord": "fogline.sync._fleet",
+    "Observation": "fogline.sync._rollout",
+    "Rollout": "fogline.sync._rollout",
+    "RolloutPolicy": "fogline.sync._rollout",
+    "Tolerance": "fogline.sync._rollout",
+    "RolloutService": "fogline.sync._rollout_service",
     "DEFAULT_EXPIRY": "fogline.sync._home",
     "HomeSettings": "fogline.sync._home",
     "SyncHome": "fogline.sync._home",
@@ -191,6 +213,7 @@ _LAZY = {
     "Decision": "fogline.sync._verify",
     "DesiredState": "fogline.sync._verify",
     "FileEntry": "fogline.sync._verify",
+    "RanBundle": "fogline.sync._verify",
     "SiteState": "fogline.sync._verify",
     "check_file": "fogline.sync._verify",
     "decide": "fogline.sync._verify",

@@ -24,7 +24,9 @@ EXPECTED = {
     "UnsafePathError", "VerificationError", "VerifiedBundle", "WrongSiteError", "check_file",
     "check_target_path", "decide", "enroll", "file_sha256", "generate_key",
     "make_status_report", "manifest_files", "model_signatures", "read_desired", "read_key",
-    "verify_status_report", "write_key", "write_manifest",
+    "verify_status_report", "write_key", "write_manifest", "RolloutError", "FleetStore",
+    "SiteRecord", "Observation", "Rollout", "RolloutPolicy", "Tolerance", "RolloutService",
+    "RanBundle",
 }  # fmt: skip
 
 
