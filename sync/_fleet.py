@@ -275,7 +275,7 @@ class FleetStore:
         the same key is updated (region, fleet) in place. A site registered with another
         key is refused (:class:`RolloutError`): a site key never changes behind the
         service's back. Returns how many sites were new."""
-        rows = {}
+        rows: dict[str, dict[str, Any]] = {}
         for site, region, fleet, key in sites:
             check_name(site, "site")
             check_name(region, "region")
