@@ -27,6 +27,7 @@ import typer
 
 from fogline._bench_cloud import bench_cloud
 from fogline._bench_mqtt import bench_mqtt
+from fogline._bench_rollout import bench_rollout
 from fogline._cli import Status, settle_heap
 
 __all__ = ["app"]
@@ -592,3 +593,6 @@ def bench_faults(
 
 app.command("cloud", short_help="Inference API throughput, batching off and on.")(bench_cloud)
 app.command("mqtt", short_help="MQTT round trips and QoS 1 throughput.")(bench_mqtt)
+app.command("rollout", short_help="Rollout service and fleet store, simulated sites.")(
+    bench_rollout
+)

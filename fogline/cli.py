@@ -19,6 +19,7 @@ from fogline._cli import CONTEXT_SETTINGS, usage_error_line
 from fogline._cli_agent import app as agent_app
 from fogline._cli_cloud import app as cloud_app
 from fogline._cli_model import app as model_app
+from fogline._cli_rollout import fleet_app, rollout_app
 from fogline._cli_sync import agent_app as agent_sync_app
 from fogline._cli_sync import bundle_app, keys_app
 from fogline._cli_sync import model_app as model_sync_app
@@ -88,6 +89,8 @@ app.add_typer(cloud_app, name="cloud", help="Run the cloud worker and API.")
 app.add_typer(bench_app, name="bench", help="Measure speed, size and accuracy.")
 app.add_typer(keys_app, name="keys", help="Create and rotate the sync's roots of trust.")
 app.add_typer(bundle_app, name="bundle", help="Release bundles and list what is released.")
+app.add_typer(rollout_app, name="rollout", help="Roll bundles out to fleets in waves.")
+app.add_typer(fleet_app, name="fleet", help="Register sites and list the fleet.")
 model_app.add_typer(model_sync_app)
 agent_app.add_typer(agent_sync_app)
 app.command("demo", short_help="The whole system on one box.")(demo)

@@ -18,6 +18,9 @@
   :func:`manifest_files`, :func:`check_file` over :class:`SiteState`.
 - **Status reports**: :func:`make_status_report`, :func:`verify_status_report`,
   :class:`NonceLedger`.
+- **Rollouts**: the pure planner (:class:`Rollout`, :class:`RolloutPolicy`,
+  :class:`Tolerance`, :class:`Observation`), the :class:`FleetStore` (SQLAlchemy: SQLite or
+  PostgreSQL) and the :class:`RolloutService` over both and the director.
 
 Only the bundle, release and error types load eagerly: the edge and the cloud import them
 on every start. Everything built on python-tuf loads on first use.
@@ -57,6 +60,7 @@ from fogline.sync.errors import (
     ReleaseRollbackError,
     ReplayedReportError,
     ReportError,
+    RolloutError,
     SignatureError,
     SigningKeyError,
     StorageError,
@@ -73,6 +77,7 @@ if TYPE_CHECKING:
     from fogline.sync._client import SiteIdentity, SiteSync, VerifiedBundle, enroll
     from fogline.sync._export import ArchiveFetcher, ExportSummary, export_bundle, import_bundle
     from fogline.sync._fetch import HttpFetcher, HttpSettings, MemoryFetcher
+    from fogline.sync._fleet import FleetStore, SiteRecord
     from fogline.sync._freshness import Freshness, RepositoryFreshness, read_freshness
     from fogline.sync._home import DEFAULT_EXPIRY, HomeSettings, SyncHome
     from fogline.sync._keys import KeyRing, generate_key, read_key, write_key
@@ -82,12 +87,15 @@ if TYPE_CHECKING:
         make_status_report,
         verify_status_report,
     )
+    from fogline.sync._rollout import Observation, Rollout, RolloutPolicy, Tolerance
+    from fogline.sync._rollout_service import RolloutService
     from fogline.sync._signatures import model_signatures
     from fogline.sync._store import DirectoryStore, MemoryStore, Store
     from fogline.sync._verify import (
         Decision,
         DesiredState,
         FileEntry,
+        RanBundle,
         SiteState,
         check_file,
         decide,
@@ -118,6 +126,7 @@ __all__ = [
     "ExportSummary",
     "FetchError",
     "FileEntry",
+    "FleetStore",
     "Freshness",
     "HomeSettings",
     "HttpFetcher",
@@ -130,10 +139,12 @@ __all__ = [
     "NonceLedger",
     "NotForThisSiteError",
     "NotReleasedError",
+    "Observation",
     "OversizedError",
     "Platform",
     "PlatformError",
     "PublishError",
+    "RanBundle",
     "RefreshReport",
     "RegionError",
     "Release",
@@ -142,9 +153,14 @@ __all__ = [
     "ReportError",
     "RepositoryFreshness",
     "RepositoryWriter",
+    "Rollout",
+    "RolloutError",
+    "RolloutPolicy",
+    "RolloutService",
     "SignatureError",
     "SigningKeyError",
     "SiteIdentity",
+    "SiteRecord",
     "SiteState",
     "SiteSync",
     "StatusReport",
@@ -154,6 +170,7 @@ __all__ = [
     "SyncHome",
     "TamperedError",
     "Thresholds",
+    "Tolerance",
     "UnsafeMemberError",
     "UnsafePathError",
     "VerificationError",
@@ -195,6 +212,13 @@ _LAZY = {
     "HttpFetcher": "fogline.sync._fetch",
     "HttpSettings": "fogline.sync._fetch",
     "MemoryFetcher": "fogline.sync._fetch",
+    "FleetStore": "fogline.sync._fleet",
+    "SiteRecord": "fogline.sync._fleet",
+    "Observation": "fogline.sync._rollout",
+    "Rollout": "fogline.sync._rollout",
+    "RolloutPolicy": "fogline.sync._rollout",
+    "Tolerance": "fogline.sync._rollout",
+    "RolloutService": "fogline.sync._rollout_service",
     "DEFAULT_EXPIRY": "fogline.sync._home",
     "HomeSettings": "fogline.sync._home",
     "SyncHome": "fogline.sync._home",
@@ -213,6 +237,7 @@ _LAZY = {
     "Decision": "fogline.sync._verify",
     "DesiredState": "fogline.sync._verify",
     "FileEntry": "fogline.sync._verify",
+    "RanBundle": "fogline.sync._verify",
     "SiteState": "fogline.sync._verify",
     "check_file": "fogline.sync._verify",
     "decide": "fogline.sync._verify",

@@ -185,43 +185,52 @@ class Director:
     def assign(self, sites: Iterable[str], release: Release) -> None:
         """Have every site of ``sites`` run ``release``: each touched bin is re-signed
         once, then one snapshot and timestamp."""
-        by_bin: dict[str, list[str]] = defaultdict(list)
-        for site in sites:
-            try:
-                path = site_path(site)
-            except ValueError as exc:
-                raise PublishError(str(exc)) from None
-            by_bin[self._bin(path)].append(site)
+        self.apply([(release, sites)])
+
+    def unassign(self, sites: Iterable[str]) -> None:
+        """Remove the desired state of ``sites`` (they keep what they run)."""
+        self.apply(unassign=sites)
+
+    def apply(
+        self,
+        assign: Iterable[tuple[Release, Iterable[str]]] = (),
+        unassign: Iterable[str] = (),
+    ) -> None:
+        """Several releases for several groups of sites, and sites to unassign, in one
+        signing: each touched bin once, then one snapshot and timestamp (a rollout's tick
+        that rolls some sites forward and others back)."""
+        by_bin: dict[str, dict[str, Release | None]] = defaultdict(dict)
+        for release, sites in [*assign, (None, unassign)]:
+            for site in sites:
+                try:
+                    path = site_path(site)
+                except ValueError as exc:
+                    raise PublishError(str(exc)) from None
+                by_bin[self._bin(path)][site] = release
+        if not by_bin:
+            return
         for bin_name, members in sorted(by_bin.items()):
             with self.writer.edit_targets(bin_name) as targets:
-                for site in members:
+                for site, chosen in members.items():
                     path = site_path(site)
+                    if chosen is None:
+                        targets.targets.pop(path, None)
+                        continue
                     targets.targets[path] = TargetFile(
-                        release.length,
-                        {"sha256": release.sha256},
+                        chosen.length,
+                        {"sha256": chosen.sha256},
                         path,
                         {
                             "custom": {
                                 "fogline": {
                                     "kind": "desired",
                                     "site": site,
-                                    "target": release.path,
-                                    **release.fields(),
+                                    "target": chosen.path,
+                                    **chosen.fields(),
                                 }
                             }
                         },
                     )
-        self.writer.commit()
-
-    def unassign(self, sites: Iterable[str]) -> None:
-        """Remove the desired state of ``sites`` (they keep what they run)."""
-        by_bin: dict[str, list[str]] = defaultdict(list)
-        for site in sites:
-            by_bin[self._bin(site_path(site))].append(site)
-        for bin_name, members in sorted(by_bin.items()):
-            with self.writer.edit_targets(bin_name) as targets:
-                for site in members:
-                    targets.targets.pop(site_path(site), None)
         self.writer.commit()
 
     def desired(self, site: str) -> Release | None:

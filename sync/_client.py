@@ -9,7 +9,8 @@ A site's state directory (0700)::
     trust/director.root.json
     trust/catalogue/, trust/director/   python-tuf's metadata caches (every root version
                               seen, the newest timestamp, snapshot and targets)
-    installed.json            the highest release counter installed, per bundle name
+    installed.json            per bundle name: the highest release counter installed, the
+                              bundle run now and the one run before it
     bundles/<name>/<version>/ verified bundles (manifest.json and its model files)
 
 TUF is never on the serving path: :meth:`SiteSync.update` returns a
@@ -49,6 +50,7 @@ from fogline.sync._tuf_errors import tuf_errors
 from fogline.sync._verify import (
     Decision,
     FileEntry,
+    RanBundle,
     SiteState,
     check_file,
     decide,
@@ -235,22 +237,45 @@ class SiteSync:
 
     # -------------------------------------------------------------------------- state
 
-    def installed_releases(self) -> dict[str, int]:
+    def _installed(self) -> dict[str, Any]:
         path = self.state_dir / "installed.json"
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            return {}
+            return {"releases": {}}
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StorageError(f"{path} is unreadable: {exc}") from exc
-        releases = data.get("releases") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise StorageError(f"{path} must hold a JSON object")
+        return data
+
+    def installed_releases(self) -> dict[str, int]:
+        """The highest release counter installed, per bundle name."""
+        path = self.state_dir / "installed.json"
+        releases = self._installed().get("releases")
         if not isinstance(releases, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in releases.values()
         ):
             raise StorageError(f"{path} must map bundle names to release counters")
         return {str(k): v for k, v in releases.items()}
 
+    def ran_bundles(self) -> tuple[dict[str, RanBundle], dict[str, RanBundle]]:
+        """The bundle the site runs and the one it ran immediately before, per name
+        (``installed.json`` written before these were kept has neither)."""
+        data = self._installed()
+        out: list[dict[str, RanBundle]] = []
+        for what in ("running", "previous"):
+            ran = data.get(what, {})
+            try:
+                out.append({str(name): RanBundle(**info) for name, info in dict(ran).items()})
+            except (TypeError, ValueError) as exc:
+                raise StorageError(
+                    f"{self.state_dir / 'installed.json'}: {what} is unusable: {exc}"
+                ) from None
+        return out[0], out[1]
+
     def state(self) -> SiteState:
+        running, previous = self.ran_bundles()
         return SiteState(
             site=self.identity.site,
             region=self.identity.region,
@@ -258,15 +283,31 @@ class SiteSync:
             onnxruntime=self._onnxruntime,
             execution_providers=self._providers,
             releases=self.installed_releases(),
+            running=running,
+            previous=previous,
         )
 
     def record_installed(self, bundle: VerifiedBundle) -> None:
         """Remember that the site runs ``bundle``: later bundles of its name may not have a
-        lower release counter."""
+        lower release counter, but for the bundle it ran until now (kept as ``previous``,
+        the one it may be rolled back to)."""
         releases = self.installed_releases()
-        name = bundle.release.name
-        releases[name] = max(releases.get(name, 0), bundle.release.release)
-        _replace(self.state_dir / "installed.json", {"releases": releases})
+        running, previous = self.ran_bundles()
+        release = bundle.release
+        releases[release.name] = max(releases.get(release.name, 0), release.release)
+        now = running.get(release.name)
+        if now is None or not now.is_release(release):
+            if now is not None:
+                previous[release.name] = now
+            running[release.name] = RanBundle.of(release)
+        _replace(
+            self.state_dir / "installed.json",
+            {
+                "releases": releases,
+                "running": {k: v.to_dict() for k, v in running.items()},
+                "previous": {k: v.to_dict() for k, v in previous.items()},
+            },
+        )
 
     def freshness(self, now: datetime | None = None) -> Freshness:
         """Versions and expiry of the trusted metadata this site holds, and whether any

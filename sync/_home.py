@@ -266,6 +266,25 @@ class SyncHome:
             self.director(("targets", "snapshot", "timestamp")).assign(sites, release)
             return release
 
+    def apply(
+        self, assign: Mapping[str, Iterable[str]], unassign: Iterable[str] = ()
+    ) -> dict[str, Release]:
+        """Point groups of sites at released bundles (``name@version`` → sites) and remove
+        the desired state of ``unassign``, in one director signing. Returns the releases."""
+        with self.lock():
+            catalogue = self.catalogue()
+            releases = {}
+            for bundle in assign:
+                name, _, version = bundle.partition("@")
+                release = catalogue.get(name, version) if name and version else None
+                if release is None:
+                    raise PublishError(f"{bundle} is not released")
+                releases[bundle] = release
+            self.director(("targets", "snapshot", "timestamp")).apply(
+                [(releases[b], sites) for b, sites in assign.items()], unassign
+            )
+            return releases
+
     def refresh(self) -> dict[str, RefreshReport]:
         """Re-sign, in both repositories, what is close to expiry and whose keys are here."""
         reports = {}

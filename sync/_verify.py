@@ -12,7 +12,9 @@ as Uptane has it for a director and an image repository:
    match — name, version, release counter, platform, allowed regions, minimum agent
    version (:class:`DisagreementError` names the field).
 4. The release must suit the site: its region allowed, its platform present, its agent new
-   enough, its release counter not lower than the one the site installed of that name.
+   enough, its release counter not lower than the one the site installed of that name —
+   unless it is exactly the bundle the site ran immediately before (same name, version and
+   manifest SHA-256: a rollback, :attr:`SiteState.previous`).
 5. The manifest (downloaded against the catalogue's hashes) must state the same release,
    and each model file it names must be listed by the catalogue with the same length and
    SHA-256 (:func:`manifest_files`, :func:`check_file`).
@@ -58,6 +60,7 @@ __all__ = [
     "Decision",
     "DesiredState",
     "FileEntry",
+    "RanBundle",
     "SiteState",
     "check_file",
     "decide",
@@ -70,10 +73,43 @@ _MAX_MANIFEST_FILES = 64
 
 
 @dataclass(frozen=True)
+class RanBundle:
+    """A bundle a site ran: its version, release counter and manifest SHA-256 (the name is
+    the key it is filed under)."""
+
+    version: str
+    release: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        check_name(self.version, "bundle version")
+        if isinstance(self.release, bool) or not isinstance(self.release, int):
+            raise TypeError(f"release counter must be an integer, got {self.release!r}")
+        if not isinstance(self.sha256, str) or len(self.sha256) != 64:
+            raise ValueError("sha256 must be 64 hex digits")
+
+    @classmethod
+    def of(cls, release: Release) -> RanBundle:
+        return cls(version=release.version, release=release.release, sha256=release.sha256)
+
+    def is_release(self, release: Release) -> bool:
+        return (self.version, self.release, self.sha256) == (
+            release.version,
+            release.release,
+            release.sha256,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "release": self.release, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class SiteState:
     """What the site is: its name and region, its agent and onnxruntime versions, the
     execution providers it has, and the highest release counter it installed per bundle
-    name (``releases``), which a new bundle must not go below."""
+    name (``releases``), which a new bundle must not go below. ``running`` is the bundle it
+    runs and ``previous`` the one it ran immediately before, per name: the one bundle
+    with a lower counter it goes back to (a rollback)."""
 
     site: str
     region: str
@@ -81,6 +117,8 @@ class SiteState:
     onnxruntime: str
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     releases: Mapping[str, int] = field(default_factory=dict)
+    running: Mapping[str, RanBundle] = field(default_factory=dict)
+    previous: Mapping[str, RanBundle] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name(self.site, "site")
@@ -95,6 +133,13 @@ class SiteState:
             if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
                 raise ValueError(f"installed release of {name!r} must be an integer >= 0")
         object.__setattr__(self, "releases", MappingProxyType(releases))
+        for what in ("running", "previous"):
+            ran = dict(getattr(self, what))
+            for name, bundle in ran.items():
+                check_name(name, "bundle name")
+                if not isinstance(bundle, RanBundle):
+                    raise TypeError(f"{what} bundle of {name!r} must be a RanBundle")
+            object.__setattr__(self, what, MappingProxyType(ran))
 
 
 @dataclass(frozen=True)
@@ -112,11 +157,13 @@ class DesiredState:
 @dataclass(frozen=True)
 class Decision:
     """A release both repositories agree on and the site may run. ``installed`` is true
-    when the site already runs this release (same name and release counter)."""
+    when the site already runs this release; ``rollback`` when it is the bundle the site
+    ran before, with a lower release counter than the highest it installed."""
 
     site: str
     release: Release
     installed: bool
+    rollback: bool = False
 
     @property
     def target(self) -> str:
@@ -186,13 +233,23 @@ def decide(state: SiteState, desired: DesiredState, entry: TargetFile | None) ->
             )
     _suits_site(state, release)
     installed = state.releases.get(release.name, 0)
-    # Uptane: the release counter does not go down.
+    running = state.running.get(release.name)
+    previous = state.previous.get(release.name)
+    # Uptane: the release counter does not go down — except back to exactly the bundle the
+    # site ran immediately before (a rollout rolled back). A director key alone can then
+    # flip a site between its current and previous bundle, both released and both verified
+    # on this site, never to any older one.
+    rollback = False
     if release.release < installed:
-        raise ReleaseRollbackError(
-            f"{release.id} has release counter {release.release}, lower than the installed "
-            f"{installed} of {release.name!r}"
-        )
-    return Decision(site=state.site, release=release, installed=release.release == installed)
+        if previous is None or not previous.is_release(release):
+            raise ReleaseRollbackError(
+                f"{release.id} has release counter {release.release}, lower than the "
+                f"installed {installed} of {release.name!r}, and is not the bundle the site "
+                "ran before"
+            )
+        rollback = running is None or not running.is_release(release)
+    same = running.is_release(release) if running is not None else release.release == installed
+    return Decision(site=state.site, release=release, installed=same, rollback=rollback)
 
 
 def _suits_site(state: SiteState, release: Release) -> None:

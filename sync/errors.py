@@ -31,6 +31,7 @@ __all__ = [
     "ReleaseRollbackError",
     "ReplayedReportError",
     "ReportError",
+    "RolloutError",
     "SignatureError",
     "SigningKeyError",
     "StorageError",
@@ -169,6 +170,12 @@ class StorageError(SyncError):
 class PublishError(SyncError, ValueError):
     """A release, a desired state or a repository change was refused: a release counter
     not greater than every earlier one, a name already released, a bad name."""
+
+
+class RolloutError(SyncError, ValueError):
+    """A rollout or fleet change was refused: an unknown site or bundle, a registration
+    that conflicts with the one stored, a second rollout of a fleet, an operation the
+    rollout's state does not allow (resuming a completed rollout)."""
 
 
 class SigningKeyError(SyncError):

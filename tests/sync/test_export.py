@@ -355,7 +355,7 @@ def test_attack_older_export_after_a_newer_one_is_a_rollback(fleet: Fleet) -> No
     assert do_import(state, export(fleet, fleet.tmp / "v2.tar")).id == "tiny@2"
     with pytest.raises(MetadataVersionError, match="timestamp"):
         do_import(state, old)
-    assert json.loads((state / "installed.json").read_text()) == {"releases": {"tiny": 2}}
+    assert json.loads((state / "installed.json").read_text())["releases"] == {"tiny": 2}
 
 
 def test_an_export_missing_a_model_file_is_refused_naming_it(fleet: Fleet) -> None:

@@ -28,6 +28,9 @@ EXPECTED = {
     # Air-gapped sites.
     "ArchiveError", "ArchiveFetcher", "ExportSummary", "Freshness", "RepositoryFreshness",
     "UnsafeMemberError", "export_bundle", "import_bundle", "read_freshness",
+    "RolloutError", "FleetStore",
+    "SiteRecord", "Observation", "Rollout", "RolloutPolicy", "Tolerance", "RolloutService",
+    "RanBundle",
 }  # fmt: skip
 
 
