@@ -2,8 +2,10 @@
 
 The codec is imported eagerly: the edge agent and the cloud worker use it on every message.
 The model tools (split, quantization) need onnx and onnxruntime's quantization tooling, which
-an edge-only install may lack, so they load on first use; so does :func:`onnxruntime_errors`
-(the one map of onnxruntime's errors), which imports onnxruntime.
+an edge-only install may lack, so they load on first use; so do the model deltas
+(:func:`make_delta`, :func:`apply_delta`: only the sync client and the publisher use them)
+and :func:`onnxruntime_errors` (the one map of onnxruntime's errors), which imports
+onnxruntime.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from fogline.compression._codec import (
 from fogline.compression._meta import FeatureMeta, ResultMeta, ResultStatus
 from fogline.compression.errors import (
     CompressionError,
+    DeltaBaseError,
+    DeltaError,
+    DeltaFormatError,
+    DeltaSizeError,
     EnvelopeError,
     MetaError,
     ModelError,
@@ -37,6 +43,7 @@ from fogline.compression.errors import (
 )
 
 if TYPE_CHECKING:
+    from fogline.compression._delta import DeltaHeader, apply_delta, make_delta, read_delta_header
     from fogline.compression._ort_errors import onnxruntime_errors
     from fogline.compression._quantize import QuantizationReport, quantize_model
     from fogline.compression._split import SplitReport, split_model
@@ -46,6 +53,11 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "Codec",
     "CompressionError",
+    "DeltaBaseError",
+    "DeltaError",
+    "DeltaFormatError",
+    "DeltaHeader",
+    "DeltaSizeError",
     "Envelope",
     "EnvelopeError",
     "FeatureMeta",
@@ -58,20 +70,27 @@ __all__ = [
     "ResultStatus",
     "SplitError",
     "SplitReport",
+    "apply_delta",
     "decode_envelope",
     "decode_message",
     "encode_envelope",
     "is_compressed",
     "is_resent",
     "join_envelopes",
+    "make_delta",
     "mark_resent",
     "now_us",
     "onnxruntime_errors",
     "quantize_model",
+    "read_delta_header",
     "split_model",
 ]
 
 _LAZY = {
+    "DeltaHeader": "fogline.compression._delta",
+    "apply_delta": "fogline.compression._delta",
+    "make_delta": "fogline.compression._delta",
+    "read_delta_header": "fogline.compression._delta",
     "onnxruntime_errors": "fogline.compression._ort_errors",
     "QuantizationReport": "fogline.compression._quantize",
     "quantize_model": "fogline.compression._quantize",

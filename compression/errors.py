@@ -4,6 +4,10 @@ from __future__ import annotations
 
 __all__ = [
     "CompressionError",
+    "DeltaBaseError",
+    "DeltaError",
+    "DeltaFormatError",
+    "DeltaSizeError",
     "EnvelopeError",
     "MetaError",
     "ModelError",
@@ -47,3 +51,20 @@ class MetaError(EnvelopeError):
     def __init__(self, field: str, detail: str) -> None:
         super().__init__("bad_meta", f"{field}: {detail}")
         self.field = field
+
+
+class DeltaError(CompressionError, ValueError):
+    """A model delta cannot be applied: the file it rebuilds must come another way."""
+
+
+class DeltaFormatError(DeltaError):
+    """A delta is truncated, corrupt, of an unknown version or kind, or rebuilds a file
+    other than the one it names."""
+
+
+class DeltaBaseError(DeltaError):
+    """A delta was made for another base file than the one it is applied to."""
+
+
+class DeltaSizeError(DeltaError):
+    """A delta would rebuild a file longer than the caller allows (the signed length)."""

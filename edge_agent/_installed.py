@@ -64,7 +64,7 @@ class InstalledBundle:
     version: str
     release: int
     manifest_sha256: str
-    files: Mapping[str, str]  # file name -> SHA-256, the manifest's model files
+    files: Mapping[str, str]  # file name -> SHA-256, the model files the site holds
     path: Path
 
     @property

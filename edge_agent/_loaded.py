@@ -52,7 +52,8 @@ class LoadedBundle:
         """Load and verify the bundle at ``bundle_dir`` (cheap: the model is not loaded);
         raises :class:`ModelError` when it cannot be used."""
         try:
-            bundle = Bundle.load(bundle_dir)
+            # A site holds only the edge part of a bundle (docs/sync.md).
+            bundle = Bundle.load(bundle_dir, part="edge")
         except BundleError as exc:
             raise ModelError(f"bundle at {bundle_dir} is unusable: {exc}") from exc
         try:

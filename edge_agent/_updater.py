@@ -356,7 +356,7 @@ class Updater:
             version=verified.release.version,
             release=verified.release.release,
             manifest_sha256=verified.manifest_sha256,
-            files={name: entry.sha256 for name, entry in verified.files.items()},
+            files={name: verified.files[name].sha256 for name in sorted(verified.local)},
             path=verified.path,
         )
         installed = read_installed(self.state_dir).after_swap(new)

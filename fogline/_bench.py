@@ -26,6 +26,7 @@ import numpy as np
 import typer
 
 from fogline._bench_cloud import bench_cloud
+from fogline._bench_delta import bench_delta
 from fogline._bench_mqtt import bench_mqtt
 from fogline._bench_rollout import bench_rollout
 from fogline._cli import Status, settle_heap
@@ -596,3 +597,4 @@ app.command("mqtt", short_help="MQTT round trips and QoS 1 throughput.")(bench_m
 app.command("rollout", short_help="Rollout service and fleet store, simulated sites.")(
     bench_rollout
 )
+app.command("delta", short_help="Bytes a site downloads when a bundle changes.")(bench_delta)

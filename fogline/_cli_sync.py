@@ -335,12 +335,22 @@ def publish(
         str | None,
         typer.Option(help="Lowest agent version that may run it (default: this fogline's)."),
     ] = None,
+    no_deltas: Annotated[
+        bool,
+        typer.Option(
+            "--no-deltas",
+            help="Publish no deltas from the previous release of NAME (sites download "
+            "changed files whole).",
+        ),
+    ] = False,
     home: HomeOption = None,
     keys: KeysOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Release the bundle in DIR into the catalogue as NAME VERSION, signed with the
-    release keys. The release counter must be greater than every earlier one of NAME."""
+    release keys. The release counter must be greater than every earlier one of NAME.
+    Each changed file also gets a delta from the previous release of NAME, published as
+    its own signed target when it is much smaller than the file."""
     with _errors_to_exit():
         from fogline import __version__
         from fogline.sync import Bundle, Platform, model_signatures
@@ -359,14 +369,35 @@ def publish(
             regions=tuple(region),
             min_agent_version=min_agent_version or __version__,
             signatures=model_signatures(bundle),
+            deltas=0 if no_deltas else 1,
         )
+        deltas = target.catalogue().deltas(released)
     if as_json:
-        _print_json(released.to_dict())
+        _print_json(
+            {
+                **released.to_dict(),
+                "deltas": [
+                    {
+                        "file": d.file,
+                        "base": d.base_sha256,
+                        "bytes": d.length,
+                        "file_bytes": d.result_length,
+                    }
+                    for d in deltas
+                ],
+            }
+        )
     else:
-        Console().print(
+        console = Console()
+        console.print(
             f"released {escape(released.id)} (release {released.release}, manifest "
             f"sha256 {released.sha256[:16]}…)"
         )
+        for d in deltas:
+            console.print(
+                f"  delta {escape(d.file)} from {d.base_sha256[:16]}…: {d.length} of "
+                f"{d.result_length} bytes ({d.length / max(d.result_length, 1):.1%})"
+            )
 
 
 bundle_app.command("publish", short_help="Release a bundle into the catalogue.")(publish)

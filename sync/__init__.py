@@ -15,7 +15,11 @@
   (it is :class:`SiteSync` over the file); :func:`read_freshness` and
   :meth:`SiteSync.freshness` say when the trusted metadata expires.
 - **Verification without I/O**: :func:`read_desired`, :func:`decide`,
-  :func:`manifest_files`, :func:`check_file` over :class:`SiteState`.
+  :func:`manifest_files`, :func:`check_file`, :func:`site_files`, :func:`check_delta` over
+  :class:`SiteState`.
+- **Deltas**: the catalogue publishes, with each release, deltas from the previous
+  release's files (:class:`DeltaTarget`); a site copies what it holds and rebuilds what
+  changed from them (:mod:`fogline.compression`'s :func:`apply_delta`).
 - **Status reports**: :func:`make_status_report`, :func:`verify_status_report`,
   :class:`NonceLedger`.
 - **Rollouts**: the pure planner (:class:`Rollout`, :class:`RolloutPolicy`,
@@ -73,7 +77,7 @@ from fogline.sync.errors import (
 )
 
 if TYPE_CHECKING:
-    from fogline.sync._catalogue import Catalogue, Director
+    from fogline.sync._catalogue import Catalogue, DeltaTarget, Director
     from fogline.sync._client import SiteIdentity, SiteSync, VerifiedBundle, enroll
     from fogline.sync._export import ArchiveFetcher, ExportSummary, export_bundle, import_bundle
     from fogline.sync._fetch import HttpFetcher, HttpSettings, MemoryFetcher
@@ -97,10 +101,12 @@ if TYPE_CHECKING:
         FileEntry,
         RanBundle,
         SiteState,
+        check_delta,
         check_file,
         decide,
         manifest_files,
         read_desired,
+        site_files,
     )
     from fogline.sync._writer import Expiry, RefreshReport, RepositoryWriter
 
@@ -116,6 +122,7 @@ __all__ = [
     "Catalogue",
     "CloudSpec",
     "Decision",
+    "DeltaTarget",
     "DesiredState",
     "Director",
     "DirectoryStore",
@@ -176,6 +183,7 @@ __all__ = [
     "VerificationError",
     "VerifiedBundle",
     "WrongSiteError",
+    "check_delta",
     "check_file",
     "check_target_path",
     "decide",
@@ -190,6 +198,7 @@ __all__ = [
     "read_desired",
     "read_freshness",
     "read_key",
+    "site_files",
     "verify_status_report",
     "write_key",
     "write_manifest",
@@ -197,6 +206,7 @@ __all__ = [
 
 _LAZY = {
     "Catalogue": "fogline.sync._catalogue",
+    "DeltaTarget": "fogline.sync._catalogue",
     "Director": "fogline.sync._catalogue",
     "SiteIdentity": "fogline.sync._client",
     "SiteSync": "fogline.sync._client",
@@ -239,10 +249,12 @@ _LAZY = {
     "FileEntry": "fogline.sync._verify",
     "RanBundle": "fogline.sync._verify",
     "SiteState": "fogline.sync._verify",
+    "check_delta": "fogline.sync._verify",
     "check_file": "fogline.sync._verify",
     "decide": "fogline.sync._verify",
     "manifest_files": "fogline.sync._verify",
     "read_desired": "fogline.sync._verify",
+    "site_files": "fogline.sync._verify",
     "Expiry": "fogline.sync._writer",
     "RefreshReport": "fogline.sync._writer",
     "RepositoryWriter": "fogline.sync._writer",

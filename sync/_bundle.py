@@ -128,8 +128,15 @@ class Bundle:
         return self.path(self.cloud.model)
 
     @classmethod
-    def load(cls, root: str | Path, *, verify: bool = True) -> Bundle:
-        """Read ``root/manifest.json``; with ``verify``, check every file's size and SHA-256."""
+    def load(cls, root: str | Path, *, verify: bool = True, part: str | None = None) -> Bundle:
+        """Read ``root/manifest.json``; with ``verify``, check every file's size and SHA-256.
+
+        ``part`` (``"edge"`` or ``"cloud"``) loads the bundle as one side holds it: a site
+        downloads only its edge model (docs/sync.md), so only that file must be present;
+        every file that is present is still checked.
+        """
+        if part not in (None, "edge", "cloud"):
+            raise ValueError(f"part must be 'edge', 'cloud' or None, got {part!r}")
         root = Path(root)
         mpath = root / "manifest.json"
         try:
@@ -143,11 +150,17 @@ class Bundle:
         if manifest.get("format") != BUNDLE_FORMAT:
             raise BundleError(f"{mpath}: unsupported bundle format {manifest.get('format')!r}")
         files = _require(manifest, "files", dict, "")
+        needed = None
+        if part is not None:
+            side = manifest.get(part)
+            needed = side.get("model") if isinstance(side, dict) else None
         for fname, info in files.items():
             if "/" in fname or fname.startswith("."):
                 raise BundleError(f"manifest names an unsafe file path {fname!r}")
             fpath = root / fname
             if not fpath.is_file():
+                if part is not None and fname != needed:
+                    continue
                 raise BundleError(f"bundle file {fname} is missing from {root}")
             if verify:
                 if fpath.stat().st_size != info.get("bytes"):

@@ -12,17 +12,20 @@ import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuf.api.metadata import TargetFile
 
+from fogline.compression import make_delta
 from fogline.sync._bundle import Bundle
 from fogline.sync._names import check_name
 from fogline.sync._release import (
     MANIFEST,
     Platform,
     Release,
+    delta_path,
     file_path,
     fogline_custom,
     manifest_path,
@@ -31,7 +34,26 @@ from fogline.sync._release import (
 from fogline.sync._writer import RepositoryWriter
 from fogline.sync.errors import MetadataError, PublishError
 
-__all__ = ["Catalogue", "Director"]
+__all__ = ["DELTA_MAX_SHARE", "Catalogue", "DeltaTarget", "Director"]
+
+# A delta is published only when it is at most this share of the file it rebuilds: a site
+# that has to fetch most of the file anyway gains little from rebuilding it.
+DELTA_MAX_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class DeltaTarget:
+    """A published delta: it rebuilds ``file`` of ``bundle`` (``result_sha256``,
+    ``result_length``) from the file whose SHA-256 is ``base_sha256``, in ``length``
+    bytes; ``path`` is its catalogue target path."""
+
+    path: str
+    bundle: str
+    file: str
+    base_sha256: str
+    result_sha256: str
+    result_length: int
+    length: int
 
 
 def _hashed_name(path: str, sha256: str) -> str:
@@ -68,6 +90,86 @@ class Catalogue:
         parsed: dict[str, Any] = json.loads(data)
         return parsed
 
+    def deltas(self, release: Release) -> list[DeltaTarget]:
+        """The deltas published with ``release``, by file and base."""
+        out = []
+        for path, entry in self.writer.targets().targets.items():
+            custom = entry.custom.get("fogline") if isinstance(entry.custom, Mapping) else None
+            if not isinstance(custom, Mapping) or custom.get("kind") != "delta":
+                continue
+            if custom.get("bundle") != release.id:
+                continue
+            out.append(
+                DeltaTarget(
+                    path=path,
+                    bundle=release.id,
+                    file=custom["file"],
+                    base_sha256=custom["base"],
+                    result_sha256=custom["result"],
+                    result_length=custom["result_length"],
+                    length=entry.length,
+                )
+            )
+        return sorted(out, key=lambda d: (d.file, d.base_sha256))
+
+    def _delta_bases(self, name: str, deltas: int) -> list[tuple[Release, dict[str, Any]]]:
+        """The newest ``deltas`` releases of ``name`` with their manifests' files."""
+        earlier = sorted((r for r in self.releases() if r.name == name), key=lambda r: -r.release)
+        out = []
+        for previous in earlier[:deltas]:
+            files = self.manifest(previous).get("files")
+            if isinstance(files, dict):
+                out.append((previous, files))
+        return out
+
+    def _make_deltas(
+        self,
+        released: Release,
+        fname: str,
+        content: bytes,
+        bases: Sequence[tuple[Release, Mapping[str, Any]]],
+    ) -> dict[str, TargetFile]:
+        """Deltas to ``content`` (``fname`` of ``released``) from the same-named file of each
+        of ``bases``, stored; only those at most :data:`DELTA_MAX_SHARE` of the file."""
+        sha256 = hashlib.sha256(content).hexdigest()
+        entries: dict[str, TargetFile] = {}
+        for previous, files in bases:
+            info = files.get(fname)
+            base_sha = info.get("sha256") if isinstance(info, dict) else None
+            if not isinstance(base_sha, str) or base_sha == sha256:
+                continue  # absent, or the same bytes: a site copies what it holds
+            path = delta_path(released.name, released.version, fname, base_sha)
+            if path in entries:
+                continue
+            old = self.writer.store.read(
+                _hashed_name(file_path(previous.name, previous.version, fname), base_sha)
+            )
+            if old is None or hashlib.sha256(old).hexdigest() != base_sha:
+                continue
+            delta = make_delta(old, content)
+            if len(delta) > DELTA_MAX_SHARE * len(content):
+                continue
+            delta_sha = hashlib.sha256(delta).hexdigest()
+            self.writer.store.write(_hashed_name(path, delta_sha), delta)
+            entries[path] = TargetFile(
+                len(delta),
+                {"sha256": delta_sha},
+                path,
+                {
+                    "custom": {
+                        "fogline": {
+                            "kind": "delta",
+                            "bundle": released.id,
+                            "file": fname,
+                            "base": base_sha,
+                            "result": sha256,
+                            "result_length": len(content),
+                        }
+                    }
+                },
+            )
+        return entries
+
     def publish(
         self,
         bundle_dir: Path,
@@ -79,6 +181,7 @@ class Catalogue:
         min_agent_version: str,
         release: int | None = None,
         signatures: Mapping[str, Any] | None = None,
+        deltas: int = 1,
     ) -> Release:
         """Release the bundle in ``bundle_dir`` as ``name`` ``version``.
 
@@ -87,7 +190,14 @@ class Catalogue:
         ``version`` is never replaced. The bundle's files are checked against its manifest
         first, then stored under their SHA-256 and listed in targets with the release's
         fields, and a new snapshot and timestamp are signed.
+
+        Each file that differs from the same-named file of one of the ``deltas`` newest
+        earlier releases of ``name`` also gets a delta from it (:func:`make_delta`), its
+        own target (``kind: delta``), when the delta is at most :data:`DELTA_MAX_SHARE`
+        of the file; ``deltas=0`` publishes none.
         """
+        if isinstance(deltas, bool) or not isinstance(deltas, int) or deltas < 0:
+            raise PublishError(f"deltas must be an integer >= 0, got {deltas!r}")
         try:
             check_name(name, "bundle name")
             check_name(version, "bundle version")
@@ -129,6 +239,7 @@ class Catalogue:
         except (TypeError, ValueError) as exc:
             raise PublishError(str(exc)) from None
         entries: dict[str, TargetFile] = {}
+        bases = self._delta_bases(name, deltas) if deltas else []
         for fname, info in sorted(bundle.manifest["files"].items()):
             try:
                 path = file_path(name, version, fname)
@@ -147,6 +258,7 @@ class Catalogue:
                 path,
                 {"custom": {"fogline": {"kind": "file", "bundle": released.id}}},
             )
+            entries.update(self._make_deltas(released, fname, content, bases))
         self.writer.store.write(_hashed_name(released.path, released.sha256), data)
         entries[released.path] = TargetFile(
             released.length,

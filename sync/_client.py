@@ -11,7 +11,7 @@ A site's state directory (0700)::
                               seen, the newest timestamp, snapshot and targets)
     installed.json            per bundle name: the highest release counter installed, the
                               bundle run now and the one run before it
-    bundles/<name>/<version>/ verified bundles (manifest.json and its model files)
+    bundles/<name>/<version>/ verified bundles (manifest.json and the edge model)
 
 TUF is never on the serving path: :meth:`SiteSync.update` returns a
 :class:`VerifiedBundle` (name, version, release counter, hashes, length, local path),
@@ -20,7 +20,9 @@ which the agent loads and records (:meth:`SiteSync.record_installed`) once it ru
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +36,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from fogline.compression import DeltaError, apply_delta
 from fogline.sync._bundle import Bundle, file_sha256
 from fogline.sync._fetch import HttpFetcher
 from fogline.sync._freshness import Freshness, read_freshness
@@ -45,27 +48,32 @@ from fogline.sync._keys import (
     write_private_file,
 )
 from fogline.sync._names import check_name
-from fogline.sync._release import MANIFEST, Release, file_path, site_path
+from fogline.sync._release import MANIFEST, Release, delta_path, file_path, site_path
 from fogline.sync._tuf_errors import tuf_errors
 from fogline.sync._verify import (
     Decision,
     FileEntry,
     RanBundle,
     SiteState,
+    check_delta,
     check_file,
     decide,
     manifest_files,
     read_desired,
+    site_files,
 )
 from fogline.sync.errors import (
+    FetchError,
     MetadataError,
     StorageError,
+    TamperedError,
     VerificationError,
 )
 
 __all__ = ["SiteIdentity", "SiteSync", "VerifiedBundle", "enroll"]
 
 SITE_FORMAT = 1
+_log = logging.getLogger(__name__)
 _REPOSITORIES = ("catalogue", "director")
 
 
@@ -183,12 +191,22 @@ def enroll(
 @dataclass(frozen=True)
 class VerifiedBundle:
     """A bundle both repositories agreed on, verified on disk at ``path``. ``installed``
-    is true when the site already runs this release."""
+    is true when the site already runs this release.
+
+    ``files`` holds every file of the signed manifest with its length and SHA-256; only
+    the edge model is on disk (a site runs nothing else). ``bytes_transferred`` is what
+    this update downloaded of the bundle's targets (the manifest, deltas, whole files;
+    metadata not counted), ``bytes_full`` what downloading the manifest and the edge model
+    whole would have been; both are 0 when a verified copy was already here."""
 
     release: Release
     path: Path
     files: Mapping[str, FileEntry]
     installed: bool
+    bytes_transferred: int = 0
+    bytes_full: int = 0
+    #: the names of ``files`` the site holds on disk (the edge model)
+    local: frozenset[str] = frozenset()
 
     @property
     def id(self) -> str:
@@ -227,6 +245,8 @@ class SiteSync:
         self._providers = tuple(execution_providers)
         self._fetcher = fetcher if fetcher is not None else HttpFetcher()
         self._config = updater_config
+        self.delta_failures = 0
+        """Deltas that failed (refused, corrupt, unreachable) and gave way to whole files."""
         SiteState(
             site=self.identity.site,
             region=self.identity.region,
@@ -358,10 +378,17 @@ class SiteSync:
         return self._decide()[0]
 
     def update(self) -> VerifiedBundle | None:
-        """Refresh both repositories and download the bundle they agree on (unless a
-        verified copy is already here); ``None`` when the director has nothing for this
-        site. Any refusal is a :class:`VerificationError`, any transport failure a
-        :class:`FetchError`."""
+        """Refresh both repositories and fetch the bundle they agree on (unless a verified
+        copy is already here); ``None`` when the director has nothing for this site. Any
+        refusal is a :class:`VerificationError`, any transport failure a
+        :class:`FetchError`.
+
+        Only what the site runs is fetched: the manifest and the edge model. A model file
+        whose signed SHA-256 the site holds in any of its bundles is copied from there; else
+        a delta the catalogue lists from a file the site holds is downloaded and applied;
+        else the file is downloaded whole. Every file is checked against the catalogue's
+        length and SHA-256 whichever way it came, and a delta that fails in any way gives
+        way to the whole file."""
         decision, catalogue = self._decide()
         if decision is None or catalogue is None:
             return None
@@ -372,6 +399,7 @@ class SiteSync:
             return have
         make_private_dir(self.state_dir / "bundles")
         make_private_dir(final.parent)
+        held = self._held_files()
         try:
             staging = Path(
                 tempfile.mkdtemp(prefix=f".partial-{release.version}-", dir=final.parent)
@@ -383,12 +411,27 @@ class SiteSync:
             manifest_entry = TargetFile(release.length, {"sha256": release.sha256}, release.path)
             with tuf_errors(f"catalogue: downloading {release.path}"):
                 catalogue.download_target(manifest_entry, filepath=str(manifest))
-            files = manifest_files(manifest.read_bytes(), release)
+            data = manifest.read_bytes()
+            files = manifest_files(data, release)
+            needed = site_files(data, release, files)
+            transferred = full = release.length
             for entry in files.values():
                 path = file_path(release.name, release.version, entry.name)
                 with tuf_errors(f"catalogue: {path}"):
                     info = check_file(release, entry, catalogue.get_targetinfo(path))
-                    catalogue.download_target(info, filepath=str(staging / entry.name))
+                if entry.name not in needed:
+                    continue
+                full += entry.length
+                target = staging / entry.name
+                if self._copy_held(held, entry, target):
+                    continue
+                sent, rebuilt = self._from_delta(catalogue, release, entry, held, target)
+                transferred += sent
+                if rebuilt:
+                    continue
+                with tuf_errors(f"catalogue: {path}"):
+                    catalogue.download_target(info, filepath=str(target))
+                transferred += entry.length
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -396,10 +439,117 @@ class SiteSync:
             raise StorageError(f"cannot store {release.id}: {exc.strerror or exc}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        Bundle.load(final)
+        Bundle.load(final, part="edge")
         return VerifiedBundle(
-            release=release, path=final, files=files, installed=decision.installed
+            release=release,
+            path=final,
+            files=files,
+            installed=decision.installed,
+            bytes_transferred=transferred,
+            bytes_full=full,
+            local=needed,
         )
+
+    # ------------------------------------------------------------ what the site holds
+
+    def _held_files(self) -> dict[str, list[Path]]:
+        """SHA-256 → the files of the site's bundles said (by their manifests) to hold it.
+        What a manifest says is checked again when a file is used."""
+        held: dict[str, list[Path]] = {}
+        root = self.state_dir / "bundles"
+        try:
+            dirs = sorted(p for p in root.glob("*/*") if p.is_dir())
+        except OSError:
+            return held
+        for bundle_dir in dirs:
+            if bundle_dir.name.startswith(".") or bundle_dir.parent.name.startswith("."):
+                continue
+            try:
+                manifest = json.loads((bundle_dir / MANIFEST).read_text())
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+                continue
+            files = manifest.get("files") if isinstance(manifest, dict) else None
+            if not isinstance(files, dict):
+                continue
+            for name, info in files.items():
+                sha256 = info.get("sha256") if isinstance(info, dict) else None
+                path = bundle_dir / str(name)
+                if isinstance(sha256, str) and "/" not in str(name) and path.is_file():
+                    held.setdefault(sha256, []).append(path)
+        return held
+
+    @staticmethod
+    def _read_held(
+        held: Mapping[str, list[Path]], sha256: str, length: int | None = None
+    ) -> bytes | None:
+        """The bytes of a held file with this SHA-256 (and length), checked; ``None`` if
+        none is here."""
+        for path in held.get(sha256, ()):
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if length is not None and len(data) != length:
+                continue
+            if hashlib.sha256(data).hexdigest() == sha256:
+                return data
+        return None
+
+    def _copy_held(self, held: Mapping[str, list[Path]], entry: FileEntry, target: Path) -> bool:
+        data = self._read_held(held, entry.sha256, entry.length)
+        if data is None:
+            return False
+        _write_private(target, data)
+        return True
+
+    def _from_delta(
+        self,
+        catalogue: Updater,
+        release: Release,
+        entry: FileEntry,
+        held: Mapping[str, list[Path]],
+        target: Path,
+    ) -> tuple[int, bool]:
+        """Rebuild ``entry`` at ``target`` from a delta the catalogue lists from a file the
+        site holds: (bytes downloaded, whether ``target`` was written). A delta that was
+        fetched and then failed counts its signed length, at most what the fetcher read.
+        Files of the same name are tried first as bases: deltas are made from them."""
+        bases = sorted(held, key=lambda sha: all(p.name != entry.name for p in held[sha]))
+        for base_sha256 in bases:
+            path = delta_path(release.name, release.version, entry.name, base_sha256)
+            fetched = 0
+            try:
+                with tuf_errors(f"catalogue: {path}"):
+                    info = check_delta(release, entry, base_sha256, catalogue.get_targetinfo(path))
+                if info is None:
+                    continue
+                base = self._read_held(held, base_sha256)
+                if base is None:
+                    continue
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    delta_file = Path(tmp) / "delta"
+                    fetched = info.length
+                    with tuf_errors(f"catalogue: downloading {path}"):
+                        catalogue.download_target(info, filepath=str(delta_file))
+                    delta = delta_file.read_bytes()
+                rebuilt = apply_delta(base, delta, max_output=entry.length)
+                if len(rebuilt) != entry.length or (
+                    hashlib.sha256(rebuilt).hexdigest() != entry.sha256
+                ):
+                    raise TamperedError(f"{path} rebuilt a file other than the signed one")
+            except (VerificationError, FetchError, DeltaError) as exc:
+                _log.warning(
+                    "%s: delta to %s from %s… not used (%s); downloading the whole file",
+                    release.id,
+                    entry.name,
+                    base_sha256[:16],
+                    exc,
+                )
+                self.delta_failures += 1
+                return fetched, False
+            _write_private(target, rebuilt)
+            return fetched, True
+        return 0, False
 
     @staticmethod
     def _verified_copy(final: Path, release: Release, installed: bool) -> VerifiedBundle | None:
@@ -409,11 +559,26 @@ class SiteSync:
         try:
             if file_sha256(manifest) != release.sha256:
                 return None
-            files = manifest_files(manifest.read_bytes(), release)
-            Bundle.load(final)
+            data = manifest.read_bytes()
+            files = manifest_files(data, release)
+            local = site_files(data, release, files)
+            Bundle.load(final, part="edge")
         except (OSError, VerificationError):
             return None
-        return VerifiedBundle(release=release, path=final, files=files, installed=installed)
+        return VerifiedBundle(
+            release=release,
+            path=final,
+            files=files,
+            installed=installed,
+            bytes_transferred=0,
+            bytes_full=0,
+            local=local,
+        )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    with path.open("wb") as fh:
+        fh.write(data)
 
 
 def _replace(path: Path, data: Mapping[str, Any]) -> None:

@@ -49,7 +49,7 @@ from fogline.sync._names import check_target_path
 from fogline.sync._release import Release, file_path, site_path
 from fogline.sync._store import Store
 from fogline.sync._tuf_errors import tuf_errors
-from fogline.sync._verify import manifest_files
+from fogline.sync._verify import manifest_files, site_files
 from fogline.sync.errors import (
     ArchiveError,
     FetchError,
@@ -198,7 +198,9 @@ def export_members(
     targets = _parse(catalogue_meta[targets_path], "catalogue", targets_path).signed
     if not isinstance(targets, Targets):
         raise MetadataError(f"catalogue: {targets_path} holds {targets.type} metadata")
-    for entry in manifest_files(manifest, release).values():
+    files = manifest_files(manifest, release)
+    # what the site downloads online (the edge model), no more: the cloud part stays home
+    for entry in (files[name] for name in sorted(site_files(manifest, release, files))):
         path = file_path(release.name, release.version, entry.name)
         info = targets.targets.get(path)
         if info is None:

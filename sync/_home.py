@@ -242,8 +242,11 @@ class SyncHome:
         min_agent_version: str,
         release: int | None = None,
         signatures: Mapping[str, Any] | None = None,
+        deltas: int = 1,
     ) -> Release:
-        """Release a bundle into the catalogue, signed with the release keys."""
+        """Release a bundle into the catalogue, signed with the release keys, with deltas
+        from the ``deltas`` newest earlier releases of ``name`` (see
+        :meth:`Catalogue.publish`)."""
         with self.lock():
             catalogue = self.catalogue(("targets", "snapshot", "timestamp"))
             return catalogue.publish(
@@ -255,6 +258,7 @@ class SyncHome:
                 min_agent_version=min_agent_version,
                 release=release,
                 signatures=signatures,
+                deltas=deltas,
             )
 
     def assign(self, sites: Iterable[str], name: str, version: str) -> Release:

@@ -10,6 +10,10 @@ names. The manifest's target entry carries the release's fields in ``custom``::
         "regions": ["eu-west"], "min_agent_version": "0.1.0"}}
 
 A model file's entry carries ``{"fogline": {"kind": "file", "bundle": "reference@3"}}``.
+A delta that rebuilds one from a file of an earlier release is its own target,
+``<name>/<version>/deltas/<base sha256>/<file>``, with ``{"fogline": {"kind": "delta",
+"bundle": "reference@3", "file": "edge.onnx", "base": <sha256 of the old file>,
+"result": <sha256 of the file>, "result_length": <its length>}}``.
 The director's entry for a site, ``sites/<site>``, has the manifest's length and hashes
 and the same fields, plus ``"site"`` and ``"target"`` (the manifest's catalogue path).
 """
@@ -27,6 +31,7 @@ __all__ = [
     "MANIFEST",
     "Platform",
     "Release",
+    "delta_path",
     "file_path",
     "manifest_path",
     "site_path",
@@ -46,6 +51,14 @@ def manifest_path(name: str, version: str) -> str:
 def file_path(name: str, version: str, filename: str) -> str:
     """The catalogue target path of one model file of a release."""
     return f"{name}/{version}/{check_name(filename, 'bundle file name')}"
+
+
+def delta_path(name: str, version: str, filename: str, base_sha256: str) -> str:
+    """The catalogue target path of a delta that rebuilds ``filename`` of a release from
+    the file whose SHA-256 is ``base_sha256``."""
+    if len(base_sha256) != 64 or base_sha256.strip("0123456789abcdef"):
+        raise ValueError("a delta's base must be a sha256 in lowercase hex")
+    return f"{name}/{version}/deltas/{base_sha256}/{check_name(filename, 'bundle file name')}"
 
 
 def site_path(site: str) -> str:

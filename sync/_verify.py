@@ -17,7 +17,11 @@ as Uptane has it for a director and an image repository:
    manifest SHA-256: a rollback, :attr:`SiteState.previous`).
 5. The manifest (downloaded against the catalogue's hashes) must state the same release,
    and each model file it names must be listed by the catalogue with the same length and
-   SHA-256 (:func:`manifest_files`, :func:`check_file`).
+   SHA-256 (:func:`manifest_files`, :func:`check_file`). A site downloads only what it
+   runs, the edge model (:func:`site_files`).
+6. A delta is used only when the catalogue lists it for this release, this file and a
+   base the site holds, rebuilding exactly the signed length and SHA-256
+   (:func:`check_delta`); the rebuilt file is checked against them again.
 """
 
 from __future__ import annotations
@@ -62,10 +66,12 @@ __all__ = [
     "FileEntry",
     "RanBundle",
     "SiteState",
+    "check_delta",
     "check_file",
     "decide",
     "manifest_files",
     "read_desired",
+    "site_files",
 ]
 
 _COMPARED_FIELDS = ("name", "version", "release", "platform", "regions", "min_agent_version")
@@ -334,4 +340,42 @@ def check_file(release: Release, file: FileEntry, entry: TargetFile | None) -> T
         raise TamperedError(
             f"{release.id}: {file.name} differs between the manifest and the catalogue"
         )
+    return entry
+
+
+def site_files(data: bytes, release: Release, files: Mapping[str, FileEntry]) -> frozenset[str]:
+    """The files of a released manifest (``data``) a site downloads: the edge model it
+    runs. The cloud part and any extra models stay in the catalogue; the site knows their
+    hashes from the signed manifest (``files``)."""
+    manifest = json.loads(data)
+    edge = manifest.get("edge") if isinstance(manifest, dict) else None
+    model = edge.get("model") if isinstance(edge, dict) else None
+    if not isinstance(model, str) or model not in files:
+        raise MetadataError(f"the manifest of {release.id} names no edge model among its files")
+    return frozenset({model})
+
+
+def check_delta(
+    release: Release, file: FileEntry, base_sha256: str, entry: TargetFile | None
+) -> TargetFile | None:
+    """The catalogue's entry for a delta to ``file`` from ``base_sha256``, checked to be a
+    delta of this release and file, from that base, to the signed length and SHA-256, and
+    smaller than the file; ``None`` when the catalogue lists none."""
+    if entry is None:
+        return None
+    custom = fogline_custom(entry.custom, "delta", f"catalogue entry {entry.path!r}")
+    expected = {
+        "bundle": release.id,
+        "file": file.name,
+        "base": base_sha256,
+        "result": file.sha256,
+        "result_length": file.length,
+    }
+    for key, value in expected.items():
+        if custom.get(key) != value:
+            raise MetadataError(
+                f"catalogue entry {entry.path!r} says {key} {custom.get(key)!r}, not {value!r}"
+            )
+    if "sha256" not in entry.hashes or entry.length >= file.length:
+        raise MetadataError(f"catalogue entry {entry.path!r} is no smaller than its file")
     return entry

@@ -34,6 +34,26 @@ def test_a_missing_file_is_named(tiny_bundle: Path) -> None:
         Bundle.load(tiny_bundle)
 
 
+def test_a_site_holding_only_the_edge_part_loads_it_as_the_edge_part(tiny_bundle: Path) -> None:
+    (tiny_bundle / "cloud.onnx").unlink()
+    assert Bundle.load(tiny_bundle, part="edge").edge_model_path.is_file()
+    with pytest.raises(BundleError, match=r"cloud\.onnx is missing"):
+        Bundle.load(tiny_bundle)
+    with pytest.raises(BundleError, match=r"cloud\.onnx is missing"):
+        Bundle.load(tiny_bundle, part="cloud")
+
+
+def test_an_edge_part_load_still_checks_the_files_present(tiny_bundle: Path) -> None:
+    (tiny_bundle / "cloud.onnx").unlink()
+    model = tiny_bundle / "edge.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(BundleError, match=r"edge\.onnx has the wrong size|edge\.onnx does not"):
+        Bundle.load(tiny_bundle, part="edge")
+    (tiny_bundle / "edge.onnx").unlink()
+    with pytest.raises(BundleError, match=r"edge\.onnx is missing"):
+        Bundle.load(tiny_bundle, part="edge")
+
+
 def test_a_directory_without_manifest_is_not_a_bundle(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"no manifest\.json"):
         Bundle.load(tmp_path)

@@ -125,6 +125,10 @@ def test_import_installs_exactly_as_online(fleet: Fleet) -> None:
         path=state / "bundles" / "tiny" / "1",
         files=got_online.files,
         installed=False,
+        local=got_online.local,
+        # read from the archive as online from the catalogue: the manifest and the edge model
+        bytes_transferred=got_online.bytes_transferred,
+        bytes_full=got_online.bytes_full,
     )
     for part in ("trust", "bundles"):
         assert tree(state / part) == tree(online.state_dir / part)
@@ -160,6 +164,9 @@ def test_an_export_is_deterministic_with_safe_member_names(fleet: Fleet) -> None
     assert "catalogue/metadata/1.root.json" in names
     assert "director/metadata/1.root.json" in names
     assert any(n.startswith("director/metadata/") and ".sites-" in n for n in names)
+    # What a site downloads online, no more: its edge model, not the cloud part.
+    assert any(n.endswith(".edge.onnx") for n in names)
+    assert not any(n.endswith(".cloud.onnx") for n in names)
 
 
 # ------------------------------------------------------------------------------ attacks
@@ -288,9 +295,9 @@ def test_attack_oversized_member_is_cut_off(fleet: Fleet) -> None:
 
     # A model file one byte longer than the catalogue signed.
     file = export(fleet, fleet.tmp / "tiny.tar")
-    name = model_member(file, "cloud.onnx")
+    name = model_member(file, "edge.onnx")
     rewrite(file, lambda members: members.__setitem__(name, members[name] + b"\0"))
-    with pytest.raises(OversizedError, match=r"cloud\.onnx"):
+    with pytest.raises(OversizedError, match=r"edge\.onnx"):
         do_import(state, file)
     assert nothing_installed(state)
 

@@ -12,7 +12,7 @@ from fogline.sync import errors
 
 EXPECTED = {
     "ANY_REGION", "BUNDLE_FORMAT", "DEFAULT_EXPIRY", "AgentVersionError", "Bundle",
-    "BundleError", "Catalogue", "CloudSpec", "Decision", "DesiredState", "Director",
+    "BundleError", "Catalogue", "CloudSpec", "Decision", "DeltaTarget", "DesiredState", "Director",
     "DirectoryStore", "DisagreementError", "EdgeSpec", "ExpiredError", "Expiry", "FetchError",
     "FileEntry", "HomeSettings", "HttpFetcher", "HttpSettings", "KeyRing", "MemoryFetcher",
     "MemoryStore", "MetadataError", "MetadataVersionError", "NonceLedger",
@@ -21,8 +21,8 @@ EXPECTED = {
     "ReplayedReportError", "ReportError", "RepositoryWriter", "SignatureError",
     "SigningKeyError", "SiteIdentity", "SiteState", "SiteSync", "StatusReport",
     "StorageError", "Store", "SyncError", "SyncHome", "TamperedError", "Thresholds",
-    "UnsafePathError", "VerificationError", "VerifiedBundle", "WrongSiteError", "check_file",
-    "check_target_path", "decide", "enroll", "file_sha256", "generate_key",
+    "UnsafePathError", "VerificationError", "VerifiedBundle", "WrongSiteError", "check_delta",
+    "check_file", "check_target_path", "decide", "enroll", "file_sha256", "generate_key",
     "make_status_report", "manifest_files", "model_signatures", "read_desired", "read_key",
     "verify_status_report", "write_key", "write_manifest",
     # Air-gapped sites.
@@ -31,6 +31,7 @@ EXPECTED = {
     "RolloutError", "FleetStore",
     "SiteRecord", "Observation", "Rollout", "RolloutPolicy", "Tolerance", "RolloutService",
     "RanBundle",
+    "site_files",
 }  # fmt: skip
 
 
