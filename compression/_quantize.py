@@ -52,6 +52,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from fogline.compression._cpu import u8s8_saturates
 from fogline.compression._onnx_util import (
     TensorSpec,
     bind_unnamed,
@@ -231,6 +232,8 @@ class QuantizationReport:
     elapsed_s: float = 0.0
     warnings: tuple[str, ...] = ()
     """What about the calibration set or the result deserves a look, one line each."""
+    reduce_range: bool = False
+    """Whether the static and dynamic candidates were built with 7-bit weights."""
 
     @property
     def size_ratio(self) -> float:
@@ -273,6 +276,7 @@ class QuantizationReport:
             "timing_batch": {k: list(v) for k, v in self.timing_batch.items()},
             "elapsed_s": self.elapsed_s,
             "warnings": list(self.warnings),
+            "reduce_range": self.reduce_range,
         }
 
 
@@ -904,6 +908,7 @@ def _build(
     target: Path,
     calibration: Sequence[dict[str, np.ndarray]],
     ranges: _Calibration,
+    reduce_range: bool,
 ) -> None:
     if recipe.dynamic:
         rewritten = _gemm_as_matmul(onnx.load(str(prepared)))
@@ -915,6 +920,7 @@ def _build(
                 str(target),
                 op_types_to_quantize=["MatMul"],
                 per_channel=False,
+                reduce_range=reduce_range,
                 weight_type=QuantType.QInt8,
                 extra_options={"MatMulConstBOnly": True},
             )
@@ -936,7 +942,7 @@ def _build(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None,
             per_channel=True,
-            reduce_range=False,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=[*recipe.exclude, *ranges.fp32_nodes()],
@@ -1065,6 +1071,7 @@ def quantize_model(
     outputs: Sequence[str] | None = None,
     holdout_fraction: float = 0.25,
     progress: Callable[[str], None] | None = None,
+    reduce_range: bool | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` to INT8, keeping the fastest strategy that agrees with FP32.
 
@@ -1076,6 +1083,12 @@ def quantize_model(
     agreement every measured output must reach (default: 0.99 for top-1, 0.98 for cosine).
     Latency is measured with onnxruntime on this CPU, one intra-op thread, on the same
     batch for FP32 and every candidate.
+
+    ``reduce_range`` builds every candidate with 7-bit weights, which no CPU's INT8 kernels
+    saturate (:func:`~fogline.compression._cpu.u8s8_saturates`); ``None`` (the default)
+    chooses it where this CPU's would — x86 without VNNI — so that agreement measured here
+    is agreement the model has here. A model quantized on a VNNI host for x86 devices
+    without VNNI should pass ``True``.
 
     Writes the chosen model to ``output`` and returns the report. Raises
     :class:`ModelError` for an unusable model or calibration data, and
@@ -1097,6 +1110,7 @@ def quantize_model(
             f"target {target:g} cannot be met: agreement with FP32 is at most 1.0"
         )
 
+    seven_bit = u8s8_saturates() if reduce_range is None else bool(reduce_range)
     proto = load_model(model_path)
     specs = input_specs(proto)
     samples = _samples(specs, calibration)
@@ -1144,9 +1158,9 @@ def quantize_model(
         def attempt(recipe: _Recipe) -> CandidateResult:
             path = work / f"{recipe.strategy}.onnx"
             say(f"trying {recipe.strategy}")
-            description = recipe.description
+            description = recipe.description + ("; 7-bit weights" if seven_bit else "")
             try:
-                _build(recipe, prepared, path, calibration_feeds, ranges)
+                _build(recipe, prepared, path, calibration_feeds, ranges, seven_bit)
                 agreement = bench.agreement(path)
                 if not recipe.dynamic and (kept := ranges.fp32_nodes()):
                     description += f"; {len(kept)} nodes on infinite values in FP32"
@@ -1210,6 +1224,7 @@ def quantize_model(
         timing_batch={k: tuple(int(d) for d in v.shape) for k, v in timing_feed.items()},
         elapsed_s=time.perf_counter() - started,
         warnings=tuple(warnings),
+        reduce_range=seven_bit,
     )
     say(
         f"chose {chosen.strategy}: {report.speedup:.2f}× FP32 speed, "

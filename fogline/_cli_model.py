@@ -212,6 +212,17 @@ def quantize(
     holdout: Annotated[
         float, typer.Option(help="Share of the samples held out to measure agreement.")
     ] = 0.25,
+    reduce_range: Annotated[
+        bool | None,
+        typer.Option(
+            "--reduce-range/--full-range",
+            help=(
+                "7-bit weights, which x86 CPUs without VNNI run without saturating, or 8-bit "
+                "(default: 7-bit where this CPU lacks VNNI)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Quantize MODEL to INT8: the fastest strategy whose outputs agree with FP32.
@@ -233,6 +244,7 @@ def quantize(
             outputs=measure or None,
             holdout_fraction=holdout,
             progress=status.update,
+            reduce_range=reduce_range,
         )
     for warning in report.warnings:
         # what about the calibration set deserves a look: said whatever the output format

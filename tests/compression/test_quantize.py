@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fogline.compression import ModelError, QuantizationError
+from fogline.compression._cpu import saturates
 from fogline.compression._quantize import (
     MIN_DISTINCT_SAMPLES,
     SPEED_TIE,
@@ -644,3 +645,51 @@ def test_a_mask_added_as_minus_infinity_keeps_every_static_strategy(tmp_path: Pa
     (int8,) = _run(report.output, fresh)
     assert np.isfinite(int8).all()
     assert np.mean(fp32.argmax(1) == int8.argmax(1)) >= 0.95
+
+
+def _int8_weights(path: Path) -> list[np.ndarray]:
+    """The int8 initializers a quantized model dequantizes: its weights."""
+    return [
+        w
+        for w in (numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer)
+        if w.dtype == np.int8 and w.size > 1
+    ]
+
+
+def test_reduce_range_builds_seven_bit_weights_that_still_agree(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    images, _ = _images(64, seed=5)
+    seven = quantize_model(models["cnn"], {"x": images}, tmp_path / "7.onnx", reduce_range=True)
+    eight = quantize_model(models["cnn"], {"x": images}, tmp_path / "8.onnx", reduce_range=False)
+    assert seven.reduce_range
+    assert not eight.reduce_range
+    assert seven.to_dict()["reduce_range"] is True
+    assert all(o.met for o in seven.outputs)
+    assert "7-bit weights" in seven.description
+    assert "7-bit" not in eight.description
+    # 7-bit weights stay in [-64, 63]: no VPMADDUBSW pair sum (2 × 255 × 64) overflows 16 bits
+    assert all(int(np.abs(w).max()) <= 64 for w in _int8_weights(tmp_path / "7.onnx"))
+    assert max(int(np.abs(w).max()) for w in _int8_weights(tmp_path / "8.onnx")) > 64
+
+
+_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+_VNNI = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni\n"
+
+
+@pytest.mark.parametrize(
+    ("machine", "cpuinfo", "expected"),
+    [
+        ("x86_64", _AVX2, True),
+        ("x86_64", _VNNI, False),
+        ("x86_64", _AVX2.replace("avx2", "avx2 avx_vnni"), False),
+        ("AMD64", _AVX2, True),
+        ("aarch64", "Features\t: fp asimd asimddp\n", False),
+        ("x86_64", None, False),
+        ("x86_64", "processor\t: 0\n", False),
+    ],
+)
+def test_u8s8_saturation_is_expected_only_on_x86_without_vnni(
+    machine: str, cpuinfo: str | None, expected: bool
+) -> None:
+    assert saturates(machine, cpuinfo) is expected

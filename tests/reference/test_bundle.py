@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from fogline.compression import Codec, Envelope, Kind, decode_envelope, encode_envelope
+from fogline.compression._cpu import u8s8_saturates
 from fogline.reference import BUNDLE_DIR
 from fogline.reference._frames import FRAME_SHAPE, NO_DIGIT, make_frames
 from fogline.sync import Bundle
@@ -25,22 +26,12 @@ REPRODUCE_POINTS = 0.1
 MAX_DELTA_POINTS = 0.5
 
 
-def _has_vnni() -> bool:
-    """Whether this x86 CPU has a VNNI dot product (the bundle was built on one)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line.split() for line in fh if line.startswith("flags")), [])
-    except OSError:
-        return True
-    return not flags or bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
-
-
 # Without VNNI, onnxruntime's u8s8 kernels multiply with VPMADDUBSW, whose pair sums
 # saturate at 16 bits (onnxruntime documents it under quantization, "saturation"): the
 # INT8 edge then decides a few frames differently. Measured on an AVX2-only AMD EPYC:
 # relevance accuracy 99.62 against the 99.84 recorded on an AVX-512 VNNI host. There the
 # recorded INT8 figures are held to the INT8-vs-FP32 bound instead.
-INT8_REPRODUCE_POINTS = REPRODUCE_POINTS if _has_vnni() else MAX_DELTA_POINTS
+INT8_REPRODUCE_POINTS = MAX_DELTA_POINTS if u8s8_saturates() else REPRODUCE_POINTS
 
 
 def _run(path: Path, inputs: np.ndarray, batch: int = 500) -> dict[str, np.ndarray]:
