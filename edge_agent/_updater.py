@@ -172,6 +172,17 @@ class SyncPeer:
             raise FetchError(f"{url}: {getattr(exc, 'reason', exc)}") from None
 
 
+COUNTERS = tuple(
+    [
+        f"{what}_{kind}"
+        for kind in ("first", "update")
+        for what in ("installs", "bytes_full", "bytes_transferred")
+    ]
+    + ["verify_failures"]
+)
+"""The names :meth:`Updater.counters` counts."""
+
+
 @dataclass(frozen=True)
 class UpdateResult:
     """How one attempt ended: ``outcome`` (``idle``, ``active``, ``installed``,
@@ -228,6 +239,7 @@ class Updater:
         self._thread: threading.Thread | None = None
         self._report_failures = 0
         self.reports_sent = 0
+        self._counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
     @classmethod
     def for_agent(cls, agent: Agent, config: SyncConfig) -> Updater:
@@ -254,6 +266,12 @@ class Updater:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
+
+    def counters(self) -> dict[str, int]:
+        """What this updater did since it was made (:data:`COUNTERS`): installs (the
+        first on a site that ran no synced bundle, and later ones) with the bytes they
+        transferred and would have transferred whole, and refusals by verification."""
+        return dict(self._counts)
 
     def nudge(self) -> None:
         """Refresh now (the MQTT nudge; called on paho's network thread: only a flag)."""
@@ -323,7 +341,12 @@ class Updater:
                     desired.id,
                 )
                 return self._end("aborted", None)
+            first = self.running is None
             self._swap(staged, verified)
+            kind = "first" if first else "update"
+            self._counts[f"installs_{kind}"] += 1
+            self._counts[f"bytes_full_{kind}"] += verified.bytes_full
+            self._counts[f"bytes_transferred_{kind}"] += verified.bytes_transferred
             return self._end("installed", desired)
         except ExpiredError as exc:
             log.warning(
@@ -337,6 +360,8 @@ class Updater:
             log.warning("site %s: the repositories could not be reached: %s", self.site, exc)
             return self._end("transport", desired, exc)
         except (VerificationError, StorageError, AgentDataError, UpdateError) as exc:
+            if isinstance(exc, VerificationError):
+                self._counts["verify_failures"] += 1
             log.error(  # noqa: TRY400 - a refusal is expected, its line says enough
                 "site %s: update to %s refused: %s",
                 self.site,
