@@ -111,6 +111,13 @@ def test_agent_swaps_bundles_under_a_stream_of_inputs_dropping_none(
             stop.set()
             feeder.join(10)
         answers = [f.result(timeout=15) for f in sent]
+        counts = agent.updater.counters() if agent.updater is not None else {}
+    # tiny@1 installed first through sync, then tiny@2; each counted with its bytes
+    assert counts["installs_first"] == 1
+    assert counts["installs_update"] == 1
+    assert counts["verify_failures"] == 0
+    assert 0 < counts["bytes_transferred_first"] <= counts["bytes_full_first"]
+    assert 0 < counts["bytes_transferred_update"] <= counts["bytes_full_update"]
     # Nothing dropped, every answer from one bundle throughout: its relevance is what the
     # bundle it names computed for that input.
     n = len(batch)
