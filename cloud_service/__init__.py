@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         LaneConfigs,
         ModelConfig,
         StoreConfig,
+        SyncConfig,
         TensorRTConfig,
         VersionPolicy,
     )
@@ -67,6 +68,7 @@ _LAZY = {
     "CloudConfig": "_config",
     "HttpConfig": "_config",
     "StoreConfig": "_config",
+    "SyncConfig": "_config",
     "TensorRTConfig": "_config",
     "LaneConfig": "_config",
     "LaneConfigs": "_config",
@@ -128,6 +130,7 @@ __all__ = [
     "StoreCorruptError",
     "StoreError",
     "StoredResult",
+    "SyncConfig",
     "TensorRTConfig",
     "TensorSpec",
     "UnknownBundleError",

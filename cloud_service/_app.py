@@ -6,11 +6,16 @@ API can answer ``/healthz`` and ``/readyz`` (503) while the worker is still warm
 result store, or a thread that failed for good. A handler that raises something no handler
 maps is answered 500 and counted (``fogline_cloud_thread_failures_total{thread="http"}``);
 the server goes on.
+
+Given a :class:`~fogline.cloud_service._sync.CloudSync` (``fogline cloud serve
+--sync-home``), either app also serves the sync home's repositories and the nonce and
+report routes (docs/cloud.md, "Sync"); those are open in every mode: all they serve is
+signed, and a report is believed only when its site's key signed it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -21,6 +26,9 @@ from fogline.cloud_service._version import fogline_version
 from fogline.cloud_service._worker import CloudWorker
 from fogline.cloud_service.errors import StoreError
 from fogline.messaging import ContainedHttp, Supervisor
+
+if TYPE_CHECKING:
+    from fogline.cloud_service._sync import CloudSync
 
 __all__ = ["create_app", "create_serving_app"]
 
@@ -37,8 +45,8 @@ def _supervise_http(app: FastAPI, supervisor: Supervisor) -> None:
     )
 
 
-def create_app(worker: CloudWorker) -> FastAPI:
-    """A FastAPI app serving ``worker``'s results and health."""
+def create_app(worker: CloudWorker, *, sync: CloudSync | None = None) -> FastAPI:
+    """A FastAPI app serving ``worker``'s results and health (and ``sync``'s routes)."""
     app = FastAPI(
         title="fogline cloud worker",
         version=fogline_version(),
@@ -79,6 +87,8 @@ def create_app(worker: CloudWorker) -> FastAPI:
     def metrics() -> Response:
         return Response(worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    if sync is not None:
+        sync.mount(app)
     return app
 
 
@@ -91,6 +101,7 @@ def create_serving_app(
     insecure_no_auth: bool,
     max_request_bytes: int,
     cors_origins: tuple[str, ...],
+    sync: CloudSync | None = None,
 ) -> FastAPI:
     """The Open Inference Protocol API over ``provider`` (a model repository), plus the
     worker's routes when it ingests MQTT: ``/v1/results``, ``/healthz``, ``/readyz`` and
@@ -111,6 +122,8 @@ def create_serving_app(
         registry=metrics.registry,
     )
     _supervise_http(app, worker.supervisor if worker is not None else provider.supervisor)
+    if sync is not None:
+        sync.mount(app)  # open routes (see the module docstring)
     read = [Depends(app.state.require_scope(Scope.READ))]
     admin = [Depends(app.state.require_scope(Scope.ADMIN))]
 

@@ -38,6 +38,7 @@ __all__ = [
     "LaneConfigs",
     "ModelConfig",
     "StoreConfig",
+    "SyncConfig",
     "TensorRTConfig",
     "VersionPolicy",
     "default_engine_cache_dir",
@@ -121,6 +122,37 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    """Serving signed model sync (docs/cloud.md, "Sync"): the publisher's directory
+    ``home`` (``fogline keys init``), whose two repositories are served under ``/sync/``;
+    the fleet store's URL (``None``: ``sqlite:///<home>/fleet.db``, the default of the
+    ``fogline rollout`` and ``fogline fleet`` commands, so both share one store); and how
+    often running rollouts are stepped (``tick_s``)."""
+
+    home: Path
+    store: str | None = None
+    tick_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.home, str):
+            object.__setattr__(self, "home", Path(self.home))
+        if not isinstance(self.home, Path) or not str(self.home):
+            raise ValueError(f"home must be a directory path, got {self.home!r}")
+        object.__setattr__(self, "home", self.home.expanduser().absolute())
+        if self.store is not None and "://" not in self.store:
+            raise ValueError(
+                f"store {self.store!r} is not a database URL (e.g. sqlite:///fleet.db)"
+            )
+        if isinstance(self.tick_s, bool) or not 0.01 <= self.tick_s <= 86_400:
+            raise ValueError(f"tick_s must lie in [0.01, 86400], got {self.tick_s}")
+
+    @property
+    def store_url(self) -> str:
+        """The fleet store's URL: ``store``, else ``fleet.db`` in the home."""
+        return self.store if self.store is not None else f"sqlite:///{self.home / 'fleet.db'}"
+
+
+@dataclass(frozen=True)
 class TensorRTConfig:
     """Native TensorRT backend: where built engines are cached, and whether TensorRT 10 may
     pick FP16 kernels (TensorRT 11 takes precision from the model itself)."""
@@ -168,6 +200,7 @@ class CloudConfig:
     worker_id: str = field(default_factory=_default_worker_id)
     threads: int = 1
     tensorrt: TensorRTConfig = field(default_factory=TensorRTConfig)
+    sync: SyncConfig | None = None
 
     def __post_init__(self) -> None:
         if self.share_group == "":
@@ -207,8 +240,18 @@ class CloudConfig:
         http_host: str | None = None,
         http_port: int | None = None,
         store_url: str | None = None,
+        sync_home: Path | None = None,
+        sync_store: str | None = None,
+        sync_tick_s: float | None = None,
     ) -> CloudConfig:
-        """A copy with command-line overrides applied; raises :class:`ConfigError`."""
+        """A copy with command-line overrides applied; raises :class:`ConfigError`.
+
+        ``sync_store`` and ``sync_tick_s`` change the ``[sync]`` table, so they need a
+        sync home (``sync_home`` or the table's ``home``)."""
+        if (sync_home is None and self.sync is None) and (
+            sync_store is not None or sync_tick_s is not None
+        ):
+            raise ConfigError("--sync-store and --sync-tick-s need --sync-home (or [sync] home)")
         try:
             broker = self.broker
             if broker_url is not None:
@@ -220,12 +263,26 @@ class CloudConfig:
             store = (
                 self.store if store_url is None else dataclasses.replace(self.store, url=store_url)
             )
+            sync = self.sync
+            if sync_home is not None:
+                sync = (
+                    SyncConfig(sync_home)
+                    if sync is None
+                    else dataclasses.replace(sync, home=Path(sync_home))
+                )
+            if sync is not None and (sync_store is not None or sync_tick_s is not None):
+                sync = dataclasses.replace(
+                    sync,
+                    store=sync.store if sync_store is None else sync_store,
+                    tick_s=sync.tick_s if sync_tick_s is None else sync_tick_s,
+                )
             return dataclasses.replace(
                 self,
                 broker=broker,
                 bundles=self.bundles if bundles is None else bundles,
                 http=http,
                 store=store,
+                sync=sync,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
@@ -331,8 +388,25 @@ def _read(top: Section) -> CloudConfig:
             values["url"] = _sqlite_url_from(values["url"], sec.base_dir)
         sec.done()
         kwargs[name] = sec.build(klass, values)
+    if "sync" in top:
+        kwargs["sync"] = _read_sync(top.table("sync"))
     top.done()
     return top.build(CloudConfig, kwargs)
+
+
+def _read_sync(sec: Section) -> SyncConfig:
+    """``[sync]``: ``home`` (required; relative to the file), ``store`` (a relative SQLite
+    path relative to the file, as ``[store] url``), ``tick_s``."""
+    values = sec.read({"home": str, "store": str, "tick_s": float})
+    if "home" not in values:
+        sec.fail("home", "is required: the sync home directory (fogline keys init)")
+    if not values["home"]:
+        sec.fail("home", "must be a directory path")
+    values["home"] = sec.resolve(values["home"])
+    if isinstance(values.get("store"), str):
+        values["store"] = _sqlite_url_from(values["store"], sec.base_dir)
+    sec.done()
+    return sec.build(SyncConfig, values)
 
 
 # ---------------------------------------------------------------------------------------

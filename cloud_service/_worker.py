@@ -604,6 +604,12 @@ class CloudWorker:
         return self._store
 
     @property
+    def mqtt(self) -> MqttConnection | None:
+        """The worker's broker connection (None before ``start``), for the few other
+        messages the service publishes on it (the sync nudges)."""
+        return self._mqtt
+
+    @property
     def repository(self) -> ModelRepository | None:
         """The model repository the worker submits to (None before ``start`` when it
         builds its own)."""

@@ -291,6 +291,27 @@ def serve(
         list[str] | None,
         typer.Option(metavar="<origin>", help="Allow CORS from this origin; repeat for several."),
     ] = None,
+    sync_home: Annotated[
+        Path | None,
+        typer.Option(
+            "--sync-home",
+            file_okay=False,
+            help="Serve signed model sync from this sync home (fogline keys init): its "
+            "repositories, status reports, the rollout tick and the MQTT nudges.",
+        ),
+    ] = None,
+    sync_store: Annotated[
+        str | None,
+        typer.Option(
+            "--sync-store",
+            help="Fleet store URL (default: sqlite:///<sync home>/fleet.db, as fogline "
+            "rollout uses).",
+        ),
+    ] = None,
+    sync_tick_s: Annotated[
+        float | None,
+        typer.Option("--sync-tick-s", help="Seconds between rollout ticks (default 5)."),
+    ] = None,
 ) -> None:
     """Consume features over MQTT, answer each site, store results, serve the HTTP API.
 
@@ -300,6 +321,11 @@ def serve(
     SIGTERM or Ctrl-C answers what is queued, then exits 0. A thread of the worker or of
     the model repository that failed for good (docs/cloud.md, "Thread supervision"), or the
     HTTP server's own loop failing, stops the service with an error: line and exit 70.
+
+    With --sync-home (or [sync] in the config file), also serve the sync home's two
+    repositories under /sync/, the nonce and report routes under /v1/sync/, step running
+    rollouts every --sync-tick-s, and nudge each site whose desired bundle changed over
+    MQTT (docs/cloud.md, "Sync").
     """
     from fogline.cloud_service._config import CloudConfig
 
@@ -314,6 +340,9 @@ def serve(
             http_host=host,
             http_port=port,
             store_url=store,
+            sync_home=sync_home,
+            sync_store=sync_store,
+            sync_tick_s=sync_tick_s,
         )
         cfg = with_reference_bundle(cfg)
     except CloudDataError as exc:
@@ -324,6 +353,7 @@ def serve(
 
     from fogline.cloud_service._app import create_app, create_serving_app
     from fogline.cloud_service._metrics import CloudMetrics
+    from fogline.cloud_service._sync import CloudSync
     from fogline.cloud_service._worker import CloudWorker
 
     sock = bind_http(cfg.http.host, cfg.http.port)
@@ -339,7 +369,12 @@ def serve(
     worker: CloudWorker | None = None
     repo = None
     result_store = None
+    cloud_sync: CloudSync | None = None
     try:
+        if cfg.sync is not None:
+            # Before any model loads: a home or store that cannot work is said at once.
+            cloud_sync = CloudSync(cfg.sync, cfg.topics)
+            metrics.thread_failures.add(cloud_sync.supervisor.counts)
         if with_mqtt:
             from fogline.cloud_service._store import ResultStore
 
@@ -372,9 +407,20 @@ def serve(
             )
             # Connect in the background: /readyz answers 503 until the broker is reached.
             worker.start(wait=False)
+        if cloud_sync is not None:
+            if worker is not None:
+                running_worker = worker
+                cloud_sync.start(connection=lambda: running_worker.mqtt)
+            else:
+                log.info("no broker configured: sites learn of sync changes at their next poll")
+                cloud_sync.start()
     except CloudDataError as exc:
+        if cloud_sync is not None:
+            cloud_sync.stop()
         fail(str(exc))
     except CloudServiceError as exc:
+        if cloud_sync is not None:
+            cloud_sync.stop()
         fail(str(exc), code=1)
     settle_heap()
     if repo is not None:
@@ -386,10 +432,11 @@ def serve(
             insecure_no_auth=insecure_no_auth,
             max_request_bytes=int(max_request_mb * 1024 * 1024),
             cors_origins=tuple(cors_origin or ()),
+            sync=cloud_sync,
         )
     else:
         assert worker is not None
-        http_app = create_app(worker)
+        http_app = create_app(worker, sync=cloud_sync)
 
     server = uvicorn.Server(
         uvicorn.Config(
@@ -426,6 +473,8 @@ def serve(
         log.critical("the HTTP server failed", exc_info=True)
         failure_line = f"the HTTP server failed: {type(exc).__name__}: {exc}"
     finally:
+        if cloud_sync is not None:
+            cloud_sync.stop()  # first: its nudges go out on the worker's connection
         if worker is not None:
             worker.stop()
         if repo is not None:

@@ -216,3 +216,47 @@ def test_the_shipped_systemd_unit_keeps_the_default_store_in_its_state_directory
     )
     assert settings["WorkingDirectory"] == f"/var/lib/{settings['StateDirectory']}"
     assert CloudConfig().store.url == "sqlite:///fogline-results.db"  # relative: in the working dir
+
+
+def test_a_sync_table_names_the_home_and_defaults_the_store_to_the_rollout_commands(
+    tmp_path: Path,
+) -> None:
+    cfg = CloudConfig.from_toml(write(tmp_path, '[sync]\nhome = "sync-home"\n'))
+    assert cfg.sync is not None
+    assert cfg.sync.home == tmp_path / "sync-home"  # relative to the file
+    assert cfg.sync.tick_s == 5.0
+    # what `fogline rollout` uses without --store, so both share one store
+    assert cfg.sync.store_url == f"sqlite:///{tmp_path / 'sync-home' / 'fleet.db'}"
+    full = CloudConfig.from_toml(
+        write(tmp_path, '[sync]\nhome = "/h"\nstore = "sqlite:///f.db"\ntick_s = 0.5\n')
+    )
+    assert full.sync is not None
+    assert full.sync.store_url == f"sqlite:///{tmp_path / 'f.db'}"
+    assert full.sync.tick_s == 0.5
+    assert CloudConfig().sync is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[sync]\n", "sync.home is required"),
+        ('[sync]\nhome = "h"\ntick_s = 0\n', "sync.tick_s must lie in"),
+        ('[sync]\nhome = "h"\ntick_s = "5"\n', "sync.tick_s must be"),
+        ('[sync]\nhome = "h"\nstore = "fleet.db"\n', "is not a database URL"),
+        ('[sync]\nhome = "h"\nkeys = "k"\n', "sync.keys is not a known key"),
+        ('sync = "h"\n', "sync must be a table"),
+    ],
+)
+def test_a_bad_sync_table_is_refused_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        CloudConfig.from_toml(write(tmp_path, text))
+
+
+def test_sync_overrides_need_a_sync_home(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="need --sync-home"):
+        CloudConfig().with_overrides(sync_tick_s=1.0)
+    cfg = CloudConfig().with_overrides(sync_home=tmp_path, sync_tick_s=1.0, sync_store="sqlite://")
+    assert cfg.sync is not None
+    assert (cfg.sync.home, cfg.sync.tick_s, cfg.sync.store_url) == (tmp_path, 1.0, "sqlite://")

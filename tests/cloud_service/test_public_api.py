@@ -42,6 +42,7 @@ def test_the_public_names_are_pinned() -> None:
         "StoreCorruptError",
         "StoreError",
         "StoredResult",
+        "SyncConfig",
         "TensorRTConfig",
         "TensorSpec",
         "UnknownBundleError",

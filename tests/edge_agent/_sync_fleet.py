@@ -1,8 +1,9 @@
 """A sync home served over real HTTP for agent tests: both repositories under ``/sync/``,
 the nonce and report endpoints of the cloud's contract, and a site enrolled against it.
 
-The cloud's real endpoints live elsewhere; this stand-in serves the same paths from the
-home's directories with ``http.server`` and verifies every report it receives.
+The cloud serves these with ``fogline cloud serve --sync-home``; this stand-in serves the
+same paths from the home's directories with ``http.server`` and verifies every report it
+receives, so agent tests can gate and count downloads.
 """
 
 from __future__ import annotations
