@@ -120,33 +120,67 @@ def run_rollout_bench(sites: int, store_url: str | None, tmp: Path) -> dict[str,
 
 
 def bench_rollout(
-    sites: Annotated[int, typer.Option(help="How many simulated sites.")] = 10_000,
+    sites: Annotated[
+        int,
+        typer.Option(help="How many simulated sites (default: 10,000 light, 200 real)."),
+    ] = 0,
     light: Annotated[
         bool, typer.Option("--light", help="Sites that only sign reports (no models, no TUF).")
     ] = False,
     store: Annotated[
         str | None,
         typer.Option(
-            "--store", help="Fleet store URL (default: a fresh SQLite file).", show_default=False
+            "--store",
+            help="Fleet store URL for --light (default: a fresh SQLite file).",
+            show_default=False,
         ),
     ] = None,
+    per_process: Annotated[int, typer.Option(min=1, max=500, help="Real sites per process.")] = 50,
+    rate: Annotated[
+        float, typer.Option(min=0.1, max=100.0, help="Inputs per second per real site.")
+    ] = 1.0,
+    bake_s: Annotated[float, typer.Option(min=0.0, help="Bake time of each wave, seconds.")] = 3.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """The rollout service and fleet store against simulated sites: three waves to
-    convergence; how long it took, reports verified per second, the store's size."""
+    """Roll a second bundle out in three waves to simulated sites, to convergence.
+
+    Real sites (the default): agents in a few processes, each downloading, verifying and
+    swapping bundles hot from one cloud on loopback while inputs keep flowing; prints how
+    long convergence took, the bytes transferred against a full download, verification
+    failures and the inputs dropped during the swaps. With --light: the rollout service
+    and its store against sites that only sign reports; reports verified per second and
+    the store's size.
+    """
     from fogline._bench import _emit
-    from fogline._cli import fail
+    from fogline._cli import Status, fail
     from fogline.sync import SyncError
 
-    if not light:
-        fail("only light simulated sites are built so far: add --light")
-    if sites < 1:
-        fail(f"--sites {sites} must be at least 1")
+    count = sites or (10_000 if light else 200)
+    if count < 1:
+        fail(f"--sites {count} must be at least 1")
+    if store is not None and not light:
+        fail("--store is for --light: real sites use the cloud's own fleet store")
     with tempfile.TemporaryDirectory(prefix="fogline-bench-rollout-") as tmp:
         try:
-            result = run_rollout_bench(sites, store, Path(tmp))
+            if light:
+                result = run_rollout_bench(count, store, Path(tmp))
+            else:
+                from fogline._bench_rollout_sites import run_sites_bench
+                from fogline._broker import mosquitto_binary
+
+                if mosquitto_binary() is None:
+                    fail("bench rollout with real sites needs mosquitto on PATH (or --light)")
+                with Status(not as_json, "starting") as status:
+                    result = run_sites_bench(
+                        count,
+                        Path(tmp),
+                        per_process=per_process,
+                        rate_per_site=rate,
+                        bake_s=bake_s,
+                        progress=status.update,
+                    )
         except ValueError as exc:
             fail(str(exc))
-        except (SyncError, OSError) as exc:
+        except (SyncError, OSError, RuntimeError) as exc:
             fail(str(exc), code=1)
     _emit(result, as_json, "fogline bench rollout")
