@@ -10,6 +10,10 @@ In the site's sync state directory::
     update.json     where the update stands (phase, desired, stale, last error), for
                     ``fogline agent status``
     update.lock     held (``fcntl.flock``) by the one updater of the site
+    imports/        (0700) exports handed to the running agent (``fogline agent import``
+                    while the agent holds the lock): ``<name>.tar``, written under a
+                    dot-led temporary name and renamed; the agent answers each with
+                    ``<name>.tar.result.json`` and then removes the export
 
 At start the agent checks the current bundle's files against the hashes recorded here —
 not TUF: TUF is never on the serving path — and falls back to the previous one when any
@@ -27,22 +31,31 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fogline.edge_agent.errors import UpdateError, UpdateLockedError
 
 __all__ = [
+    "IMPORTS",
+    "ImportResult",
     "Installed",
     "InstalledBundle",
     "choose_bundle",
+    "hand_over_import",
+    "pending_imports",
     "prune_bundles",
+    "read_import_result",
     "read_installed",
     "read_status",
+    "result_path",
     "update_lock",
+    "write_import_result",
     "write_installed",
     "write_status",
 ]
@@ -52,6 +65,9 @@ log = logging.getLogger("fogline.edge_agent")
 CURRENT = "current.json"
 STATUS = "update.json"
 LOCK = "update.lock"
+IMPORTS = "imports"
+_RESULT_SUFFIX = ".result.json"
+_IMPORT_SUFFIX = ".tar"
 _FORMAT = 1
 _MANIFEST = "manifest.json"
 
@@ -282,3 +298,160 @@ def update_lock(state_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ imports handed over
+
+ImportOutcome = Literal["ok", "refused", "error"]
+_OUTCOMES = ("ok", "refused", "error")
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """How one import ended: ``ok`` (installed, or ``already_installed``), ``refused``
+    (verification refused the export, or its bundle does not run here: nothing changed)
+    or ``error`` (a file could not be read or written). ``bundle`` is the bundle's id
+    once verified, ``release`` its release fields, ``path`` its directory; ``message``
+    says what happened in one line."""
+
+    outcome: ImportOutcome
+    file: str
+    message: str
+    bundle: str | None = None
+    release: Mapping[str, Any] | None = None
+    path: str | None = None
+    already_installed: bool = False
+    previous: str | None = None
+    time_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    def __post_init__(self) -> None:
+        if self.outcome not in _OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(_OUTCOMES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "file": self.file,
+            "message": self.message,
+            "bundle": self.bundle,
+            "release": None if self.release is None else dict(self.release),
+            "path": self.path,
+            "already_installed": self.already_installed,
+            "previous": self.previous,
+            "time_ms": self.time_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ImportResult:
+        if not isinstance(data, dict):
+            raise TypeError("an import result must be an object")
+        for key in ("outcome", "file", "message"):
+            if not isinstance(data.get(key), str):
+                raise TypeError(f"{key} must be a string")
+        for key in ("bundle", "path", "previous"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise TypeError(f"{key} must be a string or null")
+        release = data.get("release")
+        if release is not None and not isinstance(release, dict):
+            raise TypeError("release must be an object or null")
+        when = data.get("time_ms", 0)
+        if isinstance(when, bool) or not isinstance(when, int):
+            raise TypeError("time_ms must be an integer")
+        return cls(
+            outcome=data["outcome"],
+            file=data["file"],
+            message=data["message"],
+            bundle=data.get("bundle"),
+            release=release,
+            path=data.get("path"),
+            already_installed=data.get("already_installed") is True,
+            previous=data.get("previous"),
+            time_ms=when,
+        )
+
+
+def _imports_dir(state_dir: Path) -> Path:
+    """``<state_dir>/imports``, made owner-only (an existing one is narrowed to 0700)."""
+    path = Path(state_dir) / IMPORTS
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise UpdateError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def result_path(handed: Path) -> Path:
+    """Where the agent writes the result of the export handed over at ``handed``."""
+    return handed.with_name(handed.name + _RESULT_SUFFIX)
+
+
+def hand_over_import(state_dir: Path, file: Path) -> Path:
+    """Copy the export ``file`` into ``<state_dir>/imports/`` for the running agent:
+    written whole under a dot-led name (owner-only, fsync), then renamed, so the agent
+    never sees half of it. Returns its path there."""
+    folder = _imports_dir(state_dir)
+    name = f"{time.time_ns()}-{os.getpid()}{_IMPORT_SUFFIX}"
+    tmp = folder / f".{name}.partial"
+    try:
+        with Path(file).open("rb") as src:
+            try:
+                with tmp.open("xb") as out:
+                    os.fchmod(out.fileno(), 0o600)
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, folder / name)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise UpdateError(
+                    f"cannot hand {file} over in {folder}: {exc.strerror or exc}"
+                ) from exc
+    except OSError as exc:
+        raise UpdateError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    return folder / name
+
+
+def pending_imports(state_dir: Path) -> list[Path]:
+    """The exports waiting in ``<state_dir>/imports/``, oldest name first: entries not
+    dot-led and not results. A symbolic link is among them (the import refuses it);
+    directories are not. Made (owner-only) when missing."""
+    folder = _imports_dir(state_dir)
+    out: list[Path] = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise UpdateError(f"cannot list {folder}: {exc.strerror or exc}") from exc
+    for name in names:
+        if name.startswith(".") or name.endswith(_RESULT_SUFFIX):
+            continue
+        try:
+            mode = (folder / name).lstat().st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise UpdateError(f"cannot read {folder / name}: {exc.strerror or exc}") from exc
+        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+            out.append(folder / name)
+    return out
+
+
+def write_import_result(handed: Path, result: ImportResult) -> Path:
+    path = result_path(handed)
+    _write_json(path, {"format": _FORMAT, **result.to_dict()})
+    return path
+
+
+def read_import_result(handed: Path) -> ImportResult | None:
+    """The result written for ``handed``, or None while there is none."""
+    path = result_path(handed)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UpdateError(f"{path} is unreadable: {exc}") from exc
+    try:
+        return ImportResult.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise UpdateError(f"{path} is not an import result: {exc}") from exc

@@ -51,11 +51,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fogline.edge_agent._config import SyncConfig
 from fogline.edge_agent._health import HealthWindow
 from fogline.edge_agent._installed import (
+    ImportResult,
     Installed,
     InstalledBundle,
+    choose_bundle,
+    pending_imports,
     prune_bundles,
     read_installed,
+    read_status,
     update_lock,
+    write_import_result,
     write_installed,
     write_status,
 )
@@ -69,6 +74,8 @@ from fogline.edge_agent.errors import (
 )
 from fogline.messaging import Supervisor
 from fogline.sync import (
+    ArchiveError,
+    ArchiveFetcher,
     ExpiredError,
     FetchError,
     HttpFetcher,
@@ -85,7 +92,18 @@ from fogline.sync import (
 if TYPE_CHECKING:
     from fogline.edge_agent._agent import Agent
 
-__all__ = ["CRASH_ENV", "CRASH_STEPS", "BundleHost", "SyncPeer", "UpdateResult", "Updater"]
+__all__ = [
+    "CRASH_ENV",
+    "CRASH_STEPS",
+    "IMPORT_POLL_S",
+    "BundleHost",
+    "StandaloneHost",
+    "SyncPeer",
+    "UpdateResult",
+    "Updater",
+    "import_standalone",
+    "standalone_updater",
+]
 
 log = logging.getLogger("fogline.edge_agent")
 
@@ -94,6 +112,8 @@ CRASH_ENV = "FOGLINE_SYNC_CRASH_AT"
 CRASH_STEPS = ("download", "verify", "stage", "swap")
 _MAX_ERROR_CHARS = 500
 _LOCK_RETRY_S = 2.0
+#: The longest the running updater goes without looking into ``imports/``.
+IMPORT_POLL_S = 1.0
 
 
 def crash_point(step: str) -> None:
@@ -116,6 +136,17 @@ class _CrashingFetcher(HttpFetcher):
 
 def _fetcher() -> HttpFetcher:
     return _CrashingFetcher() if os.environ.get(CRASH_ENV) == "download" else HttpFetcher()
+
+
+#: What ``import_bundle`` checks an export against: this agent's version, onnxruntime
+#: version and execution providers (the agent runs on the CPU provider).
+Platform = tuple[str, str, tuple[str, ...]]
+
+
+def agent_platform() -> Platform:
+    import onnxruntime as ort
+
+    return fogline_version(), str(ort.__version__), ("CPUExecutionProvider",)
 
 
 def _describe(exc: BaseException) -> str:
@@ -211,18 +242,18 @@ class Updater:
         peer: SyncPeer | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        import onnxruntime as ort
-
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.host = host
+        self._platform = agent_platform()
+        agent_version, onnxruntime, providers = self._platform
         self.site_sync = site_sync or SiteSync(
             self.state_dir,
             catalogue_url=config.catalogue_url,
             director_url=config.director_url,
-            agent_version=fogline_version(),
-            onnxruntime=str(ort.__version__),
-            execution_providers=("CPUExecutionProvider",),
+            agent_version=agent_version,
+            onnxruntime=onnxruntime,
+            execution_providers=providers,
             fetcher=_fetcher(),
         )
         self.identity: SiteIdentity = self.site_sync.identity
@@ -240,6 +271,11 @@ class Updater:
         self._report_failures = 0
         self.reports_sent = 0
         self._counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        last = read_status(self.state_dir).get("last_import")
+        #: The result of the last import (``update.json`` keeps it across restarts).
+        self.last_import: dict[str, Any] | None = last if isinstance(last, dict) else None
+        self._stuck_imports: set[str] = set()
+        self._imports_error: str | None = None
 
     @classmethod
     def for_agent(cls, agent: Agent, config: SyncConfig) -> Updater:
@@ -294,6 +330,7 @@ class Updater:
     def _serve(self) -> None:
         self._prune()
         while not self._halt.is_set():
+            self.check_imports()
             now = self._clock()
             if self._nudged:
                 self._nudged = False
@@ -303,7 +340,7 @@ class Updater:
             now = self._clock()
             if self.state.report_due(now):
                 self.report()
-            wait = self.state.wait_s(self._clock())
+            wait = min(self.state.wait_s(self._clock()), IMPORT_POLL_S)
             if not self._nudged:
                 self._wake.wait(wait)
             self._wake.clear()
@@ -331,23 +368,7 @@ class Updater:
             crash_point("verify")
             if self.state.verified():
                 self._phase_changed()
-            staged = self.host.stage_bundle(verified.path)
-            crash_point("stage")
-            again = self.site_sync.check()
-            if again is None or again.release.sha256 != desired.manifest_sha256:
-                log.info(
-                    "site %s: the director changed its mind while %s downloaded; not swapping",
-                    self.site,
-                    desired.id,
-                )
-                return self._end("aborted", None)
-            first = self.running is None
-            self._swap(staged, verified)
-            kind = "first" if first else "update"
-            self._counts[f"installs_{kind}"] += 1
-            self._counts[f"bytes_full_{kind}"] += verified.bytes_full
-            self._counts[f"bytes_transferred_{kind}"] += verified.bytes_transferred
-            return self._end("installed", desired)
+            return self.install_verified(verified, recheck=lambda: self._still_desired(desired))
         except ExpiredError as exc:
             log.warning(
                 "site %s: signed metadata expired (%s); serving %s, installing nothing",
@@ -373,28 +394,92 @@ class Updater:
             log.error("site %s: update failed: %s", self.site, _describe(exc))  # noqa: TRY400
             return self._end("refused", desired, exc)
 
-    def _swap(self, staged: LoadedBundle, verified: VerifiedBundle) -> None:
-        self.host.swap_bundle(staged)
-        crash_point("swap")
-        new = InstalledBundle(
-            name=verified.release.name,
-            version=verified.release.version,
-            release=verified.release.release,
-            manifest_sha256=verified.manifest_sha256,
-            files={name: verified.files[name].sha256 for name in sorted(verified.local)},
-            path=verified.path,
-        )
-        installed = read_installed(self.state_dir).after_swap(new)
-        write_installed(self.state_dir, installed)
-        self.running = new
-        self.site_sync.record_installed(verified)
+    def _still_desired(self, desired: BundleRef) -> bool:
+        again = self.site_sync.check()
+        if again is None or again.release.sha256 != desired.manifest_sha256:
+            log.info(
+                "site %s: the director changed its mind while %s downloaded; not swapping",
+                self.site,
+                desired.id,
+            )
+            return False
+        return True
+
+    def install_verified(
+        self, verified: VerifiedBundle, *, recheck: Callable[[], bool] | None = None
+    ) -> UpdateResult:
+        """Install a verified bundle hot — the one path of online updates and imports:
+        stage and warm it up beside the running one, ``recheck()`` (False: nothing is
+        swapped, ``aborted``), swap, record current and previous in ``current.json``,
+        raise the release floor, prune, report ``active``. The caller holds the lock;
+        errors of staging and recording propagate (nothing swapped before staging
+        succeeded)."""
+        first = self.running is None
+        installed = _install(self.host, self.site_sync, verified, recheck=recheck)
+        if installed is None:
+            return self._end("aborted", None)
+        kind = "first" if first else "update"
+        self._counts[f"installs_{kind}"] += 1
+        self._counts[f"bytes_full_{kind}"] += verified.bytes_full
+        self._counts[f"bytes_transferred_{kind}"] += verified.bytes_transferred
+        self.running = installed.current
         self._prune(installed)
-        log.info(
-            "site %s: installed %s (previous %s)",
-            self.site,
-            new.id,
-            installed.previous.id if installed.previous else "none",
+        return self._end("installed", _ref(verified), report=True)
+
+    # ---------------------------------------------------------------------- imports
+
+    def check_imports(self) -> list[ImportResult]:
+        """Import every export waiting in ``<state_dir>/imports/`` (oldest first): verify,
+        install hot, write ``<name>.result.json`` beside it, remove it. Never raises:
+        a directory that cannot be read is logged."""
+        try:
+            waiting = pending_imports(self.state_dir)
+        except UpdateError as exc:
+            self._imports_failing(str(exc))
+            return []
+        self._imports_error = None
+        done: list[ImportResult] = []
+        for handed in waiting:
+            if handed.name in self._stuck_imports:
+                continue
+            result = self.import_file(handed)
+            done.append(result)
+            try:
+                write_import_result(handed, result)
+                handed.unlink()
+            except (UpdateError, OSError) as exc:
+                # Never the same export again in this run: it would be imported each second.
+                self._stuck_imports.add(handed.name)
+                log.error("site %s: import %s: %s", self.site, handed, exc)  # noqa: TRY400
+        return done
+
+    def _imports_failing(self, why: str) -> None:
+        if why != self._imports_error:
+            log.error("site %s: imports: %s", self.site, why)
+        self._imports_error = why
+
+    def import_file(self, file: Path) -> ImportResult:
+        """Verify the export at ``file`` with every check of ``import_bundle`` (the site's
+        roots, the site, expiry, release counter, platform, region) and install its bundle
+        through :meth:`install_verified`, hot. The caller holds the lock. A refusal
+        changes nothing on the serving path and is not an update failure: the update
+        phase the cloud sees stays as it was."""
+        result = _import_checked(
+            file,
+            verify=lambda: _verify_export(self.state_dir, file, self._platform),
+            running=self.running,
+            install=self._install_import,
+            record=self.site_sync.record_installed,
         )
+        self.last_import = result.to_dict()
+        if result.outcome != "ok":
+            self._prune()  # a bundle verified but not run does not stay
+        self._write_status()
+        return result
+
+    def _install_import(self, verified: VerifiedBundle) -> Installed:
+        self.install_verified(verified)
+        return read_installed(self.state_dir)
 
     def _prune(self, installed: Installed | None = None) -> None:
         installed = installed or read_installed(self.state_dir)
@@ -412,7 +497,12 @@ class Updater:
         return None if self.running is None else self.running.id
 
     def _end(
-        self, kind: str, desired: BundleRef | None, error: BaseException | None = None
+        self,
+        kind: str,
+        desired: BundleRef | None,
+        error: BaseException | None = None,
+        *,
+        report: bool = False,
     ) -> UpdateResult:
         text = None if error is None else _describe(error)
         if kind == "aborted":
@@ -424,7 +514,7 @@ class Updater:
             error=text,
         )
         self._write_status()
-        if changed:
+        if changed or report:
             self._phase_changed()
         return UpdateResult(kind, self._running_id(), self.state.desired, text)
 
@@ -447,6 +537,7 @@ class Updater:
                     "error": s.error,
                     "running": self._running_id(),
                     "time_ms": int(time.time() * 1000),
+                    "last_import": self.last_import,
                 },
             )
         except UpdateError as exc:
@@ -493,6 +584,156 @@ def _ref(verified: VerifiedBundle) -> BundleRef:
     return BundleRef(verified.id, verified.manifest_sha256)
 
 
+def _install(
+    host: BundleHost,
+    site_sync: SiteSync,
+    verified: VerifiedBundle,
+    *,
+    recheck: Callable[[], bool] | None = None,
+) -> Installed | None:
+    """The steps every install takes, online or imported, with the lock held: stage (load
+    and warm up beside the running bundle), ``recheck()`` (False: nothing swapped, None
+    returned), swap, ``current.json`` (the new bundle and the one before it), the release
+    floor (``record_installed``). The caller prunes and reports."""
+    staged = host.stage_bundle(verified.path)
+    crash_point("stage")
+    if recheck is not None and not recheck():
+        return None
+    host.swap_bundle(staged)
+    crash_point("swap")
+    new = InstalledBundle(
+        name=verified.release.name,
+        version=verified.release.version,
+        release=verified.release.release,
+        manifest_sha256=verified.manifest_sha256,
+        files={name: verified.files[name].sha256 for name in sorted(verified.local)},
+        path=verified.path,
+    )
+    installed = read_installed(site_sync.state_dir).after_swap(new)
+    write_installed(site_sync.state_dir, installed)
+    site_sync.record_installed(verified)
+    log.info(
+        "site %s: installed %s (previous %s)",
+        site_sync.identity.site,
+        new.id,
+        installed.previous.id if installed.previous else "none",
+    )
+    return installed
+
+
+def _verify_export(state_dir: Path, file: Path, platform: Platform) -> VerifiedBundle:
+    """``import_bundle`` without recording: the bundle an export carries, verified into
+    ``bundles/``; recording is the install's."""
+    from fogline.sync import import_bundle
+
+    if Path(file).is_symlink():
+        raise ArchiveError(f"{file} is a symbolic link; an import is a plain file")
+    agent_version, onnxruntime, providers = platform
+    return import_bundle(
+        state_dir,
+        file,
+        agent_version=agent_version,
+        onnxruntime=onnxruntime,
+        execution_providers=providers,
+        record=False,
+    )
+
+
+def _import_checked(
+    file: Path,
+    *,
+    verify: Callable[[], VerifiedBundle],
+    running: InstalledBundle | None,
+    install: Callable[[VerifiedBundle], Installed],
+    record: Callable[[VerifiedBundle], None],
+) -> ImportResult:
+    """One import, its outcome whatever happens: ``ok`` (installed, or already the
+    running bundle), ``refused`` (the export or its bundle must not be used here),
+    ``error`` (a file could not be read or written, or anything unforeseen)."""
+    name = str(file)
+    try:
+        verified = verify()
+        found: dict[str, Any] = {
+            "bundle": verified.id,
+            "release": verified.release.to_dict(),
+            "path": str(verified.path),
+        }
+        if running is not None and running.manifest_sha256 == verified.manifest_sha256:
+            if not verified.installed:
+                record(verified)
+            return ImportResult(
+                "ok", name, f"{verified.id} already installed", already_installed=True, **found
+            )
+        installed = install(verified)
+        previous = None if installed.previous is None else installed.previous.id
+        message = f"installed {verified.id} (previous {previous or 'none'})"
+        return ImportResult("ok", name, message, previous=previous, **found)
+    except (VerificationError, AgentDataError) as exc:
+        log.error("import of %s refused: %s", file, _describe(exc))  # noqa: TRY400
+        return ImportResult("refused", name, str(exc))
+    except (SyncError, UpdateError, OSError) as exc:
+        log.error("import of %s failed: %s", file, _describe(exc))  # noqa: TRY400
+        return ImportResult("error", name, str(exc))
+    except Exception as exc:  # one export never ends the updater
+        log.exception("import of %s failed", file)
+        return ImportResult("error", name, _describe(exc))
+
+
+def import_standalone(
+    state_dir: Path, file: Path, host: BundleHost, *, platform: Platform | None = None
+) -> ImportResult:
+    """Import ``file`` into a site no agent runs on, as the running agent would (with
+    the same install steps), so that the next ``fogline agent run`` starts on it. The
+    caller holds the update lock. The result is kept as ``last_import`` in
+    ``update.json``; nothing is reported (the agent reports what it runs at its start)."""
+    state_dir = Path(state_dir)
+    chosen = platform or agent_platform()
+    running = choose_bundle(state_dir)
+
+    def recorder() -> SiteSync:
+        agent_version, onnxruntime, providers = chosen
+        return SiteSync(
+            state_dir,
+            catalogue_url=ArchiveFetcher.CATALOGUE_URL,
+            director_url=ArchiveFetcher.DIRECTOR_URL,
+            agent_version=agent_version,
+            onnxruntime=onnxruntime,
+            execution_providers=providers,
+        )
+
+    def install(verified: VerifiedBundle) -> Installed:
+        installed = _install(host, recorder(), verified)
+        if installed is None:  # pragma: no cover - no recheck, never None
+            raise UpdateError(f"{verified.id} was not installed")
+        prune_bundles(state_dir, installed.keep())
+        return installed
+
+    result = _import_checked(
+        file,
+        verify=lambda: _verify_export(state_dir, file, chosen),
+        running=running,
+        install=install,
+        record=lambda verified: recorder().record_installed(verified),
+    )
+    if result.outcome != "ok":
+        keep = read_installed(state_dir).keep()
+        if running is not None:
+            keep.add(running.path)
+        prune_bundles(state_dir, keep)
+    status = {k: v for k, v in read_status(state_dir).items() if k != "format"}
+    current = read_installed(state_dir).current
+    status.update(
+        running=None if current is None else current.id,
+        last_import=result.to_dict(),
+        time_ms=int(time.time() * 1000),
+    )
+    try:
+        write_status(state_dir, status)
+    except UpdateError as exc:
+        log.warning("%s", exc)
+    return result
+
+
 class StandaloneHost:
     """The host of ``fogline agent update`` when no agent runs: staging loads the bundle
     and warms up its edge model (it must run here); swapping is only recording it."""
@@ -522,7 +763,5 @@ class StandaloneHost:
 @contextlib.contextmanager
 def standalone_updater(config: SyncConfig, host: BundleHost) -> Iterator[Updater]:
     """An updater for one foreground attempt, holding the site's update lock."""
-    from fogline.edge_agent._installed import choose_bundle
-
     with update_lock(config.state_dir):
         yield Updater(config, host, running=choose_bundle(config.state_dir))

@@ -394,8 +394,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
     """Show the site, the bundle it runs and the previous one (current.json), and the
-    update's phase, desired bundle, staleness and last error (update.json). Reads files
-    only: works while the agent runs."""
+    update's phase, desired bundle, staleness, last error and last import (update.json).
+    Reads files only: works while the agent runs."""
     from fogline.edge_agent._installed import read_installed, read_status
 
     if state_dir is None:
@@ -416,9 +416,15 @@ def status(
         "stale": bool(st.get("stale", False)),
         "error": st.get("error"),
         "time_ms": st.get("time_ms"),
+        "last_import": st.get("last_import"),
     }
     if as_json:
         print(json.dumps(out))
         return
+    last = out.pop("last_import")
     for key, value in out.items():
         print(f"{key}: {'-' if value is None else value}")
+    if isinstance(last, dict):
+        print(f"last_import: {last.get('outcome')}: {last.get('message')} ({last.get('file')})")
+    else:
+        print("last_import: -")

@@ -22,6 +22,7 @@ from rich.table import Table
 from fogline._cli import fail
 
 if TYPE_CHECKING:
+    from fogline.edge_agent._installed import ImportResult
     from fogline.sync import Expiry, Release, SyncHome
 
 __all__ = ["agent_app", "bundle_app", "keys_app", "model_app"]
@@ -619,6 +620,10 @@ SiteStateOption = Annotated[
 ]
 
 
+#: Exit codes of ``fogline agent import`` by outcome (docs/agent.md, "Imports").
+IMPORT_EXIT = {"ok": 0, "refused": 2, "error": FAILED}
+
+
 @agent_app.command("import", short_help="Verify and install a bundle from an export file.")
 def agent_import(
     file: Annotated[
@@ -626,40 +631,131 @@ def agent_import(
         typer.Argument(help="The file `fogline bundle export` wrote.", dir_okay=False),
     ],
     state_dir: SiteStateOption = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="With a running agent: wait for its result (else only hand the file over).",
+        ),
+    ] = True,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", help="How long to wait for a running agent.", min=0)
+    ] = 120.0,
     as_json: JsonOption = False,
 ) -> None:
     """Verify the bundle an export file carries exactly as a refresh over the network
-    does, install it in the site's state directory and record it as installed. Exits 0
-    when it is installed (or already was), 2 when it is refused, 1 when a file cannot be
-    read or written."""
+    does and install it as an online update would. With no agent running on the site it
+    is installed here (loaded and warmed up once, recorded as what the next `fogline agent
+    run` starts on); while an agent runs (it holds the site's update lock) the file is
+    handed to it, and it verifies and swaps it in hot. Exits 0 when installed (or already
+    installed), 2 when refused, 1 when a file cannot be read or written or no result came
+    within --timeout-s."""
     with _errors_to_exit():
-        from fogline import __version__
-        from fogline.sync import import_bundle, read_freshness
+        from fogline.edge_agent._installed import hand_over_import, update_lock
+        from fogline.edge_agent._updater import StandaloneHost, import_standalone
+        from fogline.edge_agent.errors import UpdateError, UpdateLockedError
+        from fogline.sync import SiteIdentity
 
         state = state_dir if state_dir is not None else default_site_state()
-        onnxruntime, providers = _site_platform()
-        got = import_bundle(
-            state,
-            file,
-            agent_version=__version__,
-            onnxruntime=onnxruntime,
-            execution_providers=providers,
+        SiteIdentity.load(state)  # not enrolled: one line, exit 1, nothing written
+        handed: Path | None = None
+        try:
+            try:
+                with update_lock(state):
+                    result = import_standalone(state, file, StandaloneHost(warmup_runs=1))
+            except UpdateLockedError:
+                handed = hand_over_import(state, file)
+                if not wait:
+                    _print_handed(handed, file, as_json)
+                    return
+                result = _wait_for_agent(state, handed, file, timeout_s)
+        except UpdateError as exc:
+            fail(str(exc), code=FAILED)
+    _print_import(result.to_dict(), state, file, handed, as_json)
+    raise typer.Exit(IMPORT_EXIT[result.outcome])
+
+
+def _print_handed(handed: Path, file: Path, as_json: bool) -> None:
+    data = {"outcome": "handed_over", "file": str(file), "handed_over": str(handed)}
+    if as_json:
+        _print_json(data)
+    else:
+        Console().print(
+            f"{escape(str(file))} handed to the running agent as {escape(str(handed))}; "
+            "`fogline agent status` shows the result"
         )
-        freshness = read_freshness(state)
-    data: dict[str, Any] = {
-        "bundle": got.release.to_dict(),
-        "path": str(got.path),
-        "already_installed": got.installed,
-        "freshness": freshness.to_dict(),
-    }
+
+
+def _wait_for_agent(state: Path, handed: Path, file: Path, timeout_s: float) -> ImportResult:
+    """The running agent's result for ``handed``; it is taken back and imported here
+    when the lock comes free with the file still waiting (the holder stopped, or was
+    not an agent). An ``error`` result when none came within ``timeout_s``."""
+    import time
+
+    from fogline.edge_agent._installed import (
+        ImportResult,
+        read_import_result,
+        result_path,
+        update_lock,
+    )
+    from fogline.edge_agent._updater import StandaloneHost, import_standalone
+    from fogline.edge_agent.errors import UpdateLockedError
+
+    deadline = time.monotonic() + timeout_s
+    next_lock_try = time.monotonic() + 2.0
+    while True:
+        got = read_import_result(handed)
+        if got is not None:
+            result_path(handed).unlink(missing_ok=True)
+            return got
+        now = time.monotonic()
+        if now >= next_lock_try and handed.exists():
+            next_lock_try = now + 2.0
+            try:
+                with update_lock(state):
+                    if handed.exists():
+                        taken = import_standalone(state, handed, StandaloneHost(warmup_runs=1))
+                        handed.unlink(missing_ok=True)
+                        return taken
+            except UpdateLockedError:
+                pass
+        if now >= deadline:
+            return ImportResult(
+                "error",
+                str(file),
+                f"the running agent did not answer within {timeout_s:g} s; {handed} stays "
+                "and is imported when the agent gets to it",
+            )
+        time.sleep(0.1)
+
+
+def _print_import(
+    data: dict[str, Any], state: Path, file: Path, handed: Path | None, as_json: bool
+) -> None:
+    from fogline.sync import SyncError, read_freshness
+
+    if handed is not None:  # messages name the file the operator gave
+        data["message"] = data["message"].replace(str(handed), str(file))
+    data["file"] = str(file)
+    data["handed_over"] = None if handed is None else str(handed)
+    try:
+        data["freshness"] = read_freshness(state).to_dict()
+    except SyncError:
+        data["freshness"] = None
+    release = data.pop("release")
+    data["bundle"] = release if release is not None else data["bundle"]
     if as_json:
         _print_json(data)
         return
-    what = "already installed" if got.installed else "installed"
-    expires = data["freshness"]["expires"]
+    if data["outcome"] != "ok":
+        typer.echo(f"error: {data['message']}", err=True)
+        return
+    where = "the running agent" if handed is not None else escape(str(data["path"]))
+    what = "already installed" if data["already_installed"] else "installed"
+    expires = data["freshness"]["expires"] if data["freshness"] else "?"
     Console().print(
-        f"{escape(got.id)} (release {got.release.release}) {what} in {escape(str(got.path))}; "
-        f"trusted metadata valid until {expires}"
+        f"{escape(release['name'])}@{escape(release['version'])} (release "
+        f"{release['release']}) {what} in {where}; trusted metadata valid until {expires}"
     )
 
 
