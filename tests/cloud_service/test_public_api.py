@@ -17,6 +17,10 @@ def test_the_public_names_are_pinned() -> None:
         "BackendError",
         "BatchingConfig",
         "BrokerError",
+        "BundleNotReleasedError",
+        "BundleSource",
+        "BundleSourceError",
+        "CatalogueSource",
         "CloudConfig",
         "CloudDataError",
         "CloudError",
@@ -30,6 +34,8 @@ def test_the_public_names_are_pinned() -> None:
         "Lane",
         "LaneConfig",
         "LaneConfigs",
+        "LoadPlan",
+        "LoadPolicy",
         "ModelConfig",
         "ModelMetadata",
         "ModelNotReadyError",
@@ -48,7 +54,10 @@ def test_the_public_names_are_pinned() -> None:
         "UnknownModelError",
         "VersionPolicy",
         "create_app",
+        "director_wanted",
+        "fleet_wanted",
         "select_backend",
+        "union_wanted",
     }
     for name in cloud.__all__:
         assert getattr(cloud, name) is not None
