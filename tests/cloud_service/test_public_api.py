@@ -64,10 +64,16 @@ def test_the_public_names_are_pinned() -> None:
 
 
 def test_errors_split_into_bad_data_and_failed_service() -> None:
-    for err in (cloud.ConfigError, cloud.UnknownBundleError):
+    for err in (cloud.ConfigError, cloud.UnknownBundleError, cloud.BundleNotReleasedError):
         assert issubclass(err, cloud.CloudDataError)
         assert issubclass(err, ValueError)
-    for err in (cloud.QueueFullError, cloud.BackendError, cloud.StoreError, cloud.BrokerError):
+    for err in (
+        cloud.QueueFullError,
+        cloud.BackendError,
+        cloud.StoreError,
+        cloud.BrokerError,
+        cloud.BundleSourceError,
+    ):
         assert issubclass(err, cloud.CloudServiceError)
         assert not issubclass(err, cloud.CloudDataError)
     assert issubclass(cloud.CloudDataError, cloud.CloudError)
