@@ -1083,11 +1083,11 @@ class CloudWorker:
                     )
                     return LoadPlan()
             loaded = {b.id for b in repository.bundles()}
-            for bundle_id in [b for b in self._last_served if b not in loaded]:
+            # A copy first: paho's thread adds to the dict while this runs.
+            last_served = dict(self._last_served)
+            for bundle_id in last_served.keys() - loaded:
                 self._last_served.pop(bundle_id, None)
-            plan = policy.plan(
-                when, wanted=wanted, loaded=loaded, last_served=dict(self._last_served)
-            )
+            plan = policy.plan(when, wanted=wanted, loaded=loaded, last_served=last_served)
             loads = plan.load if self._source is not None else ()
             for bundle_id in loads:
                 if self._bundles_halt.is_set():
