@@ -6,6 +6,11 @@ site and into a result store, and a small HTTP API ``/v1/results/{site}/{id}``,
 
 :class:`CloudWorker` runs in-process (``start()`` / ``stop()``); :func:`create_app` is
 the HTTP API over one; ``fogline cloud serve --config cloud.toml`` runs both as a service.
+
+Bundles on demand: a worker given a :class:`BundleSource` (:class:`CatalogueSource`, over
+a local catalogue) loads the versions messages name, and with ``wanted``
+(:func:`director_wanted`, :func:`fleet_wanted`, :func:`union_wanted`) keeps the versions
+sites run loaded and unloads the others (:class:`LoadPolicy`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from fogline.cloud_service.errors import (
     BackendError,
     BrokerError,
+    BundleNotReleasedError,
+    BundleSourceError,
     CloudDataError,
     CloudError,
     CloudServiceError,
@@ -37,6 +44,14 @@ if TYPE_CHECKING:
         BackendChoice,
         OnnxRuntimeBackend,
         select_backend,
+    )
+    from fogline.cloud_service._bundle_loads import LoadPlan, LoadPolicy
+    from fogline.cloud_service._bundle_source import (
+        BundleSource,
+        CatalogueSource,
+        director_wanted,
+        fleet_wanted,
+        union_wanted,
     )
     from fogline.cloud_service._config import (
         BatchingConfig,
@@ -64,6 +79,13 @@ _LAZY = {
     "BackendChoice": "_backends",
     "OnnxRuntimeBackend": "_backends",
     "select_backend": "_backends",
+    "LoadPlan": "_bundle_loads",
+    "LoadPolicy": "_bundle_loads",
+    "BundleSource": "_bundle_source",
+    "CatalogueSource": "_bundle_source",
+    "director_wanted": "_bundle_source",
+    "fleet_wanted": "_bundle_source",
+    "union_wanted": "_bundle_source",
     "BatchingConfig": "_config",
     "CloudConfig": "_config",
     "HttpConfig": "_config",
@@ -105,6 +127,10 @@ __all__ = [
     "BackendError",
     "BatchingConfig",
     "BrokerError",
+    "BundleNotReleasedError",
+    "BundleSource",
+    "BundleSourceError",
+    "CatalogueSource",
     "CloudConfig",
     "CloudDataError",
     "CloudError",
@@ -118,6 +144,8 @@ __all__ = [
     "Lane",
     "LaneConfig",
     "LaneConfigs",
+    "LoadPlan",
+    "LoadPolicy",
     "ModelConfig",
     "ModelMetadata",
     "ModelNotReadyError",
@@ -137,5 +165,8 @@ __all__ = [
     "UnknownModelError",
     "VersionPolicy",
     "create_app",
+    "director_wanted",
+    "fleet_wanted",
     "select_backend",
+    "union_wanted",
 ]

@@ -29,7 +29,7 @@ __all__ = ["CLOUD_THREAD_KINDS", "CONTENT_TYPE_LATEST", "CloudMetrics", "ModelMe
 
 #: The long-lived threads of a worker and its model repository, as
 #: ``fogline_cloud_thread_failures_total`` labels them.
-CLOUD_THREAD_KINDS = ("store", "scheduler", "mqtt", "mqtt_handler", "http")
+CLOUD_THREAD_KINDS = ("store", "scheduler", "mqtt", "mqtt_handler", "http", "bundles")
 
 _LATENCY_BUCKETS_S = (
     0.0001,

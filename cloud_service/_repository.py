@@ -987,7 +987,9 @@ class ModelRepository:
 
         A version already registered is (re)loaded. Raises :class:`ConfigError` for a
         directory that is not a bundle or a name that clashes with a directory model, and
-        :class:`BackendError` when it cannot be loaded."""
+        :class:`BackendError` when it cannot be loaded. A version that was not to be
+        served before this call and fails to load stays unavailable without holding
+        :attr:`ready` back: readiness is about what should be served, and this never was."""
         bundle = _read_bundle(source)
         with self._admin:
             if self._stopped:
@@ -999,7 +1001,14 @@ class ModelRepository:
             if entry is None or v is None or v.bundle is None:
                 v = self._add_bundle(bundle)
                 entry = self._entry(bundle.name)
-            self._load_version(entry, v)
+            was_wanted = v.wanted
+            try:
+                self._load_version(entry, v)
+            except CloudError:
+                with v.lock:
+                    if v.instance is None and not was_wanted:
+                        v.wanted = False
+                raise
             return bundle
 
     def bundle(self, bundle_id: str) -> Bundle | None:

@@ -41,6 +41,15 @@ bundle side by side; a version loaded into the repository at run time
 (:meth:`~fogline.cloud_service._repository.ModelRepository.load_bundle`) is answered from
 its first message on, and one unloaded is answered "unknown bundle" once its queued items
 are done.
+
+Bundles on demand (``bundle_source``, ``wanted``): a message naming a version that is not
+loaded but that the source can provide is answered busy while one load of it runs in the
+background, on the worker's ``bundles`` thread (supervised, carries on), and is served by
+that version once loaded; a version the source never released is answered "unknown
+bundle", and that answer is remembered for a while so a flood of such messages does not
+reach the catalogue. The same thread reconciles every ``reconcile_s``: it loads what is
+wanted and not loaded, and unloads what is neither wanted nor static and has been idle for
+the grace period (:class:`~fogline.cloud_service._bundle_loads.LoadPolicy`).
 """
 
 from __future__ import annotations
@@ -60,6 +69,13 @@ import numpy as np
 from paho.mqtt.client import MQTTMessageInfo
 
 from fogline.cloud_service._backends import Backend, BackendChoice
+from fogline.cloud_service._bundle_loads import (
+    DEFAULT_GRACE_S,
+    DEFAULT_RETRY_S,
+    LoadPlan,
+    LoadPolicy,
+)
+from fogline.cloud_service._bundle_source import BundleSource, Wanted
 from fogline.cloud_service._config import CloudConfig
 from fogline.cloud_service._metrics import CloudMetrics
 from fogline.cloud_service._repository import (
@@ -72,6 +88,7 @@ from fogline.cloud_service._serving import Lane
 from fogline.cloud_service._store import ResultStore, StoredResult
 from fogline.cloud_service.errors import (
     BrokerError,
+    BundleNotReleasedError,
     CloudError,
     ConfigError,
     DeadlineExceededError,
@@ -105,6 +122,11 @@ BackendLoader = Callable[[Bundle], Backend]
 
 _Key = tuple[str, bytes]
 _RECENT_RESULTS = 50_000
+# Bundles on demand: how long "never released" is remembered, how many ids are remembered
+# so, and how many loads may wait (more are answered busy without being queued).
+_UNKNOWN_TTL_S = 30.0
+_UNKNOWN_MAX = 4096
+_MAX_REQUESTED = 64
 
 
 class _Delivery:
@@ -379,6 +401,14 @@ class CloudWorker:
     batching) and loads and warms it in ``start()``. ``store`` lets a caller share a
     :class:`ResultStore` (the worker then does not close it); ``backend_loader`` replaces
     the configured backend of the worker's own repository, e.g. to wrap or instrument it.
+
+    ``bundle_source`` (e.g. a :class:`~fogline.cloud_service._bundle_source.CatalogueSource`)
+    lets the worker load, on demand, bundle versions it was not given; ``wanted`` (a
+    callable returning bundle ids, e.g. ``union_wanted(director_wanted(home),
+    fleet_wanted(store))``) says which versions sites run, to load them before their first
+    message and to unload the others after ``unload_grace_s`` idle. The bundles served at
+    start are never unloaded. Reconciles run every ``reconcile_s`` (and at once after
+    start); :meth:`reconcile_bundles` runs one now.
     """
 
     def __init__(
@@ -390,9 +420,18 @@ class CloudWorker:
         backend_loader: BackendLoader | None = None,
         metrics: CloudMetrics | None = None,
         on_failure: Callable[[ThreadFailure], None] | None = None,
+        bundle_source: BundleSource | None = None,
+        wanted: Wanted | None = None,
+        reconcile_s: float = 30.0,
+        unload_grace_s: float = DEFAULT_GRACE_S,
+        load_retry_s: float = DEFAULT_RETRY_S,
     ) -> None:
         if repository is not None and backend_loader is not None:
             raise ValueError("give a repository or a backend_loader, not both")
+        if not reconcile_s > 0 or math.isinf(reconcile_s):
+            raise ValueError(f"reconcile_s must be a positive number of seconds, not {reconcile_s}")
+        # Checked now, used from start (the static bundles are known then).
+        LoadPolicy(grace_s=unload_grace_s, retry_s=load_retry_s)
         self.config = config
         self.worker_id = config.worker_id
         self.topics = config.topics
@@ -402,7 +441,25 @@ class CloudWorker:
         self._store = store
         self._owns_store = store is None
         self._backend_loader = backend_loader
+        self._by_path: dict[Path, Bundle] = {}
         self._served: dict[str, _Served] = {}
+        # Bundles on demand. The condition guards the requests and the remembered answers;
+        # the admin lock makes loads and reconciles (and the policy) one at a time.
+        self._source = bundle_source
+        self._wanted = wanted
+        self._reconcile_s = float(reconcile_s)
+        self._grace_s = float(unload_grace_s)
+        self._retry_s = float(load_retry_s)
+        self._policy: LoadPolicy | None = None
+        self._last_served: dict[str, float] = {}
+        self._bundles_cond = threading.Condition()
+        self._bundles_admin = threading.RLock()
+        self._requested: dict[str, None] = {}  # ids to load, in arrival order
+        self._loading: str | None = None
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> remembered until
+        self._load_errors: dict[str, float] = {}  # id -> not retried on demand until
+        self._bundles_halt = threading.Event()
+        self._bundles_thread: threading.Thread | None = None
         self._writer: _StoreWriter | None = None
         self._mqtt: MqttConnection | None = None
         self._last_publish: MQTTMessageInfo | None = None
@@ -467,6 +524,11 @@ class CloudWorker:
                 repository = self._repository = self._own_repository()
                 repository.start()
             repository.supervisor.on_fatal(self._failed)
+            self._policy = LoadPolicy(
+                static={b.id for b in repository.bundles()},
+                grace_s=self._grace_s,
+                retry_s=self._retry_s,
+            )
             self._bundles_ready = True
             self._writer = _StoreWriter(
                 self._store,
@@ -479,6 +541,15 @@ class CloudWorker:
             with self._lock:  # not when a thread failed for good meanwhile (see _failed)
                 self._accepting = self.failed is None
             self._connect(wait)
+            if self._source is not None or self._wanted is not None:
+                self._bundles_thread = self.supervisor.thread(
+                    "bundles",
+                    self._run_bundles,
+                    fatal=False,
+                    name="fogline-bundles",
+                    halt=self._bundles_halt,
+                )
+                self._bundles_thread.start()
         except BaseException:
             self.stop()
             raise
@@ -506,6 +577,12 @@ class CloudWorker:
             except MqttError as exc:  # the broker went; its session ends with ours
                 log.warning("could not unsubscribe while stopping: %s", exc)
         deadline = time.monotonic() + timeout_s
+        with self._bundles_cond:
+            self._bundles_halt.set()
+            self._bundles_cond.notify_all()
+        if self._bundles_thread is not None:
+            # A load under way finishes first (a repository load cannot be interrupted).
+            self._bundles_thread.join(timeout_s)
         repository = self._repository
         if repository is not None and self._owns_repository:
             repository.stop(timeout_s)  # runs what is queued; answers reach the writer
@@ -653,7 +730,15 @@ class CloudWorker:
             "mqtt_connected": bool(self._mqtt and self._mqtt.is_connected),
             "queue_depth": self.queue_depth,
             "unacknowledged": self._unacked,
+            "bundles_loading": self.bundles_loading,
         }
+
+    @property
+    def bundles_loading(self) -> list[str]:
+        """Bundle versions being loaded on demand now or waiting to be."""
+        with self._bundles_cond:
+            loading = [] if self._loading is None else [self._loading]
+            return loading + [b for b in self._requested if b != self._loading]
 
     # start-up pieces
 
@@ -668,7 +753,9 @@ class CloudWorker:
                 raise ConfigError(f"bundle {root}: {exc}") from exc
         loader = None
         if self._backend_loader is not None:
-            by_path = {b.cloud_model_path: b for b in bundles}
+            # Bundles loaded on demand are added to this as they come (see _load_now).
+            by_path = self._by_path
+            by_path.update({b.cloud_model_path: b for b in bundles})
             bundle_loader = self._backend_loader
 
             def loader(path: Path, max_batch_size: int) -> Backend:
@@ -780,7 +867,7 @@ class CloudWorker:
             return self._done(delivery)
         served = self._served.get(env.bundle) or self._look_up(env.bundle)
         if served is None:
-            self._reply(env, ResultMeta.failed(str(UnknownBundleError(env.bundle))))
+            self._reply(env, self._unserved(env.bundle))
             return self._done(delivery)
         problem = _check_features(env.tensors, served.inputs)
         if problem is not None:
@@ -868,7 +955,9 @@ class CloudWorker:
         for item in items:
             by_bundle.setdefault(item.env.bundle, []).append(item)
         refused: list[tuple[_Item, ResultMeta]] = []
+        now = time.monotonic()
         for bundle_id, group in by_bundle.items():
+            self._last_served[bundle_id] = now  # for the unload policy's idle time
             if not self._accepting or repository is None:
                 refused.extend((item, ResultMeta.busy(busy_ms)) for item in group)
                 continue
@@ -915,7 +1004,176 @@ class CloudWorker:
         repository = self._repository
         if repository is not None and repository.bundle(bundle_id) is not None:
             return ResultMeta.busy(self.config.batching.busy_retry_after_ms)
-        return ResultMeta.failed(str(UnknownBundleError(bundle_id)))
+        return self._unserved(bundle_id)
+
+    # bundles on demand
+
+    def _unserved(self, bundle_id: str) -> ResultMeta:
+        """The answer for an item of a bundle version the repository does not serve (on
+        paho's thread: no I/O). Without a source: unknown bundle. With one: unknown while a
+        recent answer said it was never released, an error while a recent load of it
+        failed, else busy, with one load of it asked for."""
+        unknown = ResultMeta.failed(str(UnknownBundleError(bundle_id)))
+        if self._source is None:
+            return unknown
+        now = time.monotonic()
+        with self._bundles_cond:
+            until = self._unknown.get(bundle_id)
+            if until is not None:
+                if now < until:
+                    return unknown
+                del self._unknown[bundle_id]
+            until = self._load_errors.get(bundle_id)
+            if until is not None:
+                if now < until:
+                    return ResultMeta.failed(
+                        f"bundle {bundle_id!r} could not be loaded; the cloud's log says why"
+                    )
+                del self._load_errors[bundle_id]
+            if (
+                bundle_id not in self._requested
+                and bundle_id != self._loading
+                and len(self._requested) < _MAX_REQUESTED
+                and not self._bundles_halt.is_set()
+            ):
+                self._requested[bundle_id] = None
+                self._bundles_cond.notify()
+        return ResultMeta.busy(self.config.batching.busy_retry_after_ms)
+
+    def _run_bundles(self) -> None:
+        """The bundles thread: loads asked for by messages, and a reconcile every
+        ``reconcile_s`` (the first at once)."""
+        halt = self._bundles_halt
+        cond = self._bundles_cond
+        due = time.monotonic()
+        while not halt.is_set():
+            if time.monotonic() >= due:
+                self.reconcile_bundles()
+                due = time.monotonic() + self._reconcile_s
+                continue
+            with cond:
+                while not self._requested and not halt.is_set():
+                    left = due - time.monotonic()
+                    if left <= 0:
+                        break
+                    cond.wait(left)
+                if halt.is_set() or not self._requested:
+                    continue
+                bundle_id = next(iter(self._requested))
+                del self._requested[bundle_id]
+                self._loading = bundle_id
+            try:
+                self._load_now(bundle_id, "a message named it")
+            finally:
+                with cond:
+                    self._loading = None
+
+    def reconcile_bundles(self, now: float | None = None) -> LoadPlan:
+        """One reconcile, now: load the wanted versions that are not loaded, unload those
+        the policy says (``now``: the monotonic time to judge idleness at; tests step
+        it). What ``wanted`` raises skips the round (nothing is unloaded on a view that
+        may be partial). Returns the plan carried out."""
+        repository = self._repository
+        policy = self._policy
+        if repository is None or policy is None:
+            return LoadPlan()
+        with self._bundles_admin:
+            when = time.monotonic() if now is None else now
+            wanted: set[str] = set()
+            if self._wanted is not None:
+                try:
+                    wanted = set(self._wanted())
+                except Exception as exc:  # noqa: BLE001 - a source of any kind; the round is skipped
+                    self._reject_log.warning(
+                        "wanted", f"cannot tell which bundles are wanted ({exc}); not reconciling"
+                    )
+                    return LoadPlan()
+            loaded = {b.id for b in repository.bundles()}
+            # A copy first: paho's thread adds to the dict while this runs.
+            last_served = dict(self._last_served)
+            for bundle_id in last_served.keys() - loaded:
+                self._last_served.pop(bundle_id, None)
+            plan = policy.plan(when, wanted=wanted, loaded=loaded, last_served=last_served)
+            loads = plan.load if self._source is not None else ()
+            for bundle_id in loads:
+                if self._bundles_halt.is_set():
+                    break
+                self._load_now(bundle_id, "a site runs it")
+            for bundle_id in plan.unload:
+                self._unload_now(bundle_id)
+            return LoadPlan(load=tuple(loads), unload=plan.unload)
+
+    def _load_now(self, bundle_id: str, why: str) -> None:
+        """Fetch ``bundle_id`` from the source and load it into the repository (on the
+        bundles thread, or a caller's for a reconcile); failures are logged and
+        remembered, never raised."""
+        repository = self._repository
+        source = self._source
+        policy = self._policy
+        if repository is None or source is None or policy is None:
+            return
+        with self._bundles_admin:
+            if repository.bundle(bundle_id) is not None:
+                return
+            began = time.monotonic()
+            try:
+                bundle = _fetched(source, bundle_id)
+                self._by_path[bundle.cloud_model_path] = bundle
+                repository.load_bundle(bundle)
+            except BundleNotReleasedError as exc:
+                now = time.monotonic()
+                policy.failed(bundle_id, now)
+                with self._bundles_cond:
+                    self._unknown[bundle_id] = now + _UNKNOWN_TTL_S
+                    self._unknown.move_to_end(bundle_id)
+                    while len(self._unknown) > _UNKNOWN_MAX:
+                        self._unknown.popitem(last=False)
+                self._reject_log.warning("not_released", f"{exc}; answering unknown bundle")
+                return
+            except (CloudError, BundleError) as exc:
+                now = time.monotonic()
+                policy.failed(bundle_id, now)
+                with self._bundles_cond:
+                    self._load_errors[bundle_id] = now + self._retry_s
+                log.error(  # noqa: TRY400 - the error is the message; no traceback
+                    "cannot load bundle %s (%s): %s; its items are answered with an error "
+                    "for %.0f s",
+                    bundle_id,
+                    why,
+                    exc,
+                    self._retry_s,
+                )
+                return
+            except Exception as exc:  # noqa: BLE001 - the bundles thread's supervisor, per load
+                now = time.monotonic()
+                policy.failed(bundle_id, now)
+                with self._bundles_cond:
+                    self._load_errors[bundle_id] = now + self._retry_s
+                self.supervisor.contained("bundles", f"loading bundle {bundle_id}", exc)
+                return
+            self._last_served[bundle_id] = time.monotonic()
+            with self._bundles_cond:
+                self._load_errors.pop(bundle_id, None)
+            log.info(
+                "loaded bundle %s on demand (%s) in %.1f s",
+                bundle_id,
+                why,
+                time.monotonic() - began,
+            )
+
+    def _unload_now(self, bundle_id: str) -> None:
+        repository = self._repository
+        if repository is None:
+            return
+        name, _, version = bundle_id.rpartition("@")
+        try:
+            repository.unload(name, version)
+        except CloudError as exc:
+            log.warning("cannot unload bundle %s: %s", bundle_id, exc)
+            return
+        self._served.pop(bundle_id, None)
+        self._last_served.pop(bundle_id, None)
+        log.info("unloaded bundle %s: no site runs it and it served nothing lately", bundle_id)
 
     def _ack(self, deliveries: list[_Delivery]) -> None:
         """Give up one share of each delivery; acknowledge the messages whose last share
@@ -1094,6 +1352,14 @@ class CloudWorker:
         """Answer a re-sent item with the result it already has."""
         meta = ResultMeta.ok(label, confidence, duplicate=True)
         self._reply(request, meta, {output_name: output.reshape(-1)})
+
+
+def _fetched(source: BundleSource, bundle_id: str) -> Bundle:
+    """``bundle_id`` from ``source``, checked to be the version asked for."""
+    bundle = source.fetch(bundle_id)
+    if bundle.id != bundle_id:
+        raise ConfigError(f"{source!r} answered bundle {bundle.id} for {bundle_id}")
+    return bundle
 
 
 def _ids(items: Sequence[_Item]) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "BrokerError",
+    "BundleNotReleasedError",
+    "BundleSourceError",
     "CloudDataError",
     "CloudError",
     "CloudServiceError",
@@ -46,6 +48,14 @@ class UnknownBundleError(CloudDataError, LookupError):
         self.bundle = bundle
 
 
+class BundleNotReleasedError(UnknownBundleError):
+    """A bundle source was asked for a bundle version its catalogue never released."""
+
+    def __init__(self, bundle: str, catalogue: str = "the catalogue") -> None:
+        super().__init__(bundle)
+        self.args = (f"bundle {bundle!r} was never released in {catalogue}",)
+
+
 class CloudServiceError(CloudError):
     """A part of the service failed or is overloaded; retrying later may succeed."""
 
@@ -73,6 +83,12 @@ class StoreError(CloudServiceError):
 class StoreCorruptError(StoreError):
     """The result store's database file is damaged (SQLite's integrity check found it so
     when the store was opened); the message names the file and what to do."""
+
+
+class BundleSourceError(CloudServiceError):
+    """A released bundle could not be had from its source: the catalogue's metadata or a
+    stored file was refused (tampered, truncated, badly signed, expired) or could not be
+    read, or the bundle could not be written to the cache. The message names the file."""
 
 
 class BrokerError(CloudServiceError):

@@ -15,8 +15,12 @@
   (it is :class:`SiteSync` over the file); :func:`read_freshness` and
   :meth:`SiteSync.freshness` say when the trusted metadata expires.
 - **Verification without I/O**: :func:`read_desired`, :func:`decide`,
-  :func:`manifest_files`, :func:`check_file`, :func:`site_files`, :func:`check_delta` over
-  :class:`SiteState`.
+  :func:`manifest_files`, :func:`check_file`, :func:`site_files`, :func:`cloud_files`,
+  :func:`check_delta` over :class:`SiteState`.
+- **Repositories read where they are stored**: :func:`trusted_targets` verifies a
+  repository's metadata in a :class:`Store` from its trusted root and returns
+  :class:`TrustedTargets` (every listed target, verified reads of the stored files, a
+  catalogue's releases, a director's desired state): what the cloud loads bundles from.
 - **Deltas**: the catalogue publishes, with each release, deltas from the previous
   release's files (:class:`DeltaTarget`); a site copies what it holds and rebuilds what
   changed from them (:mod:`fogline.compression`'s :func:`apply_delta`).
@@ -95,6 +99,7 @@ if TYPE_CHECKING:
     from fogline.sync._rollout_service import RolloutService
     from fogline.sync._signatures import model_signatures
     from fogline.sync._store import DirectoryStore, MemoryStore, Store
+    from fogline.sync._trusted import TrustedTargets, trusted_targets
     from fogline.sync._verify import (
         Decision,
         DesiredState,
@@ -103,6 +108,7 @@ if TYPE_CHECKING:
         SiteState,
         check_delta,
         check_file,
+        cloud_files,
         decide,
         manifest_files,
         read_desired,
@@ -178,6 +184,7 @@ __all__ = [
     "TamperedError",
     "Thresholds",
     "Tolerance",
+    "TrustedTargets",
     "UnsafeMemberError",
     "UnsafePathError",
     "VerificationError",
@@ -186,6 +193,7 @@ __all__ = [
     "check_delta",
     "check_file",
     "check_target_path",
+    "cloud_files",
     "decide",
     "enroll",
     "export_bundle",
@@ -199,6 +207,7 @@ __all__ = [
     "read_freshness",
     "read_key",
     "site_files",
+    "trusted_targets",
     "verify_status_report",
     "write_key",
     "write_manifest",
@@ -244,6 +253,8 @@ _LAZY = {
     "DirectoryStore": "fogline.sync._store",
     "MemoryStore": "fogline.sync._store",
     "Store": "fogline.sync._store",
+    "TrustedTargets": "fogline.sync._trusted",
+    "trusted_targets": "fogline.sync._trusted",
     "Decision": "fogline.sync._verify",
     "DesiredState": "fogline.sync._verify",
     "FileEntry": "fogline.sync._verify",
@@ -251,6 +262,7 @@ _LAZY = {
     "SiteState": "fogline.sync._verify",
     "check_delta": "fogline.sync._verify",
     "check_file": "fogline.sync._verify",
+    "cloud_files": "fogline.sync._verify",
     "decide": "fogline.sync._verify",
     "manifest_files": "fogline.sync._verify",
     "read_desired": "fogline.sync._verify",

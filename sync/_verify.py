@@ -18,7 +18,8 @@ as Uptane has it for a director and an image repository:
 5. The manifest (downloaded against the catalogue's hashes) must state the same release,
    and each model file it names must be listed by the catalogue with the same length and
    SHA-256 (:func:`manifest_files`, :func:`check_file`). A site downloads only what it
-   runs, the edge model (:func:`site_files`).
+   runs, the edge model (:func:`site_files`); the cloud loads its cloud model
+   (:func:`cloud_files`).
 6. A delta is used only when the catalogue lists it for this release, this file and a
    base the site holds, rebuilding exactly the signed length and SHA-256
    (:func:`check_delta`); the rebuilt file is checked against them again.
@@ -68,6 +69,7 @@ __all__ = [
     "SiteState",
     "check_delta",
     "check_file",
+    "cloud_files",
     "decide",
     "manifest_files",
     "read_desired",
@@ -352,6 +354,17 @@ def site_files(data: bytes, release: Release, files: Mapping[str, FileEntry]) ->
     model = edge.get("model") if isinstance(edge, dict) else None
     if not isinstance(model, str) or model not in files:
         raise MetadataError(f"the manifest of {release.id} names no edge model among its files")
+    return frozenset({model})
+
+
+def cloud_files(data: bytes, release: Release, files: Mapping[str, FileEntry]) -> frozenset[str]:
+    """The files of a released manifest (``data``) the cloud loads: the cloud model it
+    serves (the edge model and any extra models stay in the catalogue)."""
+    manifest = json.loads(data)
+    cloud = manifest.get("cloud") if isinstance(manifest, dict) else None
+    model = cloud.get("model") if isinstance(cloud, dict) else None
+    if not isinstance(model, str) or model not in files:
+        raise MetadataError(f"the manifest of {release.id} names no cloud model among its files")
     return frozenset({model})
 
 

@@ -70,6 +70,17 @@ class PahoClient:
                     raise TimeoutError(f"no result for {env.message_uuid}")
                 self._cond.wait(left)
 
+    def answers_for(self, env: Envelope, count: int, timeout_s: float = 10.0) -> list[Envelope]:
+        """Every answer to ``env``'s message id so far, once there are at least ``count``."""
+
+        def answers() -> list[Envelope]:
+            return [got for _, got in self.received if got.message_id == env.message_id]
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(answers()) >= count, timeout_s):
+                raise TimeoutError(f"fewer than {count} answers for {env.message_uuid}")
+            return answers()
+
     def close(self) -> None:
         if self._closed:
             return

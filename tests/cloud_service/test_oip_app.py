@@ -944,6 +944,7 @@ def test_every_cloud_error_maps_to_a_status_code() -> None:
     expected = {
         "UnknownModelError": 404,
         "UnknownBundleError": 400,
+        "BundleNotReleasedError": 400,
         "InferenceInputError": 400,
         "ConfigError": 400,
         "CloudDataError": 400,
@@ -953,6 +954,7 @@ def test_every_cloud_error_maps_to_a_status_code() -> None:
         "StoreError": 503,
         "StoreCorruptError": 503,
         "BrokerError": 503,
+        "BundleSourceError": 503,
         "CloudServiceError": 503,
         "BackendError": 500,
         "CloudError": 503,
@@ -968,7 +970,7 @@ def test_every_cloud_error_maps_to_a_status_code() -> None:
         cls = getattr(errors_module, name)
         if name == "QueueFullError":
             exc = cls(depth=1, retry_after_ms=10)
-        elif name in ("UnknownModelError", "UnknownBundleError"):
+        elif name in ("UnknownModelError", "UnknownBundleError", "BundleNotReleasedError"):
             exc = cls("m")
         else:
             exc = cls("x")

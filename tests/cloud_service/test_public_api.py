@@ -17,6 +17,10 @@ def test_the_public_names_are_pinned() -> None:
         "BackendError",
         "BatchingConfig",
         "BrokerError",
+        "BundleNotReleasedError",
+        "BundleSource",
+        "BundleSourceError",
+        "CatalogueSource",
         "CloudConfig",
         "CloudDataError",
         "CloudError",
@@ -30,6 +34,8 @@ def test_the_public_names_are_pinned() -> None:
         "Lane",
         "LaneConfig",
         "LaneConfigs",
+        "LoadPlan",
+        "LoadPolicy",
         "ModelConfig",
         "ModelMetadata",
         "ModelNotReadyError",
@@ -49,17 +55,26 @@ def test_the_public_names_are_pinned() -> None:
         "UnknownModelError",
         "VersionPolicy",
         "create_app",
+        "director_wanted",
+        "fleet_wanted",
         "select_backend",
+        "union_wanted",
     }
     for name in cloud.__all__:
         assert getattr(cloud, name) is not None
 
 
 def test_errors_split_into_bad_data_and_failed_service() -> None:
-    for err in (cloud.ConfigError, cloud.UnknownBundleError):
+    for err in (cloud.ConfigError, cloud.UnknownBundleError, cloud.BundleNotReleasedError):
         assert issubclass(err, cloud.CloudDataError)
         assert issubclass(err, ValueError)
-    for err in (cloud.QueueFullError, cloud.BackendError, cloud.StoreError, cloud.BrokerError):
+    for err in (
+        cloud.QueueFullError,
+        cloud.BackendError,
+        cloud.StoreError,
+        cloud.BrokerError,
+        cloud.BundleSourceError,
+    ):
         assert issubclass(err, cloud.CloudServiceError)
         assert not issubclass(err, cloud.CloudDataError)
     assert issubclass(cloud.CloudDataError, cloud.CloudError)

@@ -32,6 +32,7 @@ EXPECTED = {
     "SiteRecord", "Observation", "Rollout", "RolloutPolicy", "Tolerance", "RolloutService",
     "RanBundle",
     "site_files",
+    "cloud_files", "TrustedTargets", "trusted_targets",
 }  # fmt: skip
 
 
