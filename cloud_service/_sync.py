@@ -8,7 +8,10 @@ comes as planned), and nudges each site whose desired bundle the service changed
 retained JSON message ``{"bundle": "name@version"}`` (``null`` when its desired state was
 removed) on ``Topics.sync(site)`` at QoS 1. The site never trusts the nudge, only the
 signed director it then reads, and polls anyway: a nudge that cannot be sent is logged
-and dropped.
+and dropped. Changes made by another hand — `fogline rollout start`, `pause`, `abort`,
+`rollback` write the store and the director themselves — are found at the next tick by
+comparing each site's desired bundle in the store with what was last nudged or seen, and
+nudged then.
 
 The nudges go out on a connection it is given (the cloud worker's) or on its own.
 """
@@ -99,6 +102,9 @@ class CloudSync:
         """Nudges handed to the broker connection."""
         self.nudge_failures = 0
         """Nudges that could not be published (logged, dropped)."""
+        self._seen: dict[str, str | None] | None = None
+        """Each site's desired bundle as last nudged or read from the store (None: not
+        read yet)."""
 
     # ------------------------------------------------------------------------ serving
 
@@ -131,6 +137,11 @@ class CloudSync:
                 self._connection = lambda: own
             elif connection is not None:
                 self._connection = connection
+            try:
+                # What the store says now is what sites were told before this start.
+                self._seen = self._desired()
+            except StorageError as exc:
+                log.warning("fleet store not readable at start (%s); read at the first tick", exc)
             self._thread = self.supervisor.thread(
                 "rollout_tick", self._run, fatal=False, name="fogline-rollout-tick", halt=self._halt
             )
@@ -166,6 +177,7 @@ class CloudSync:
         (the next tick plans again from what is stored)."""
         try:
             self.service.tick()
+            self._nudge_changes()
         except Exception as exc:  # noqa: BLE001 - one failed tick must not end the loop
             self.tick_failures += 1
             self.supervisor.contained("rollout_tick", "a rollout tick", exc)
@@ -174,8 +186,24 @@ class CloudSync:
 
     # ----------------------------------------------------------------------- the nudge
 
+    def _desired(self) -> dict[str, str | None]:
+        return {s.site: s.desired for s in self.store.sites()}
+
+    def _nudge_changes(self) -> None:
+        """Nudge each site whose desired bundle in the store changed since it was last
+        nudged or seen: assignments made by the ``fogline rollout`` commands."""
+        desired = self._desired()
+        seen, self._seen = self._seen, desired
+        if seen is None:
+            return  # the first read: nothing to compare with
+        for site, bundle in desired.items():
+            if seen.get(site) != bundle:
+                self._nudge(site, bundle)
+
     def _nudge(self, site: str, bundle: str | None) -> None:
         """Publish ``site``'s retained nudge; best effort (the site polls too)."""
+        if self._seen is not None:
+            self._seen[site] = bundle  # the tick's own change: not nudged again
         connection = self._connection()
         if connection is None:
             return

@@ -402,8 +402,33 @@ def serve(
         if with_mqtt:
             # With a repository, edge features share each model's scheduler with the API
             # (the stream lane); without, the worker builds its own over the bundles.
+            on_demand: dict[str, Any] = {}
+            if cloud_sync is not None:
+                from fogline.cloud_service import (
+                    CatalogueSource,
+                    director_wanted,
+                    fleet_wanted,
+                    union_wanted,
+                )
+
+                # Every released version a site runs or is told to run: loaded from the
+                # catalogue (verified) before its first message, unloaded once idle.
+                on_demand = {
+                    "bundle_source": CatalogueSource(
+                        cloud_sync.home.repository_dir("catalogue"),
+                        cloud_sync.home.path / "cloud-bundles",
+                    ),
+                    "wanted": union_wanted(
+                        director_wanted(cloud_sync.home.path), fleet_wanted(cloud_sync.store)
+                    ),
+                }
             worker = CloudWorker(
-                cfg, metrics=metrics, repository=repo, store=result_store, on_failure=_on_failure
+                cfg,
+                metrics=metrics,
+                repository=repo,
+                store=result_store,
+                on_failure=_on_failure,
+                **on_demand,
             )
             # Connect in the background: /readyz answers 503 until the broker is reached.
             worker.start(wait=False)

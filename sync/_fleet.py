@@ -489,6 +489,13 @@ class FleetStore:
             self._add_events(conn, rollout.id, events, now)
         return version + 1
 
+    def rollout_version(self, rollout_id: str) -> int | None:
+        """The version a rollout is saved at (``None``: no such rollout); one small read."""
+        t = self.t["rollouts"]
+        with self._tx("read a rollout's version") as conn:
+            row = conn.execute(sa.select(t.c.version).where(t.c.id == rollout_id)).first()
+        return None if row is None else int(row[0])
+
     def load_rollout(self, rollout_id: str) -> tuple[Rollout, int] | None:
         """A rollout and the version it was saved at."""
         t, ts = self.t["rollouts"], self.t["rollout_sites"]

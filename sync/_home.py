@@ -42,6 +42,10 @@ DEFAULT_EXPIRY: Mapping[str, Expiry] = {
 SETTINGS_FORMAT = 1
 
 
+class HomeBusyError(StorageError):
+    """Another process holds the home's lock (it is signing): try again shortly."""
+
+
 @dataclass(frozen=True)
 class HomeSettings:
     """``settings.json``: expiry per repository, and the director's number of site bins
@@ -117,7 +121,7 @@ class SyncHome:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StorageError(f"another command is changing {self.path}") from None
+                raise HomeBusyError(f"another command is changing {self.path}") from None
             yield
         finally:
             os.close(fd)
@@ -271,11 +275,16 @@ class SyncHome:
             return release
 
     def apply(
-        self, assign: Mapping[str, Iterable[str]], unassign: Iterable[str] = ()
+        self,
+        assign: Mapping[str, Iterable[str]],
+        unassign: Iterable[str] = (),
+        *,
+        locked: bool = False,
     ) -> dict[str, Release]:
         """Point groups of sites at released bundles (``name@version`` → sites) and remove
-        the desired state of ``unassign``, in one director signing. Returns the releases."""
-        with self.lock():
+        the desired state of ``unassign``, in one director signing. Returns the releases.
+        ``locked``: the caller holds :meth:`lock` already (to save what it wrote under it)."""
+        with contextlib.nullcontext() if locked else self.lock():
             catalogue = self.catalogue()
             releases = {}
             for bundle in assign:

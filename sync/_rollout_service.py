@@ -23,7 +23,7 @@ from typing import Any
 from securesystemslib.signer import Key, SSlibKey
 
 from fogline.sync._fleet import FleetStore, SiteRecord, StaleRolloutError
-from fogline.sync._home import SyncHome
+from fogline.sync._home import HomeBusyError, SyncHome
 from fogline.sync._names import check_name
 from fogline.sync._report import NonceLedger, StatusReport, verify_status_report
 from fogline.sync._rollout import (
@@ -114,6 +114,10 @@ def public_key_dict(key: SSlibKey | Mapping[str, Any]) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not a site public key: {exc}") from None
     return data
+
+
+_OPERATE_ATTEMPTS = 20
+"""How often an operator's step is planned again when a tick saved the rollout first."""
 
 
 class RolloutService:
@@ -234,13 +238,29 @@ class RolloutService:
         fleet: str | None,
         step: Callable[[Rollout, float], list[Action]],
     ) -> dict[str, Any]:
-        now = self._clock()
+        """An operator's step: load, step, save. A serving cloud's tick may save the
+        rollout between the load and the save (its reports move it on); the operation is
+        then planned again from what the tick saved, so that a pause, an abort or a
+        rollback always takes effect. (The director written for a dropped attempt is
+        rewritten by the next.)"""
         with self._lock:
-            rollout, version = self._load(self._current(rollout_id, fleet))
-            before = rollout.copy()
-            actions = step(rollout, now)
-            self._apply(rollout, version, before, actions, now)
-            return self._status(rollout)
+            target = self._current(rollout_id, fleet)
+            for attempt in range(_OPERATE_ATTEMPTS):
+                now = self._clock()
+                rollout, version = self._load(target)
+                before = rollout.copy()
+                actions = step(rollout, now)
+                try:
+                    self._apply(rollout, version, before, actions, now)
+                except (StaleRolloutError, HomeBusyError):
+                    # a tick saved it first, or holds the home while it signs
+                    if attempt == _OPERATE_ATTEMPTS - 1:
+                        raise
+                    log.info("rollout %s changed meanwhile; planning the step again", target)
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                return self._status(rollout)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def pause(self, rollout_id: str | None = None, *, fleet: str | None = None) -> dict[str, Any]:
         return self._operate(rollout_id, fleet, lambda r, now: r.pause(now))
@@ -315,7 +335,13 @@ class RolloutService:
         now: float,
     ) -> None:
         """Write the director for ``actions`` (one signing), then save the rollout loaded
-        at ``version`` (``None``: a new one), then nudge the sites."""
+        at ``version`` (``None``: a new one), then nudge the sites.
+
+        When the director changes, all of it happens under the home's lock, which every
+        process writing this home's director takes: the stored version is checked first
+        (:class:`StaleRolloutError` before anything is signed when another process saved
+        the rollout meanwhile), so a step planned from an old state can never write the
+        director after an operator's abort or rollback was saved."""
         assign: dict[str, list[str]] = defaultdict(list)
         unassign: list[str] = []
         desired: dict[str, str | None] = {}
@@ -326,19 +352,30 @@ class RolloutService:
             elif isinstance(action, Unassign):
                 unassign.extend(action.sites)
                 desired.update(dict.fromkeys(action.sites))
-        if desired:
-            # The director first: a failure here leaves the stored rollout as it was, and
-            # the next step plans the same again (writing a desired state is idempotent).
-            self.home.apply(assign, unassign)
         events = [(getattr(a, "site", None), a.kind, a.detail()) for a in actions]
-        if version is None or before is None:
-            self.store.create_rollout(rollout, desired=desired, events=events, now=now)
-        else:
+
+        def save() -> None:
+            if version is None or before is None:
+                self.store.create_rollout(rollout, desired=desired, events=events, now=now)
+                return
             changed = [p for site, p in rollout.sites.items() if before.sites.get(site) != p]
             if changed or events or rollout.header() != before.header():
                 self.store.save_rollout(
                     rollout, version, changed, desired=desired, events=events, now=now
                 )
+
+        if desired:
+            with self.home.lock():
+                if version is not None and self.store.rollout_version(rollout.id) != version:
+                    raise StaleRolloutError(
+                        f"rollout {rollout.id} was changed by another command meanwhile; try again"
+                    )
+                # The director first: a failure here leaves the stored rollout as it was,
+                # and the next step plans the same again (a desired state is idempotent).
+                self.home.apply(assign, unassign, locked=True)
+                save()
+        else:
+            save()
         for action in actions:
             if action.kind in ("paused", "rolled_back", "aborted", "completed", "site_failed"):
                 log.info("rollout %s: %s %s", rollout.id, action.kind, action.detail())

@@ -246,17 +246,19 @@ def decide(state: SiteState, desired: DesiredState, entry: TargetFile | None) ->
     # Uptane: the release counter does not go down — except back to exactly the bundle the
     # site ran immediately before (a rollout rolled back). A director key alone can then
     # flip a site between its current and previous bundle, both released and both verified
-    # on this site, never to any older one.
+    # on this site, never to any older one. The bundle it runs now (after such a
+    # rollback, one below the counter installed) is what it has: nothing is installed.
     rollback = False
-    if release.release < installed:
+    runs_it = running is not None and running.is_release(release)
+    if release.release < installed and not runs_it:
         if previous is None or not previous.is_release(release):
             raise ReleaseRollbackError(
                 f"{release.id} has release counter {release.release}, lower than the "
                 f"installed {installed} of {release.name!r}, and is not the bundle the site "
                 "ran before"
             )
-        rollback = running is None or not running.is_release(release)
-    same = running.is_release(release) if running is not None else release.release == installed
+        rollback = True
+    same = runs_it if running is not None else release.release == installed
     return Decision(site=state.site, release=release, installed=same, rollback=rollback)
 
 

@@ -18,9 +18,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fogline.cloud_service._sync_api import MAX_REPORT_BYTES, status_for
 from fogline.messaging import MqttSettings, Topics
 from fogline.sync import (
+    FleetStore,
     RolloutPolicy,
+    RolloutService,
     StatusReport,
     SyncError,
+    SyncHome,
     errors,
     generate_key,
     make_status_report,
@@ -217,6 +220,35 @@ def test_each_assigned_site_gets_a_retained_nudge_on_mosquitto(
         got = _retained(broker, [topics.sync(s) for s in sites])
         assert {json.dumps(json.loads(p)) for p in got.values()} == {'{"bundle": null}'}
         assert stand.sync.nudge_failures == 0
+
+
+def test_a_rollout_started_from_the_command_line_is_nudged_at_the_next_tick(
+    tmp_path: Path, broker: Any, topic_prefix: str
+) -> None:
+    """`fogline rollout start` writes the store and the director from another process,
+    with no broker: the serving cloud finds the change at its next tick and nudges each
+    site once; a later tick with nothing new nudges nobody."""
+    settings = MqttSettings(
+        host=broker.host, port=broker.port, topic_prefix=topic_prefix, client_id="sync-cli"
+    )
+    sites = ("site-a", "site-b")
+    with sync_stand(tmp_path, sites=sites, topic_prefix=topic_prefix, mqtt=settings) as stand:
+        other = FleetStore(stand.sync.store.url)  # what the command opens
+        try:
+            cli = RolloutService(other, SyncHome(stand.home.path))
+            cli.start("tiny@2", "fleet-1", RolloutPolicy(canary=0.0, waves=(1.0,), bake_s=60.0))
+        finally:
+            other.close()
+        assert stand.sync.nudges == 0
+        stand.sync.tick()
+        assert stand.sync.nudges == 2
+        topics = Topics(topic_prefix)
+        got = _retained(broker, [topics.sync(s) for s in sites])
+        assert {t: json.loads(p) for t, p in got.items()} == {
+            topics.sync(s): {"bundle": "tiny@2"} for s in sites
+        }
+        stand.sync.tick()
+        assert stand.sync.nudges == 2
 
 
 def test_serve_refuses_a_sync_home_that_is_not_initialised_in_one_line(tmp_path: Path) -> None:

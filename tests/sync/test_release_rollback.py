@@ -40,6 +40,31 @@ def test_a_site_rolls_back_to_exactly_the_bundle_it_ran_before(fleet: Fleet) -> 
     assert install(fleet) == "tiny@2"
 
 
+def test_a_rolled_back_site_keeps_running_its_bundle_at_every_later_refresh(
+    fleet: Fleet,
+) -> None:
+    """After a rollback the site runs a bundle below its release floor, and the director
+    keeps naming it: each later refresh finds it installed, not a refused rollback."""
+    first = fleet.release_to(["site-a"], version="1")
+    install(fleet)
+    fleet.release_to(["site-a"], version="2")
+    install(fleet)
+    fleet.director.assign(["site-a"], first)
+    assert install(fleet) == "tiny@1"
+    for _ in range(2):
+        site = fleet.site()
+        decision = site.check()
+        assert decision is not None
+        assert decision.installed
+        assert not decision.rollback
+        got = site.update()
+        assert got is not None
+        assert got.installed
+    running, previous = fleet.site().ran_bundles()
+    assert running["tiny"].version == "1"
+    assert previous["tiny"].version == "2"
+
+
 def test_attack_director_pointing_at_an_older_release_than_the_previous_is_refused(
     fleet: Fleet,
 ) -> None:

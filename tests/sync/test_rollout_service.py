@@ -3,6 +3,7 @@ metadata, Ed25519 keys), with real signed status reports."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from fogline.sync import (
     generate_key,
     make_status_report,
 )
-from fogline.sync._fleet import FleetStore
+from fogline.sync._fleet import FleetStore, StaleRolloutError
 from fogline.sync._rollout import RolloutPolicy
 from fogline.sync._rollout_service import RolloutService
 
@@ -193,3 +194,52 @@ def test_nonces_are_shared_by_every_service_over_one_store(world: World) -> None
     other.receive_report(data)
     with pytest.raises(ReplayedReportError):
         world.service.receive_report(data)
+
+
+def test_a_tick_planned_before_an_operators_rollback_never_writes_the_director(
+    world: World,
+) -> None:
+    """The race of a serving cloud's tick with `fogline rollout rollback`: the tick loaded
+    the rollout, then the operator rolled it back. The tick's next wave is refused before
+    anything is signed, so every site stays pointed back."""
+    world.all_report("m@1")
+    policy = RolloutPolicy(canary=0.1, waves=(1.0,), bake_s=0.0)
+    world.service.start("m@2", "fleet", policy)
+    canary = [s for s, b in world.nudged if b == "m@2"]
+    world.clock.now += 1
+    world.all_report("m@2", canary)
+    rollout, version = world.store.load_rollout(world.service.status()["id"]) or (None, 0)
+    assert rollout is not None
+    before = rollout.copy()
+    stale_step = rollout.tick(world.clock.now, world.service._observations("fleet"))
+    assert any(a.kind == "assign" for a in stale_step)  # it would assign the last wave
+    world.service.rollback()
+    with pytest.raises(StaleRolloutError):
+        world.service._apply(rollout, version, before, stale_step, world.clock.now)
+    assert {world.desired(s) for s in world.signers} <= {"m@1", None}
+    assert world.service.status()["state"] == "rolled_back"
+
+
+def test_an_operators_abort_waits_out_a_tick_that_holds_the_home(world: World) -> None:
+    """Another process signing (the cloud's tick holds the home's lock) does not make an
+    abort fail: it is planned again until the lock is free, and takes effect."""
+    world.all_report("m@1")
+    world.service.start("m@2", "fleet", POLICY)
+    held = threading.Event()
+    release = threading.Event()
+
+    def signer() -> None:
+        with world.home.lock():
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=signer)
+    thread.start()
+    held.wait(10)
+    threading.Timer(0.3, release.set).start()
+    try:
+        status = world.service.abort()
+    finally:
+        release.set()
+        thread.join(10)
+    assert status["state"] == "aborted"
