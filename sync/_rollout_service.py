@@ -303,9 +303,9 @@ class RolloutService:
                 actions = rollout.tick(now, observations)
                 try:
                     self._apply(rollout, version, before, actions, now)
-                except StaleRolloutError:
-                    # Another process (an operator's command) changed it meanwhile: its
-                    # change stands; the next tick plans from it.
+                except (StaleRolloutError, HomeBusyError):
+                    # Another process (an operator's command) changed it meanwhile or is
+                    # signing now: its change stands; the next tick plans from it.
                     log.info("rollout %s changed meanwhile; this tick is dropped", rollout_id)
                     continue
                 out.append(self._status(rollout, observations))

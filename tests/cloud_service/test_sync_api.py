@@ -161,14 +161,35 @@ def test_a_failed_tick_is_counted_and_the_next_one_carries_on(tmp_path: Path) ->
         stand.sync.service.start("tiny@2", "fleet-1", policy)
         first = next(s.site for s in stand.sync.store.sites() if s.desired == "tiny@2")
         body = _report(stand, _nonce(stand, first), site=first, bundle="tiny@2", phase="active")
-        # The next wave needs the director signed; while another command holds the home,
-        # every tick fails, and the rollout waits.
-        with stand.home.lock():
+        # The next wave needs the director signed; while its keys are away (a volume not
+        # mounted), every tick fails, and the rollout waits.
+        keys = stand.home.path / "keys"
+        away = keys.rename(keys.with_name("keys-away"))
+        try:
             assert _post(stand, body).status_code == 202
             wait_for(lambda: stand.sync.tick_failures >= 2)
             assert stand.sync.supervisor.counts()["rollout_tick"] >= 2
+        finally:
+            away.rename(keys)
         wait_for(lambda: all(s.desired == "tiny@2" for s in stand.sync.store.sites()))
         assert stand.sync.service.status(fleet="fleet-1")["wave"] == 1
+
+
+def test_a_tick_while_another_command_signs_is_dropped_not_counted_as_a_failure(
+    tmp_path: Path,
+) -> None:
+    with sync_stand(tmp_path, sites=("site-a", "site-b"), tick_s=0.05) as stand:
+        policy = RolloutPolicy(canary=0.5, waves=(1.0,), bake_s=0.0)
+        stand.sync.service.start("tiny@2", "fleet-1", policy)
+        first = next(s.site for s in stand.sync.store.sites() if s.desired == "tiny@2")
+        body = _report(stand, _nonce(stand, first), site=first, bundle="tiny@2", phase="active")
+        with stand.home.lock():  # `fogline rollout …` or `bundle assign` signing now
+            assert _post(stand, body).status_code == 202
+            ticks = stand.sync.ticks
+            wait_for(lambda: stand.sync.ticks >= ticks + 3)
+            assert stand.sync.service.status(fleet="fleet-1")["wave"] == 0
+        wait_for(lambda: all(s.desired == "tiny@2" for s in stand.sync.store.sites()))
+        assert stand.sync.tick_failures == 0
 
 
 # ------------------------------------------------------------------------- the nudge
