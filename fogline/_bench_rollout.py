@@ -139,7 +139,7 @@ def bench_rollout(
     rate: Annotated[
         float, typer.Option(min=0.1, max=100.0, help="Inputs per second per real site.")
     ] = 1.0,
-    bake_s: Annotated[float, typer.Option(min=0.0, help="Bake time of each wave, seconds.")] = 3.0,
+    bake_s: Annotated[float, typer.Option(min=0.0, help="Bake time of each wave, seconds.")] = 6.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Roll a second bundle out in three waves to simulated sites, to convergence.

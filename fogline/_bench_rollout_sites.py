@@ -236,7 +236,7 @@ def run_sites_bench(
     *,
     per_process: int = 50,
     rate_per_site: float = 1.0,
-    bake_s: float = 3.0,
+    bake_s: float = 6.0,
     timeout_s: float = 300.0,
     progress: Any = None,
 ) -> dict[str, Any]:

@@ -463,17 +463,28 @@ class Rollout:
         if not all(s.state == "active" for s in live):
             self.baking_since = None
             return actions
-        figures = aggregate_health(
-            observations[s.site].health for s in live if s.site in observations
-        )
-        problems = judge(self.baseline, figures, self.policy.tolerance)
-        if problems:
-            return actions + self._stop(now, f"health gate: {'; '.join(problems)}")
         if self.baking_since is None:
             self.baking_since = now
             actions.append(BakeStarted(self.wave))
-        if now - self.baking_since < self.policy.bake_s:
-            return actions
+        # The gate judges the reports the wave's sites sent in the second half of the bake:
+        # a site's first reports after its swap also cover the swap itself (the download,
+        # the warm-up, its neighbours' swaps on shared hardware), which is not the new
+        # bundle's steady health. Bad figures then stop the rollout at once; good ones let
+        # the wave advance when the bake is over.
+        settled = self.baking_since + self.policy.bake_s / 2 if self.policy.bake_s else -math.inf
+        fresh = [
+            obs.health
+            for s in live
+            if (obs := observations.get(s.site)) is not None
+            and obs.seen_at is not None
+            and obs.seen_at >= settled
+        ]
+        if fresh:
+            problems = judge(self.baseline, aggregate_health(fresh), self.policy.tolerance)
+            if problems:
+                return actions + self._stop(now, f"health gate: {'; '.join(problems)}")
+        if now - self.baking_since < self.policy.bake_s or not fresh:
+            return actions  # baking, or no report from its second half yet
         if self.wave + 1 >= len(self.waves):
             self.state = "completed"
             self.reason = None

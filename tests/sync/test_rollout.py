@@ -124,8 +124,10 @@ def test_a_site_that_stops_being_active_restarts_the_bake() -> None:
 
 def test_a_failing_health_gate_pauses_the_rollout() -> None:
     r, actions = start(100)
-    obs = reports(assigned(actions), 1010.0, health=BAD)
-    r.tick(1010.0, obs)
+    canary = assigned(actions)
+    r.tick(1010.0, reports(canary, 1010.0))  # all active: the bake (60 s) starts
+    obs = reports(canary, 1045.0, health=BAD)  # its second half: judged at once
+    r.tick(1045.0, obs)
     assert r.state == "paused"
     assert r.reason is not None
     assert "error_rate" in r.reason
@@ -136,11 +138,30 @@ def test_a_failing_health_gate_with_auto_rollback_points_the_wave_back() -> None
     r, actions = start(100, auto_rollback=True)
     canary = assigned(actions)
     latency = {**GOOD, "latency_p99_ms": 90.0}
-    out = r.tick(1010.0, reports(canary, 1010.0, health=latency))
+    r.tick(1010.0, reports(canary, 1010.0))
+    out = r.tick(1041.0, reports(canary, 1041.0, health=latency))
     assert r.state == "rolled_back"
     assert assigned(out, "rollback") == canary
     assert [a.bundle for a in out if isinstance(a, Assign)] == [OLD]
     assert {r.sites[s].state for s in canary} == {"rolled_back"}
+
+
+def test_the_gate_ignores_reports_from_the_first_half_of_the_bake() -> None:
+    """What a site reports just after its swap also covers the swap (download, warm-up):
+    bad figures then do not stop the wave; the same figures later in the bake do."""
+    r, actions = start(100)
+    canary = assigned(actions)
+    r.tick(1010.0, reports(canary, 1010.0, health=BAD))  # the bake starts at 1010
+    r.tick(1030.0, reports(canary, 1030.0, health=BAD))  # first half: not judged
+    assert r.state == "running"
+    r.tick(1050.0, reports(canary, 1050.0))  # second half, healthy
+    assert r.state == "running"
+    assert len(assigned(r.tick(1071.0, reports(canary, 1070.0)))) == 20  # baked: next wave
+    r2, actions2 = start(100)
+    canary2 = assigned(actions2)
+    r2.tick(1010.0, reports(canary2, 1010.0))
+    r2.tick(1041.0, reports(canary2, 1041.0, health=BAD))
+    assert r2.state == "paused"
 
 
 def test_the_gate_compares_each_figure_with_its_tolerance() -> None:
@@ -277,7 +298,8 @@ def test_pause_holds_the_waves_and_resume_excuses_the_failures_so_far() -> None:
     assert r.sites[canary[0]].excused
     r.tick(2001.0, obs)
     assert r.state == "running"
-    assert len(assigned(r.tick(2061.0, obs))) == 20
+    assert not assigned(r.tick(2061.0, obs))  # baked, but no report since it began
+    assert len(assigned(r.tick(2062.0, reports(canary[1:], 2050.0)))) == 20
     with pytest.raises(RolloutError, match="running"):
         r.resume(2062.0)
     r.pause(2062.0)
