@@ -22,7 +22,8 @@ from fogline.edge_agent import Agent, AgentConfig, RuntimeConfig
 from fogline.edge_agent._config import SyncConfig
 from fogline.edge_agent._installed import read_installed
 from fogline.messaging import MqttSettings
-from tests.cloud_service._sync_stand import enroll_site, make_home, wait_for
+from tests.cloud_service._sync_stand import enroll_site, make_home
+from tests.edge_agent._sync_fleet import wait_for
 from tests.edge_agent.conftest import frames
 from tests.test_end_to_end import _process
 
@@ -42,59 +43,22 @@ def _fogline(*args: str) -> Any:
 def test_an_agent_follows_a_rollout_served_by_fogline_cloud_serve(
     broker: Any, topic_prefix: str, tmp_path: Path
 ) -> None:
-    home = make_home(tmp_path)
-    site = enroll_site(home, tmp_path, "site-a")
-    home_arg = ("--home", str(home.path))
-    _fogline(
-        "fleet", "add", "site-a", "--region", "eu", "--fleet", "f1",
-        "--key", str(site.state / "site.json"), *home_arg,
-    )  # fmt: skip
-    port = free_port()
-    conf = tmp_path / "cloud.toml"
-    conf.write_text(
-        f'bundles = ["{tmp_path / "src-1"}"]\nshare_group = ""\n'
-        f'[broker]\ntopic_prefix = "{topic_prefix}"\n'
-        f'[store]\nurl = "sqlite:///{tmp_path}/results.db"\n[http]\nport = {port}\n'
-    )
-    cloud = [
-        FOGLINE, "cloud", "serve", "--config", str(conf), "--broker", broker.url,
-        "--sync-home", str(home.path), "--sync-tick-s", "0.2",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with _process(cloud, port, tmp_path / "cloud.log"):
-        config = AgentConfig(
-            site="site-a",
-            bundle_dir=tmp_path / "src-1",
-            broker=MqttSettings(
-                host=broker.host,
-                port=broker.port,
-                topic_prefix=topic_prefix,
-                reconnect_min_s=1,
-                reconnect_max_s=1,
-                connect_timeout_s=10,
+    with _served_site(broker, topic_prefix, tmp_path) as (agent, home_arg, url):
+        _fogline(
+            "rollout", "start", "tiny:2", "--fleet", "f1", "--waves", "100%",
+            "--bake", "0s", *home_arg,
+        )  # fmt: skip
+        wait_for(lambda: agent.bundle_id == "tiny@2", timeout_s=60)
+        status = wait_for(
+            lambda: (
+                s
+                if (s := _fogline("rollout", "status", "--json", *home_arg))["state"] == "completed"
+                else None
             ),
-            runtime=RuntimeConfig(max_batch=8, warmup_runs=1),
-            sync=SyncConfig(state_dir=site.state, url=url, poll_s=1.0, report_s=1.0),
+            timeout_s=60,
         )
-        with Agent(config) as agent:
-            # The site reports through the cloud before any rollout.
-            wait_for(lambda: _fogline("fleet", "ls", "--json", *home_arg)["sites"][0]["last_seen"])
-            _fogline(
-                "rollout", "start", "tiny:2", "--fleet", "f1", "--waves", "100%",
-                "--bake", "0s", *home_arg,
-            )  # fmt: skip
-            wait_for(lambda: agent.bundle_id == "tiny@2", timeout_s=60)
-            status = wait_for(
-                lambda: (
-                    s
-                    if (s := _fogline("rollout", "status", "--json", *home_arg))["state"]
-                    == "completed"
-                    else None
-                ),
-                timeout_s=60,
-            )
         assert status["bundle"] == "tiny@2"
-        installed = read_installed(site.state)
+        installed = read_installed(agent.config.sync.state_dir)  # type: ignore[union-attr]
         assert installed.current is not None
         assert installed.current.id == "tiny@2"
         (record,) = _fogline("fleet", "ls", "--json", *home_arg)["sites"]
@@ -105,9 +69,12 @@ def test_an_agent_follows_a_rollout_served_by_fogline_cloud_serve(
 
 
 @contextlib.contextmanager
-def _served_site(broker: Any, topic_prefix: str, tmp_path: Path) -> Iterator[tuple[Agent, Any]]:
+def _served_site(
+    broker: Any, topic_prefix: str, tmp_path: Path
+) -> Iterator[tuple[Agent, tuple[str, str], str]]:
     """A home, ``fogline cloud serve --sync-home`` on it, and a running agent of site-a
-    (fleet f1) on tiny@1 that polls and reports every second."""
+    (fleet f1) on tiny@1 that polls and reports every second, reported through the cloud
+    before any rollout; the agent, the ``--home`` option, the cloud's URL."""
     home = make_home(tmp_path)
     site = enroll_site(home, tmp_path, "site-a")
     home_arg = ("--home", str(home.path))
@@ -145,7 +112,7 @@ def _served_site(broker: Any, topic_prefix: str, tmp_path: Path) -> Iterator[tup
         )
         with Agent(config) as agent:
             wait_for(lambda: _fogline("fleet", "ls", "--json", *home_arg)["sites"][0]["bundle"])
-            yield agent, home_arg
+            yield agent, home_arg, f"http://127.0.0.1:{port}"
 
 
 def test_a_rolled_back_agent_serves_its_previous_bundle_and_stays_active(
@@ -155,7 +122,7 @@ def test_a_rolled_back_agent_serves_its_previous_bundle_and_stays_active(
     to tiny@1 (below its release floor, the bundle it ran before) and, refresh after
     refresh, reports it active — a rolled-back site is not a failed one. The cloud serves
     tiny@2's cloud part on demand, never given it at start."""
-    with _served_site(broker, topic_prefix, tmp_path) as (agent, home_arg):
+    with _served_site(broker, topic_prefix, tmp_path) as (agent, home_arg, _url):
         wait_for(lambda: agent.bundle_id == "tiny@1", timeout_s=60)
         _fogline(
             "rollout", "start", "tiny:2", "--fleet", "f1", "--canary", "0%",

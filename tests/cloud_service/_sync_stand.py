@@ -4,11 +4,9 @@ fleet store (SQLite in the home, as ``fogline rollout`` defaults to) and enrolle
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 
@@ -90,15 +88,3 @@ def sync_stand(
             yield SyncStand(home, sync, server, enrolled)
     finally:
         sync.stop()
-
-
-def wait_for(what: Callable[[], Any], timeout_s: float = 30.0, step_s: float = 0.02) -> Any:
-    """``what()`` once truthy; AssertionError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = what()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout_s} s: {what}")
-        time.sleep(step_s)

@@ -28,7 +28,8 @@ from fogline.sync import (
     generate_key,
     make_status_report,
 )
-from tests.cloud_service._sync_stand import SyncStand, sync_stand, wait_for
+from tests.cloud_service._sync_stand import SyncStand, sync_stand
+from tests.edge_agent._sync_fleet import wait_for
 
 pytestmark = pytest.mark.integration
 
