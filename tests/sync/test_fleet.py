@@ -135,3 +135,25 @@ def test_a_database_error_is_a_storage_error(tmp_path: Path) -> None:
 def test_a_bad_store_url_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="store URL"):
         FleetStore("not a url")
+
+
+def test_sync_state_and_cloud_results_share_one_database(store: FleetStore) -> None:
+    """`fogline cloud serve --store URL --sync-store URL` with one URL: the result table
+    and the prefixed sync tables live side by side, each store reading its own."""
+    from fogline.cloud_service._store import ResultStore, StoredResult
+
+    results = ResultStore(store.url)
+    try:
+        results.put_many(
+            [StoredResult("site-a", "ab" * 16, "m@1", 3, 0.9, (0.1, 0.9), "w", 1, 2, 3)]
+        )
+        store.register_sites([("site-a", "eu", "f", key(1))], now=1.0)
+        store.record_reports([StatusReport("site-a", "n", bundle="m@1", phase="active")], 2.0)
+        got = results.get("site-a", "ab" * 16)
+        assert got is not None
+        assert got.label == 3
+        (site,) = store.sites("f")
+        assert site.bundle == "m@1"
+        assert results.count() == 1
+    finally:
+        results.close()
