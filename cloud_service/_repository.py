@@ -669,6 +669,9 @@ class _Version:
         self.state = VersionState.UNAVAILABLE
         self.reason = "not loaded"
         self.wanted = False
+        # Loaded while serving (load_bundle: on demand, a rollout's new version) rather
+        # than at start: its load does not make the repository not ready meanwhile.
+        self.at_runtime = False
         self.instance: _Instance | None = None
         self.lock = threading.Lock()
 
@@ -1000,6 +1003,7 @@ class ModelRepository:
             v = None if entry is None else entry.versions.get(bundle.version)
             if entry is None or v is None or v.bundle is None:
                 v = self._add_bundle(bundle)
+                v.at_runtime = True
                 entry = self._entry(bundle.name)
             was_wanted = v.wanted
             try:
@@ -1183,7 +1187,9 @@ class ModelRepository:
     @property
     def ready(self) -> bool:
         """Started, not stopped, no scheduler thread failed for good, and every version
-        that should be served is ready."""
+        that should be served is ready — but for bundle versions added while serving
+        (:meth:`load_bundle`): the others serve on while one of those loads (a TensorRT
+        engine build can take minutes), and its own state says how it went."""
         if not self._started or self._stopped or self.supervisor.failed is not None:
             return False
         with self._lock:
@@ -1192,7 +1198,7 @@ class ModelRepository:
             v.state == VersionState.READY
             for e in entries
             for v in list(e.versions.values())
-            if v.wanted
+            if v.wanted and not v.at_runtime
         )
 
     def model_names(self) -> list[str]:

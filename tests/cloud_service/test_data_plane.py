@@ -210,3 +210,39 @@ def test_one_bad_request_in_a_batch_fails_alone_and_the_others_are_answered(
         assert backends[0].batches[-5:] == [4, 1, 1, 1, 1]  # the batch, then one by one
     finally:
         repo.stop()
+
+
+def test_the_repository_stays_ready_while_a_bundle_added_at_run_time_loads(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """A version loaded while serving (on demand, for a rollout) may take long (a TensorRT
+    engine build): the versions already served keep the repository ready meanwhile."""
+    from fogline.cloud_service._backends import BackendSettings, load_backend, select_backend
+
+    gate = threading.Event()
+    loading = threading.Event()
+    choice = select_backend("onnxruntime")
+
+    def load(path: Path, max_batch_size: int) -> Any:
+        if "src-3" in str(path):
+            loading.set()
+            gate.wait(30)
+        return load_backend(choice, path, max_batch_size=max_batch_size, settings=BackendSettings())
+
+    third = make_tiny_bundle(tmp_path / "src-3", version="3", seed=3)
+    repo = ModelRepository(bundles=(tiny_bundle,), backend_loader=load)
+    repo.start()
+    try:
+        assert repo.ready
+        loader = threading.Thread(target=repo.load_bundle, args=(third,))
+        loader.start()
+        assert loading.wait(30)
+        assert repo.ready  # tiny@1 serves on while tiny@3 loads
+        assert repo.bundle("tiny@3") is None
+        gate.set()
+        loader.join(30)
+        assert repo.bundle("tiny@3") is not None
+        assert repo.ready
+    finally:
+        gate.set()
+        repo.stop()
