@@ -62,6 +62,10 @@ class BundleSource(Protocol):
         released, :class:`BundleSourceError` when it cannot be had."""
         ...
 
+    def forget(self, bundle_id: str) -> None:
+        """The version was unloaded: drop what was kept of it (a cache); never raises."""
+        ...
+
 
 class CatalogueSource:
     """Cloud parts from a local catalogue repository (see the module docstring).
@@ -133,6 +137,26 @@ class CatalogueSource:
         except SyncError as exc:
             raise BundleSourceError(f"bundle {bundle_id}: {exc}") from exc
         return self._materialize(bundle_id, final, manifest, contents)
+
+    def forget(self, bundle_id: str) -> None:
+        """Remove the cached copy of an unloaded version (a later fetch verifies and writes
+        it again): the cache holds what is served, not every version ever served."""
+        name, sep, version = bundle_id.rpartition("@")
+        if (
+            not sep
+            or not name
+            or "/" in bundle_id
+            or name.startswith(".")
+            or version.startswith(".")
+        ):
+            return
+        folder = self.cache_dir / name / version
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot remove the cached copy %s: %s", folder, exc.strerror or exc)
 
     @staticmethod
     def _cached(final: Path, manifest_sha256: str) -> Bundle | None:

@@ -1173,6 +1173,8 @@ class CloudWorker:
             return
         self._served.pop(bundle_id, None)
         self._last_served.pop(bundle_id, None)
+        if self._source is not None:
+            self._source.forget(bundle_id)
         log.info("unloaded bundle %s: no site runs it and it served nothing lately", bundle_id)
 
     def _ack(self, deliveries: list[_Delivery]) -> None:

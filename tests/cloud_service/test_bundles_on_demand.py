@@ -273,11 +273,14 @@ def test_a_version_no_longer_wanted_is_unloaded_after_the_grace_period_and_a_sta
 
     assert plan.unload == ("tiny@2",)
     assert worker.bundle_ids == ("tiny@1",)
-    # a late item of tiny@2 brings it back (from the cache), answered busy first
+    cached = source.cache_dir / "tiny" / "2"
+    assert not cached.exists()  # the cache holds what is served
+    # a late item of tiny@2 brings it back (verified and cached again), answered busy first
     answers = _serve(paho_client, make_features("site-a", bundle="tiny@2"))
     assert answers[0].meta["status"] == "busy"
     assert answers[-1].meta["status"] == "ok"
     assert source.asked == ["tiny@2", "tiny@2"]
+    assert (cached / "manifest.json").is_file()
 
 
 def test_the_reconcile_loads_a_wanted_version_before_any_message_names_it(
