@@ -145,6 +145,7 @@ class CatalogueSource:
         if (
             not sep
             or not name
+            or not version
             or "/" in bundle_id
             or name.startswith(".")
             or version.startswith(".")
