@@ -127,11 +127,14 @@ class SyncConfig:
     ``home`` (``fogline keys init``), whose two repositories are served under ``/sync/``;
     the fleet store's URL (``None``: ``sqlite:///<home>/fleet.db``, the default of the
     ``fogline rollout`` and ``fogline fleet`` commands, so both share one store); and how
-    often running rollouts are stepped (``tick_s``)."""
+    often running rollouts are stepped (``tick_s``). ``keys`` is where the director's
+    online keys are (``None``: ``<home>/keys``, as for the ``fogline`` sync commands;
+    ``fogline cloud serve`` fills in ``$FOGLINE_SYNC_KEYS`` when set)."""
 
     home: Path
     store: str | None = None
     tick_s: float = 5.0
+    keys: Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.home, str):
@@ -145,6 +148,12 @@ class SyncConfig:
             )
         if isinstance(self.tick_s, bool) or not 0.01 <= self.tick_s <= 86_400:
             raise ValueError(f"tick_s must lie in [0.01, 86400], got {self.tick_s}")
+        if isinstance(self.keys, str):
+            object.__setattr__(self, "keys", Path(self.keys))
+        if self.keys is not None:
+            if not isinstance(self.keys, Path) or not str(self.keys):
+                raise ValueError(f"keys must be a directory path, got {self.keys!r}")
+            object.__setattr__(self, "keys", self.keys.expanduser().absolute())
 
     @property
     def store_url(self) -> str:
@@ -396,8 +405,9 @@ def _read(top: Section) -> CloudConfig:
 
 def _read_sync(sec: Section) -> SyncConfig:
     """``[sync]``: ``home`` (required; relative to the file), ``store`` (a relative SQLite
-    path relative to the file, as ``[store] url``), ``tick_s``."""
-    values = sec.read({"home": str, "store": str, "tick_s": float})
+    path relative to the file, as ``[store] url``), ``tick_s``, ``keys`` (relative to the
+    file)."""
+    values = sec.read({"home": str, "store": str, "tick_s": float, "keys": str})
     if "home" not in values:
         sec.fail("home", "is required: the sync home directory (fogline keys init)")
     if not values["home"]:
@@ -405,6 +415,10 @@ def _read_sync(sec: Section) -> SyncConfig:
     values["home"] = sec.resolve(values["home"])
     if isinstance(values.get("store"), str):
         values["store"] = _sqlite_url_from(values["store"], sec.base_dir)
+    if "keys" in values:
+        if not values["keys"]:
+            sec.fail("keys", "must be a directory path")
+        values["keys"] = sec.resolve(values["keys"])
     sec.done()
     return sec.build(SyncConfig, values)
 

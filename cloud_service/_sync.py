@@ -76,7 +76,7 @@ class CloudSync:
 
         self.config = config
         self.topics = topics
-        self.home = SyncHome(config.home)
+        self.home = SyncHome(config.home, config.keys)
         try:
             self.home.settings  # noqa: B018 - read to refuse a home not initialised
         except StorageError as exc:

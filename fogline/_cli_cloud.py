@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -345,6 +346,10 @@ def serve(
             sync_tick_s=sync_tick_s,
         )
         cfg = with_reference_bundle(cfg)
+        env_keys = os.environ.get("FOGLINE_SYNC_KEYS")
+        if cfg.sync is not None and cfg.sync.keys is None and env_keys:
+            # as the sync commands do: the director's online keys kept apart from the home
+            cfg = dataclasses.replace(cfg, sync=dataclasses.replace(cfg.sync, keys=Path(env_keys)))
     except CloudDataError as exc:
         fail(str(exc))
     setup_logging(level, log_format)

@@ -233,6 +233,10 @@ def test_a_sync_table_names_the_home_and_defaults_the_store_to_the_rollout_comma
     assert full.sync is not None
     assert full.sync.store_url == f"sqlite:///{tmp_path / 'f.db'}"
     assert full.sync.tick_s == 0.5
+    assert full.sync.keys is None  # <home>/keys, as the sync commands
+    apart = CloudConfig.from_toml(write(tmp_path, '[sync]\nhome = "h"\nkeys = "online-keys"\n'))
+    assert apart.sync is not None
+    assert apart.sync.keys == tmp_path / "online-keys"  # relative to the file
     assert CloudConfig().sync is None
 
 
@@ -243,7 +247,9 @@ def test_a_sync_table_names_the_home_and_defaults_the_store_to_the_rollout_comma
         ('[sync]\nhome = "h"\ntick_s = 0\n', "sync.tick_s must lie in"),
         ('[sync]\nhome = "h"\ntick_s = "5"\n', "sync.tick_s must be"),
         ('[sync]\nhome = "h"\nstore = "fleet.db"\n', "is not a database URL"),
-        ('[sync]\nhome = "h"\nkeys = "k"\n', "sync.keys is not a known key"),
+        ('[sync]\nhome = "h"\nkeys = ""\n', "sync.keys must be a directory path"),
+        ('[sync]\nhome = "h"\nkeys = 3\n', "sync.keys must be"),
+        ('[sync]\nhome = "h"\nsecret = "k"\n', "sync.secret is not a known key"),
         ('sync = "h"\n', "sync must be a table"),
     ],
 )

@@ -15,6 +15,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fogline.cloud_service import SyncConfig
+from fogline.cloud_service._sync import CloudSync
 from fogline.cloud_service._sync_api import MAX_REPORT_BYTES, status_for
 from fogline.messaging import MqttSettings, Topics
 from fogline.sync import (
@@ -28,7 +30,7 @@ from fogline.sync import (
     generate_key,
     make_status_report,
 )
-from tests.cloud_service._sync_stand import SyncStand, sync_stand
+from tests.cloud_service._sync_stand import SyncStand, enroll_site, make_home, sync_stand
 from tests.edge_agent._sync_fleet import wait_for
 
 pytestmark = pytest.mark.integration
@@ -174,6 +176,30 @@ def test_a_failed_tick_is_counted_and_the_next_one_carries_on(tmp_path: Path) ->
             away.rename(keys)
         wait_for(lambda: all(s.desired == "tiny@2" for s in stand.sync.store.sites()))
         assert stand.sync.service.status(fleet="fleet-1")["wave"] == 1
+
+
+def test_the_directors_online_keys_may_live_apart_from_the_home(tmp_path: Path) -> None:
+    """`[sync] keys` (or $FOGLINE_SYNC_KEYS): the keys on another volume, none in the home;
+    the cloud's service signs the director with them."""
+    home = make_home(tmp_path)
+    apart = (home.path / "keys").rename(tmp_path / "online-keys")
+    site = enroll_site(home, tmp_path, "site-a")
+    sync = CloudSync(SyncConfig(home.path, keys=apart), Topics("fogline/test"))
+    try:
+        sync.service.register_sites([("site-a", "eu", "fleet-1", site.identity.public_key)])
+        policy = RolloutPolicy(canary=0.0, waves=(1.0,), bake_s=0.0)
+        sync.service.start("tiny@2", "fleet-1", policy)
+        release = SyncHome(home.path, apart).director().desired("site-a")
+        assert release is not None
+        assert release.id == "tiny@2"
+    finally:
+        sync.stop()
+    bare = CloudSync(SyncConfig(home.path), Topics("fogline/test"))
+    try:
+        with pytest.raises(SyncError):  # without them, nothing can be signed
+            bare.service.start("tiny@1", "fleet-1", policy)
+    finally:
+        bare.stop()
 
 
 def test_a_tick_while_another_command_signs_is_dropped_not_counted_as_a_failure(
