@@ -29,7 +29,15 @@ __all__ = ["CLOUD_THREAD_KINDS", "CONTENT_TYPE_LATEST", "CloudMetrics", "ModelMe
 
 #: The long-lived threads of a worker and its model repository, as
 #: ``fogline_cloud_thread_failures_total`` labels them.
-CLOUD_THREAD_KINDS = ("store", "scheduler", "mqtt", "mqtt_handler", "http", "bundles")
+CLOUD_THREAD_KINDS = (
+    "store",
+    "scheduler",
+    "mqtt",
+    "mqtt_handler",
+    "http",
+    "bundles",
+    "rollout_tick",
+)
 
 _LATENCY_BUCKETS_S = (
     0.0001,
