@@ -348,6 +348,31 @@ class FleetStore:
 
     def record_reports(self, reports: Sequence[StatusReport], now: float) -> None:
         """What verified status reports say, as each site's latest state."""
+        statement, rows = self._report_rows(reports, now)
+        if not rows:
+            return
+        with self._tx("record status reports") as conn:
+            conn.execute(statement, rows)
+
+    def record_report_with_nonce(self, report: StatusReport, now: float) -> bool:
+        """Use the report's nonce up and record what it says, in one transaction; false,
+        with nothing written, when the nonce was never issued to its site or is used
+        already (one ``DELETE`` decides: two reports racing with one nonce cannot both
+        win)."""
+        statement, rows = self._report_rows([report], now)
+        t = self.t["nonces"]
+        with self._tx("record a status report") as conn:
+            used = conn.execute(
+                sa.delete(t).where(t.c.site == report.site, t.c.nonce == report.nonce)
+            )
+            if used.rowcount != 1:
+                return False
+            conn.execute(statement, rows)
+        return True
+
+    def _report_rows(
+        self, reports: Sequence[StatusReport], now: float
+    ) -> tuple[Any, list[dict[str, Any]]]:
         t = self.t["sites"]
         rows = [
             {
@@ -363,15 +388,13 @@ class FleetStore:
             }
             for r in reports
         ]
-        if not rows:
-            return
-        stmt = (
+        keys = rows[0] if rows else {}
+        statement = (
             sa.update(t)
             .where(t.c.site == sa.bindparam("b_site"))
-            .values({k: sa.bindparam(k) for k in rows[0] if k != "b_site"})
+            .values({k: sa.bindparam(k) for k in keys if k != "b_site"})
         )
-        with self._tx("record status reports") as conn:
-            conn.execute(stmt, rows)
+        return statement, rows
 
     def set_desired(self, conn: Connection, desired: Mapping[str, str | None]) -> None:
         if not desired:

@@ -71,6 +71,17 @@ class _StoredNonces(NonceLedger):
             )
 
 
+class _NonceAfterSigning(NonceLedger):
+    """A ledger whose ``consume`` leaves the nonce to the caller: ``receive_report`` uses
+    it up in the same transaction that stores the report."""
+
+    def consume(self, site: str, nonce: str) -> None:
+        return None
+
+
+_AFTER_SIGNING = _NonceAfterSigning()
+
+
 class _SiteKeys(Mapping[str, Key]):
     """Site → public key, read from the store on first use and kept (a site's key never
     changes: the store refuses that)."""
@@ -166,8 +177,14 @@ class RolloutService:
         """Verify a signed status report with the site's registered key and use its nonce
         up; store what it says. :class:`ReportError` / :class:`ReplayedReportError` on a
         bad one, which changes nothing."""
-        report = verify_status_report(data, self._keys, self._nonces)
-        self.store.record_reports([report], self._clock())
+        # The signature first (nothing written), then the nonce used up and the report
+        # stored in one transaction: a replay changes nothing.
+        report = verify_status_report(data, self._keys, _AFTER_SIGNING)
+        if not self.store.record_report_with_nonce(report, self._clock()):
+            raise ReplayedReportError(
+                f"report of site {report.site!r} carries a nonce that was used already or "
+                "never issued to it (a replayed report)"
+            )
         return report
 
     def sites(self, fleet: str | None = None) -> list[SiteRecord]:
