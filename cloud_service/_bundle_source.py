@@ -236,8 +236,8 @@ def fleet_wanted(store: FleetStore) -> Wanted:
 
     def wanted() -> set[str]:
         out: set[str] = set()
-        for site in store.sites():
-            out.update(b for b in (site.bundle, site.desired) if b)
+        for _site, bundle, desired in store.assignments():
+            out.update(b for b in (bundle, desired) if b)
         return out
 
     return wanted

@@ -187,7 +187,7 @@ class CloudSync:
     # ----------------------------------------------------------------------- the nudge
 
     def _desired(self) -> dict[str, str | None]:
-        return {s.site: s.desired for s in self.store.sites()}
+        return {site: desired for site, _bundle, desired in self.store.assignments()}
 
     def _nudge_changes(self) -> None:
         """Nudge each site whose desired bundle in the store changed since it was last

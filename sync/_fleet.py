@@ -340,6 +340,14 @@ class FleetStore:
         with self._errors("read sites"), self.engine.connect() as conn:
             return [_site(row) for row in conn.execute(stmt)]
 
+    def assignments(self) -> list[tuple[str, str | None, str | None]]:
+        """Every site's name, the bundle it reports running and the one it is told to
+        run: the two columns the cloud's tick and reconcile read, without the rest."""
+        t = self.t["sites"]
+        stmt = sa.select(t.c.site, t.c.bundle, t.c.desired).order_by(t.c.site)
+        with self._errors("read sites"), self.engine.connect() as conn:
+            return [(row.site, row.bundle, row.desired) for row in conn.execute(stmt)]
+
     def public_key(self, site: str) -> Mapping[str, Any] | None:
         t = self.t["sites"]
         with self._errors("read a site key"), self.engine.connect() as conn:

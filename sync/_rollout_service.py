@@ -47,30 +47,6 @@ log = logging.getLogger(__name__)
 OnAssigned = Callable[[str, str | None], None]
 
 
-class _StoredNonces(NonceLedger):
-    """The nonces in the fleet store, so every process serving the fleet shares them and
-    a restart forgets none."""
-
-    def __init__(self, store: FleetStore, clock: Callable[[], float], per_site: int) -> None:
-        super().__init__(per_site=per_site)
-        self._store = store
-        self._clock = clock
-        self._keep = per_site
-
-    def issue(self, site: str) -> str:
-        check_name(site, "site")
-        nonce = secrets.token_hex(16)
-        self._store.issue_nonce(site, nonce, self._clock(), keep=self._keep)
-        return nonce
-
-    def consume(self, site: str, nonce: str) -> None:
-        if not self._store.consume_nonce(site, nonce):
-            raise ReplayedReportError(
-                f"report of site {site!r} carries a nonce that was used already or "
-                "never issued to it (a replayed report)"
-            )
-
-
 class _NonceAfterSigning(NonceLedger):
     """A ledger whose ``consume`` leaves the nonce to the caller: ``receive_report`` uses
     it up in the same transaction that stores the report."""
@@ -148,7 +124,7 @@ class RolloutService:
         self._on_assigned = on_assigned
         self._clock = clock
         self._lock = threading.RLock()
-        self._nonces = _StoredNonces(store, clock, nonces_per_site)
+        self._nonces_per_site = nonces_per_site
         self._keys = _SiteKeys(store)
 
     # --------------------------------------------------------------------------- sites
@@ -171,7 +147,12 @@ class RolloutService:
         """A nonce for the site's next status report (good once; the newest 8 stay valid)."""
         if self.store.public_key(site) is None:
             raise RolloutError(f"site {site!r} is not registered")
-        return self._nonces.issue(site)
+        check_name(site, "site")
+        # In the fleet store: every process serving the fleet shares them, and a restart
+        # forgets none.
+        nonce = secrets.token_hex(16)
+        self.store.issue_nonce(site, nonce, self._clock(), keep=self._nonces_per_site)
+        return nonce
 
     def receive_report(self, data: bytes) -> StatusReport:
         """Verify a signed status report with the site's registered key and use its nonce
